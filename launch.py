@@ -1,0 +1,123 @@
+"""Entry point: parses flags, validates the config, then hands over to the trainer or evaluator.
+
+    python launch.py --config configs/digits.py [--workdir DIR] [--config.<key>=<value> ...]
+
+Bad input (unknown key, wrong type, invalid value, missing data or checkpoint) ends the run with
+one line on stderr naming the problem and exit status 2, before anything is written.
+"""
+import datetime
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/digits.py; override any option with "
+    "--config.<key>=<value> (all options and their meaning: configs/default.py).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (config.json, metrics.jsonl, tensorboard/, checkpoints/). "
+    "Default: runs/<config name>/<UTC timestamp>. Re-using a workdir resumes its newest checkpoint.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs on clusters without auto-detection: host:port "
+    "of process 0 (TPU pods, SLURM and Open MPI need no flag).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100, "A peer silent for this long ends a multi-process run with an error.")
+
+EXIT_USAGE = 2
+
+
+def _die(message):
+    print(f"launch.py: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _parse_flags(argv):
+    """absl parsing with one-line errors and exit 2 instead of absl's usage dump and exit 1."""
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        print(flags.FLAGS.main_module_help())
+        sys.exit(0)
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if path is not None and not os.path.isfile(path):
+            _die(f"config file {path!r} not found; valid: a file like configs/digits.py")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _die(" ".join(str(e).split()))
+    except (KeyError, AttributeError) as e:
+        text = str(e.args[0] if e.args else e).encode().decode("unicode_escape")
+        key, *hint = [line.strip("'\" ") for line in text.splitlines() if line.strip("'\" ")]
+        _die(f"unknown config key {key!r}{' (' + hint[0] + ')' if hint else ''}; valid keys are "
+             "those of configs/default.py")
+    except (TypeError, ValueError) as e:
+        _die(f"bad --config override: {' '.join(str(e).split())}")
+
+
+def _default_workdir(config_path):
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return os.path.join("runs", name, stamp)
+
+
+def _start_runtime(config):
+    """Initialises JAX (and its distributed runtime for multi-process runs); returns the jax module."""
+    if config.gpu_id:
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.gpu_id
+    import logging as std_logging
+
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    import jax
+
+    if _COORDINATOR.value and not config.no_distributed:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value, heartbeat_timeout_seconds=_HEARTBEAT.value)
+    elif _auto_cluster() and not config.no_distributed:
+        jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
+    return jax
+
+
+def _auto_cluster():
+    """True under launchers JAX detects by itself (SLURM with several tasks, Open MPI, TPU pods)."""
+    env = os.environ
+    return (int(env.get("SLURM_NTASKS", "1")) > 1 or "OMPI_COMM_WORLD_SIZE" in env
+            or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        _die(f"unexpected arguments {argv[1:]}; options are given as --config.<key>=<value>")
+    try:
+        config = _CONFIG.value
+    except OSError as e:
+        _die(" ".join(str(e).split()))
+    if config is None:
+        _die("--config is required, e.g. --config configs/digits.py")
+    from configs import default
+    from spcl_jax import config_validation
+    from spcl_jax.errors import UserError
+
+    try:
+        jax = _start_runtime(config)
+        method = config_validation.validate(config, default.get_config(), jax.device_count())
+        workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
+        logging.info("method=%s workdir=%s processes=%d devices=%d", method, workdir,
+                     jax.process_count(), jax.device_count())
+        from spcl_jax import train
+
+        train.run(config, workdir)
+    except UserError as e:
+        _die(str(e))
+    except KeyboardInterrupt:
+        print("launch.py: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,162 @@
+"""Fail-fast checks of a resolved config, before any file is written or device is touched.
+
+Every problem becomes a `ConfigError` whose single line names the key, the bad value and what
+would be valid (big_vision's explicit contracts). `resolve_method` maps the original's method
+flags onto `config.method`.
+"""
+from spcl_jax.errors import ConfigError
+
+CHOICES = {
+    "mode": ("pretrain", "linear_eval", "knn_eval"),
+    "method": ("spcl", "simclr", "cluster", "metric", "supervised"),
+    "dataset": ("digits", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "tinyimagenet",
+                "imagefolder"),
+    "imagenet100_classes": ("cmc", "first100"),
+    "pretrain_sampling": ("permutation", "weighted_replacement"),
+    "aug_order": ("colour_first", "crop_first"),
+    "model": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    "stem": ("auto", "cifar", "imagenet"),
+    "dtype": ("float32", "bfloat16"),
+    "encoder_bn_mode": ("train", "frozen_init_stats"),
+    "cluster_loss": ("CE", "SCE"),
+    "metric_loss": ("BCE", "L1", "L2"),
+    "prototype_classifier_width": ("num_prototypes", "n_classes"),
+    "clustering": ("Kmeans",),
+    "kmeans_init": ("random", "kmeans++"),
+    "cluster_feature_view": ("eval", "augmented"),
+    "feature_pass_order": ("dataset", "sampler"),
+    "pair_sampling": ("exact_half", "bernoulli"),
+    "optimiser": ("lars", "sgd", "adam"),
+    "lars_mode": ("simclr", "as_written"),
+    "lr_stepping": ("epoch", "step"),
+    "linear_eval_protocol": ("fast", "original"),
+    "finetune_optimiser": ("sgd", "lars"),
+    "eval_metric_weighting": ("sample", "batch"),
+}
+
+POSITIVE = ("learning_rate", "n_epochs", "batch_size", "temperature", "image_size", "n_classes",
+            "pre_classes", "kmeans_iters", "reassign", "classifier_init_freq", "proj_dim",
+            "width_multiplier", "finetune_learning_rate", "finetune_batch_size", "knn_k",
+            "knn_temperature", "log_every_steps", "keep_checkpoints", "visual_freq", "lars_eta")
+NON_NEGATIVE = ("warmup_epochs", "weight_decay", "finetune_weight_decay", "finetune_epochs",
+                "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim",
+                "num_workers", "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight")
+PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "momentum")
+PAIR_METHODS = ("spcl", "metric")
+PROTOTYPE_METHODS = ("spcl", "cluster", "metric")
+
+
+def _fail(key, value, valid):
+    raise ConfigError(f"invalid config: {key}={value!r}; valid: {valid}")
+
+
+def check_schema(config, reference):
+    """Same keys and value types as `configs/default.py` (ints are accepted where floats are)."""
+    for key in config.keys():
+        if key not in reference:
+            close = sorted(k for k in reference.keys() if k[:3] == key[:3])
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"invalid config: unknown key {key!r}{hint}; valid keys are those of "
+                              "configs/default.py")
+    for key in reference.keys():
+        if key not in config:
+            raise ConfigError(f"invalid config: missing key {key!r}; start config files from "
+                              "configs/default.py")
+        want, got = reference[key], config[key]
+        if got is None or want is None:
+            continue
+        if isinstance(want, bool):
+            ok = isinstance(got, bool)
+        elif isinstance(want, int):
+            ok = isinstance(got, int) and not isinstance(got, bool)
+        elif isinstance(want, float):
+            ok = isinstance(got, (int, float)) and not isinstance(got, bool)
+        elif isinstance(want, (tuple, list)):
+            ok = isinstance(got, (tuple, list)) and len(got) == len(want)
+        else:
+            ok = isinstance(got, type(want))
+        if not ok:
+            _fail(key, got, f"a value of type {type(want).__name__} like {want!r}")
+
+
+def resolve_method(config):
+    """The original's flags (spec §6 dispatch) choose the method when any of them is set."""
+    flags = (config.clustering_use, config.metric_learn, config.supervised)
+    if all(f is None for f in flags):
+        return config.method
+    if config.supervised:
+        return "supervised"
+    table = {(True, True): "spcl", (True, False): "cluster", (False, True): "metric",
+             (False, False): "simclr"}
+    return table[(bool(config.clustering_use), bool(config.metric_learn))]
+
+
+def check_values(config, device_count):
+    for key, valid in CHOICES.items():
+        if config[key] not in valid:
+            _fail(key, config[key], " | ".join(valid))
+    for key in POSITIVE:
+        if not config[key] > 0:
+            _fail(key, config[key], "a number > 0")
+    for key in NON_NEGATIVE:
+        if config[key] < 0:
+            _fail(key, config[key], "a number >= 0")
+    for key in PROBABILITIES:
+        if not 0 <= config[key] <= 1:
+            _fail(key, config[key], "a probability in [0, 1]")
+    for key in ("blur_sigma", "crop_scale"):
+        lo, hi = config[key]
+        if not 0 < lo <= hi:
+            _fail(key, tuple(config[key]), "(low, high) with 0 < low <= high")
+    if config.crop_scale[1] > 1:
+        _fail("crop_scale", tuple(config.crop_scale), "(low, high) with high <= 1")
+    if config.warmup_epochs > config.n_epochs:
+        _fail("warmup_epochs", config.warmup_epochs, f"at most n_epochs={config.n_epochs}")
+    if config.train_sample == 0 or config.train_sample < -1:
+        _fail("train_sample", config.train_sample, "-1 (all) or a number >= 1")
+    if config.num_prototypes < 2:
+        _fail("num_prototypes", config.num_prototypes, "an integer >= 2")
+    if config.no_twocrop:
+        _fail("no_twocrop", True, "False (every pretraining method needs two views)")
+    if config.dip_proj:
+        _fail("dip_proj", True, "False (the original's DIP head is dead code, spec §2.9; not ported)")
+    if config.max_steps_per_epoch == 0 or config.max_steps_per_epoch < -1:
+        _fail("max_steps_per_epoch", config.max_steps_per_epoch, "-1 (full epochs) or >= 1")
+    if config.checkpoint_step < -1:
+        _fail("checkpoint_step", config.checkpoint_step, "-1 (newest) or a saved step >= 0")
+    method = resolve_method(config)
+    if config.prototype_classifier_width == "n_classes" and config.num_prototypes > config.n_classes:
+        _fail("prototype_classifier_width", "n_classes",
+              f"num_prototypes (the as-written width needs num_prototypes <= n_classes="
+              f"{config.n_classes}, spec B-1)")
+    if config.batch_size % device_count:
+        _fail("batch_size", config.batch_size,
+              f"a multiple of the global device count {device_count}")
+    if method in PAIR_METHODS and config.pair_sampling == "exact_half" and config.batch_size % 2:
+        _fail("batch_size", config.batch_size,
+              "an even number (pair_sampling=exact_half puts exactly B/2 positive pairs per batch)")
+    if config.finetune_batch_size % device_count:
+        _fail("finetune_batch_size", config.finetune_batch_size,
+              f"a multiple of the global device count {device_count}")
+    if config.mode != "pretrain" or config.finetune:
+        if not config.load_checkpoint_dir:
+            _fail("load_checkpoint_dir", config.load_checkpoint_dir,
+                  f"a checkpoint directory (mode={config.mode} evaluates a saved encoder)")
+    if config.dataset == "imagefolder" and not config.dataset_path:
+        _fail("dataset_path", config.dataset_path, "the root of a <split>/<class>/<image> tree")
+    if config.gpu_id and not all(p.strip().isdigit() for p in config.gpu_id.split(",")):
+        _fail("gpu_id", config.gpu_id, "comma-separated GPU indices like '0,1'")
+    return method
+
+
+def check_pretrain_size(config, num_pretrain):
+    """K prototypes need at least K examples (checked once the dataset size is known)."""
+    if resolve_method(config) in PROTOTYPE_METHODS and config.num_prototypes > num_pretrain:
+        _fail("num_prototypes", config.num_prototypes,
+              f"at most the pretrain set size {num_pretrain}")
+
+
+def validate(config, reference, device_count):
+    """Schema and value checks; returns the resolved method name."""
+    check_schema(config, reference)
+    return check_values(config, device_count)

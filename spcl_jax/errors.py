@@ -1,0 +1,20 @@
+"""User-facing errors: one line that names the bad value and what would be valid.
+
+`launch.py` prints these without a traceback and exits with status 2; anything else is a bug.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, checkpoint); the message is the whole report."""
+
+
+class ConfigError(UserError):
+    """An invalid configuration value, detected before any work starts."""
+
+
+class DataError(UserError):
+    """A dataset that is missing, not prepared or malformed."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory that is missing, empty, damaged or incompatible."""

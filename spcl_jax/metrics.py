@@ -1,0 +1,58 @@
+"""Metrics for people (TensorBoard) and machines (`<workdir>/metrics.jsonl`), from process 0 only."""
+import json
+import math
+import os
+
+import numpy as np
+
+
+def _plain(value):
+    value = float(np.asarray(value))
+    return value if math.isfinite(value) else str(value)
+
+
+class MetricWriter:
+    """Appends one JSON object per `write` call and mirrors every scalar to TensorBoard.
+
+    On processes other than 0 every method is a no-op, so callers never branch on the process index.
+    """
+
+    def __init__(self, workdir, *, enabled=True):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step, epoch, scalars):
+        if not self.enabled:
+            return
+        record = {"step": int(step), "epoch": int(epoch)}
+        record.update({k: _plain(v) for k, v in scalars.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        for key, value in scalars.items():
+            self._tb.add_scalar(key, float(np.asarray(value)), int(step))
+
+    def write_image(self, step, tag, image_hwc_uint8):
+        if self.enabled:
+            self._tb.add_image(tag, image_hwc_uint8, int(step), dataformats="HWC")
+
+    def flush(self):
+        if self.enabled:
+            self._tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+            self.enabled = False
+
+
+def read_metrics(workdir):
+    """All records of `<workdir>/metrics.jsonl` (for tests and tools)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
