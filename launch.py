@@ -6,6 +6,7 @@ Bad input (unknown key, wrong type, invalid value, missing data or checkpoint) e
 one line on stderr naming the problem and exit status 2, before anything is written.
 """
 import datetime
+import logging as std_logging
 import os
 import sys
 
@@ -27,6 +28,7 @@ _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100, "A peer silent for this long ends a multi-process run with an error.")
 
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job was stopped, not finished; rerun to resume
 
 
 def _die(message):
@@ -64,13 +66,19 @@ def _default_workdir(config_path):
     return os.path.join("runs", name, stamp)
 
 
+class _LibraryInfoFilter(std_logging.Filter):
+    """Keeps orbax's and jax's per-save/compile INFO chatter out of the run log (warnings still show)."""
+
+    def filter(self, record):
+        quiet = any(part in record.pathname for part in ("/orbax/", "/jax/_src/"))
+        return record.levelno >= std_logging.WARNING or not quiet
+
+
 def _start_runtime(config):
     """Initialises JAX (and its distributed runtime for multi-process runs); returns the jax module."""
     if config.gpu_id:
         os.environ["CUDA_VISIBLE_DEVICES"] = config.gpu_id
-    import logging as std_logging
-
-    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     import jax
 
     if _COORDINATOR.value and not config.no_distributed:
@@ -99,22 +107,26 @@ def main(argv):
     if config is None:
         _die("--config is required, e.g. --config configs/digits.py")
     from configs import default
-    from spcl_jax import config_validation
+    from spcl_jax import checkpoint, config_validation
     from spcl_jax.errors import UserError
 
+    if config.verbose:
+        logging.set_verbosity(logging.DEBUG)
     try:
         jax = _start_runtime(config)
-        method = config_validation.validate(config, default.get_config(), jax.device_count())
+        config_validation.validate(config, default.get_config(), jax.device_count())
         workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
-        logging.info("method=%s workdir=%s processes=%d devices=%d", method, workdir,
-                     jax.process_count(), jax.device_count())
         from spcl_jax import train
 
         train.run(config, workdir)
     except UserError as e:
         _die(str(e))
+    except checkpoint.Preempted as e:
+        print(f"launch.py: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
-        print("launch.py: interrupted", file=sys.stderr)
+        print("launch.py: interrupted; the newest checkpoint (if any) resumes with the same command",
+              file=sys.stderr)
         sys.exit(130)
 
 

@@ -23,7 +23,7 @@ def get_config():
     c.metric_learn = config_dict.placeholder(bool)  # original flag: siamese metric loss on prototype pairs
     c.supervised = config_dict.placeholder(bool)  # original flag: supervised training on labels
     c.finetune = False  # original flag: linear evaluation only, from load_checkpoint_dir (same as mode=linear_eval)
-    c.eval_disent = False  # original flag: SVM probe on random halves of the frozen features (spec §2.7)
+    c.eval_disent = False  # original flag: SVM probe on random halves of a checkpoint's frozen features (spec §2.7)
     c.seed = 420  # global seed (the original's), drives init, augmentation, k-means and pair sampling
 
     # ---- data ----
@@ -48,6 +48,7 @@ def get_config():
     c.blur_p = 0.5  # probability of blur (datasets the original blurs: imagenet, imagenet100)
     c.blur = False  # whether this dataset's pretrain views are blurred (set by the dataset configs)
     c.crop_scale = (0.08, 1.0)  # random-resized-crop scale range
+    c.hflip_p = 0.5  # horizontal-flip probability (0.5 as the original; digits turn it off: a flip changes a digit)
     c.aug_order = "colour_first"  # colour_first (as the original) | crop_first (SimCLR order)
     c.no_twocrop = False  # original flag; must stay False (every pretraining method needs two views)
     c.asymmetric_first_view = False  # as written (B-7): the first SimCLR view uses the eval transform
@@ -109,18 +110,20 @@ def get_config():
     c.finetune_batch_size = 512  # linear-eval batch size
     c.knn_k = 200  # neighbours of the kNN classifier
     c.knn_temperature = 0.1  # kNN vote temperature
+    c.eval_random_init_baseline = False  # also evaluate the same encoder at random initialisation
     c.eval_metric_weighting = "sample"  # sample | batch (as written, B-17: unweighted mean over batches)
     c.load_checkpoint_dir = ""  # checkpoint directory for linear_eval / knn_eval
     c.checkpoint_step = -1  # step to restore (-1 = newest)
 
     # ---- logging, checkpoints, runtime ----
     c.log_every_steps = 10  # metrics.jsonl/TensorBoard cadence (steps)
-    c.verbose = False  # original flag: more log output
+    c.verbose = False  # original flag: debug-level log output
     c.visual_cls = False  # write a 2-D scatter of features coloured by pseudo label
     c.visual_freq = 1  # every this many epochs
-    c.debug = False  # original flag: tiny subsets for eval_disent
+    c.debug = False  # original flag: eval_disent uses only the first 32 samples of each split
     c.checkpoint_every_steps = 0  # extra save every N steps (0 = only at epoch ends)
     c.keep_checkpoints = 2  # newest checkpoints to keep
+    c.overwrite_checkpoints = False  # start fresh in a workdir whose checkpoints belong to another config
     c.no_distributed = False  # original flag: never call jax.distributed.initialize
     c.gpu_id = ""  # original flag: sets CUDA_VISIBLE_DEVICES before JAX starts ("" = leave as is)
     c.max_steps_per_epoch = -1  # cap on train steps per epoch (tests and smoke runs); -1 = full epoch

@@ -41,7 +41,7 @@ POSITIVE = ("learning_rate", "n_epochs", "batch_size", "temperature", "image_siz
 NON_NEGATIVE = ("warmup_epochs", "weight_decay", "finetune_weight_decay", "finetune_epochs",
                 "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim",
                 "num_workers", "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight")
-PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "momentum")
+PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "hflip_p", "momentum")
 PAIR_METHODS = ("spcl", "metric")
 PROTOTYPE_METHODS = ("spcl", "cluster", "metric")
 
@@ -138,7 +138,7 @@ def check_values(config, device_count):
     if config.finetune_batch_size % device_count:
         _fail("finetune_batch_size", config.finetune_batch_size,
               f"a multiple of the global device count {device_count}")
-    if config.mode != "pretrain" or config.finetune:
+    if config.mode != "pretrain" or config.finetune or config.eval_disent:
         if not config.load_checkpoint_dir:
             _fail("load_checkpoint_dir", config.load_checkpoint_dir,
                   f"a checkpoint directory (mode={config.mode} evaluates a saved encoder)")

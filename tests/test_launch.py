@@ -32,6 +32,11 @@ BAD = [
     (["--config.n_epochs=0"], "n_epochs=0; valid: a number > 0"),
     (["--config.batch_size=12"], "batch_size=12; valid: a multiple of the global device count 8"),
     (["--config.num_prototypes=1"], "num_prototypes=1; valid: an integer >= 2"),
+    (["--config.num_prototypes=5000"], "num_prototypes=5000; valid: at most the pretrain set size 1347"),
+    (["--config.batch_size=4096"], "batch_size=4096; valid: at most the training set size 1347"),
+    (["--config.method=spcl", "--config.batch_size=24", "--config.pair_sampling=exact_half",
+      "--config.num_prototypes=7", "--config.dataset=digits", "--config.mode=linear_eval"],
+     "load_checkpoint_dir=''; valid: a checkpoint directory"),
     (["--config.dataset=mnist"], "dataset='mnist'; valid: digits | cifar10"),
     (["--config.model=resnet7"], "model='resnet7'; valid: resnet18 | resnet34"),
     (["--config.optimiser=rmsprop"], "optimiser='rmsprop'; valid: lars | sgd | adam"),
@@ -116,4 +121,13 @@ def test_as_written_classifier_width_needs_few_prototypes():
     with pytest.raises(ConfigError, match="prototype_classifier_width"):
         config_validation.validate(config, default.get_config(), 1)
     config.num_prototypes = 10
+    assert config_validation.validate(config, default.get_config(), 1) == "spcl"
+
+
+def test_odd_batch_is_refused_for_the_exact_half_pair_sampler():
+    config = default.get_config()
+    config.batch_size = 13
+    with pytest.raises(ConfigError, match="batch_size=13; valid: an even number"):
+        config_validation.validate(config, default.get_config(), 1)
+    config.pair_sampling = "bernoulli"
     assert config_validation.validate(config, default.get_config(), 1) == "spcl"

@@ -1,0 +1,163 @@
+"""`load_splits(config)`: the pretrain/train/valid/test sources of a dataset (spec §4).
+
+Each dataset first yields a pool: its whole training set (plus unlabeled images, label -1) and its
+test set. `split_indices` then carves pretrain/train/valid out of the pool with `config.seed`, and the
+test set keeps the classes < n_classes; sources subset images and labels together (B-18).
+"""
+import dataclasses
+
+import numpy as np
+
+from spcl_jax.augment import EVAL_CROP_FRACTION
+from spcl_jax.data import digits, imagefolder, tfds_source
+from spcl_jax.data.sources import ArraySource, FileSource, TfdsSource
+from spcl_jax.data.splits import split_indices, test_indices
+from spcl_jax.errors import DataError
+
+CIFAR_MEAN = (0.49139968, 0.48215841, 0.44653091)
+CIFAR_STD = (0.24703223, 0.24348513, 0.26158784)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "tinyimagenet", "imagefolder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The four sources of a run and the dataset's constants.
+
+    pretrain: images for self-supervised training (classes < pre_classes, plus STL-10 'unlabelled'
+      with label -1); train/valid: linear-evaluation train and held-out images (classes < n_classes,
+      `val_sample` per class in valid, which is empty when val_sample=0); test: the official test
+      split restricted to classes < n_classes. Sources are described in `spcl_jax.data.sources`.
+    num_classes: n_classes (the linear classifier's width). mean/std: per-channel normalisation in
+      [0, 1] units for `AugmentParams.from_config`. name: config.dataset.
+    """
+
+    pretrain: object
+    train: object
+    valid: object
+    test: object
+    num_classes: int
+    mean: tuple
+    std: tuple
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """A dataset before splitting: `train` holds every training image (unlabeled ones with label -1)."""
+
+    train: object
+    test: object
+    classes: int
+    mean: tuple
+    std: tuple
+
+
+def load_size(config):
+    """Side of the square that ImageNet-size images are stored at: crop size / 0.875 (256 for 224)."""
+    return int(round(config.image_size / EVAL_CROP_FRACTION))
+
+
+def _digits(config):
+    train_x, train_y, test_x, test_y = digits.digits_arrays(int(config.image_size))
+    mean, std = digits.channel_stats(train_x)
+    return Pool(ArraySource(train_x, train_y), ArraySource(test_x, test_y), digits.NUM_CLASSES, mean, std)
+
+
+def _cifar(config):
+    train = tfds_source.read_arrays(tfds_source.open_split(config.dataset, "train", config.data_dir))
+    test = tfds_source.read_arrays(tfds_source.open_split(config.dataset, "test", config.data_dir))
+    classes = 100 if config.dataset == "cifar100" else 10
+    return Pool(ArraySource(*train), ArraySource(*test), classes, CIFAR_MEAN, CIFAR_STD)
+
+
+def _stl10(config):
+    labeled_x, labeled_y = tfds_source.read_arrays(tfds_source.open_split("stl10", "train", config.data_dir))
+    unlabeled_x, unlabeled_y = tfds_source.read_arrays(tfds_source.open_split("stl10", "unlabelled", config.data_dir), labeled=False)
+    test = tfds_source.read_arrays(tfds_source.open_split("stl10", "test", config.data_dir))
+    train = ArraySource(np.concatenate([labeled_x, unlabeled_x]), np.concatenate([labeled_y, unlabeled_y]))
+    return Pool(train, ArraySource(*test), 10, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _files(config, dataset_fn, size, **kwargs):
+    if not config.dataset_path:
+        raise DataError(f"dataset {config.dataset} reads an image folder: pass --config.dataset_path=DIR")
+    train, test, classes = dataset_fn(config.dataset_path, skip_bad=bool(config.skip_bad_images), **kwargs)
+    make = lambda paths, labels: FileSource(paths, labels, size, threads=int(config.num_workers), skip_bad=bool(config.skip_bad_images))
+    return Pool(make(*train), make(*test), len(classes), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _imagenet_tfds(config, select):
+    names = tfds_source.label_names(config.dataset, config.data_dir)
+    classes = names if select is None else select(names)
+    remap = np.full(len(names), -1, np.int64)  # tfds label -> our label; -1: class not selected
+    remap[[names.index(c) for c in classes]] = np.arange(len(classes))
+    size = load_size(config)
+
+    def source(split):
+        labels = remap[tfds_source.record_labels(config.dataset, split, config.data_dir)]
+        keep = np.flatnonzero(labels >= 0)
+        data = tfds_source.open_split(config.dataset, split, config.data_dir)
+        return TfdsSource(data, keep, labels[keep], size, threads=int(config.num_workers), name=f"imagenet2012/{split}")
+
+    return Pool(source("train"), source("validation"), len(classes), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _imagenet(config):
+    select = None
+    if config.dataset == "imagenet100":
+        select = lambda available: imagefolder.imagenet100_classes(available, config.imagenet100_classes)
+    if config.dataset_path:
+        return _files(config, imagefolder.folder_dataset, load_size(config), select=select)
+    return _imagenet_tfds(config, select)
+
+
+_POOLS = {
+    "digits": _digits,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+    "stl10": _stl10,
+    "imagenet": _imagenet,
+    "imagenet100": _imagenet,
+    "tinyimagenet": lambda config: _files(config, imagefolder.tinyimagenet_dataset, int(config.image_size)),
+    "imagefolder": lambda config: _files(config, imagefolder.folder_dataset, load_size(config)),
+}
+
+
+def load_pool(config):
+    if config.dataset not in _POOLS:
+        raise DataError(f"dataset={config.dataset!r} is not one of {DATASETS}: pass e.g. --config.dataset=digits")
+    return _POOLS[config.dataset](config)
+
+
+def load_splits(config):
+    """Splits of `config.dataset` honouring n_classes, pre_classes, train_sample, val_sample and seed.
+
+    Raises DataError (one line: the bad path or value and the fix) for data that is missing, not
+    prepared or malformed.
+    """
+    pool = load_pool(config)
+    n_classes, pre_classes = int(config.n_classes), int(config.pre_classes)
+    for option, value in (("n_classes", n_classes), ("pre_classes", pre_classes)):
+        if not 1 <= value <= pool.classes:
+            raise DataError(f"{option}={value} but {config.dataset} has {pool.classes} classes: pass --config.{option}=1..{pool.classes}")
+    idx = split_indices(
+        pool.train.labels,
+        n_classes=n_classes,
+        pre_classes=pre_classes,
+        train_sample=int(config.train_sample),
+        val_sample=int(config.val_sample),
+        seed=int(config.seed),
+        dataset=config.dataset,
+    )
+    return Splits(
+        pretrain=pool.train.subset(idx.pretrain),
+        train=pool.train.subset(idx.train),
+        valid=pool.train.subset(idx.valid),
+        test=pool.test.subset(test_indices(pool.test.labels, n_classes)),
+        num_classes=n_classes,
+        mean=tuple(pool.mean),
+        std=tuple(pool.std),
+        name=config.dataset,
+    )

@@ -1,0 +1,179 @@
+"""Image-folder datasets: generic `root/<split>/<class>/<image>`, ImageNet, ImageNet-100, Tiny ImageNet.
+
+Files are listed and their headers checked when the dataset is opened (threaded; PIL reads only the
+first bytes), so a non-image or corrupt file stops the run before training starts, naming the file,
+or is dropped with a warning under `skip_bad_images`. Pixels are decoded later, batch by batch.
+"""
+import concurrent.futures
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+from spcl_jax.errors import DataError
+
+# ImageNet-100 of the CMC paper (Tian, Krishnan & Isola 2019, "Contrastive Multiview Coding"):
+# the 100 wnids of `imagenet100.txt` in github.com/HobbitLong/CMC, in that file's order. Checked
+# identical in two public copies (a torchvision ImageNet100 class and a dataset helper that cites
+# the same file). Class index = position in sorted order, like an ImageFolder of these 100 folders.
+IMAGENET100_CMC = (
+    "n02869837", "n01749939", "n02488291", "n02107142", "n13037406", "n02091831", "n04517823", "n04589890",
+    "n03062245", "n01773797", "n01735189", "n07831146", "n07753275", "n03085013", "n04485082", "n02105505",
+    "n01983481", "n02788148", "n03530642", "n04435653", "n02086910", "n02859443", "n13040303", "n03594734",
+    "n02085620", "n02099849", "n01558993", "n04493381", "n02109047", "n04111531", "n02877765", "n04429376",
+    "n02009229", "n01978455", "n02106550", "n01820546", "n01692333", "n07714571", "n02974003", "n02114855",
+    "n03785016", "n03764736", "n03775546", "n02087046", "n07836838", "n04099969", "n04592741", "n03891251",
+    "n02701002", "n03379051", "n02259212", "n07715103", "n03947888", "n04026417", "n02326432", "n03637318",
+    "n01980166", "n02113799", "n02086240", "n03903868", "n02483362", "n04127249", "n02089973", "n03017168",
+    "n02093428", "n02804414", "n02396427", "n04418357", "n02172182", "n01729322", "n02113978", "n03787032",
+    "n02089867", "n02119022", "n03777754", "n04238763", "n02231487", "n03032252", "n02138441", "n02104029",
+    "n03837869", "n03494278", "n04136333", "n03794056", "n03492542", "n02018207", "n04067472", "n03930630",
+    "n03584829", "n02123045", "n04229816", "n02100583", "n03642806", "n04336792", "n03259280", "n02116738",
+    "n02108089", "n03424325", "n01855672", "n02090622",
+)
+IMAGENET100_CHOICES = ("cmc", "first100")
+FOLDER_LAYOUT = "DIR/train/<class>/<image> plus DIR/val/<class>/<image> or DIR/test/<class>/<image>"
+TINY_LAYOUT = "DIR/train/<wnid>/images/*.JPEG, DIR/val/images/*.JPEG and DIR/val/val_annotations.txt (the tiny-imagenet-200 zip)"
+SCAN_THREADS = 16  # header checks are I/O bound: more threads than cores pay off
+
+
+def _visible(names):
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def _list_dir(path):
+    with os.scandir(path) as entries:
+        return _visible(e.name for e in entries)
+
+
+def header_error(path):
+    """None if PIL recognises the file as an image, else the reason."""
+    try:
+        with Image.open(path) as image:
+            image.size
+        return None
+    except (OSError, ValueError, SyntaxError) as e:
+        return str(e) or type(e).__name__
+
+
+def check_images(paths, labels, *, skip_bad, hint):
+    """Drop (with a warning) or reject (DataError) files that are not readable images."""
+    with concurrent.futures.ThreadPoolExecutor(SCAN_THREADS) as pool:
+        errors = list(pool.map(header_error, paths))
+    bad = [i for i, e in enumerate(errors) if e is not None]
+    if bad and not skip_bad:
+        i = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(
+            f"{paths[i]} is not a readable image ({errors[i]}){more}: delete or replace it, "
+            f"or pass --config.skip_bad_images=True to skip bad files ({hint})"
+        )
+    for i in bad:
+        logging.warning("skipping %s: not a readable image (%s)", paths[i], errors[i])
+    keep = np.setdiff1d(np.arange(len(paths)), bad)
+    return [paths[i] for i in keep], np.asarray(labels, np.int64)[keep]
+
+
+def require_dir(path, what, layout):
+    if not os.path.isdir(path):
+        raise DataError(f"{what} {path} does not exist or is not a directory: expected the layout {layout}")
+
+
+def scan_classes(split_dir, classes, *, skip_bad, layout, subdir=""):
+    """(paths, labels) of `split_dir/<class>[/subdir]/<file>` for the given class folder names."""
+    require_dir(split_dir, "image folder", layout)
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(split_dir, name, subdir) if subdir else os.path.join(split_dir, name)
+        require_dir(folder, "class folder", layout)
+        files = _list_dir(folder)
+        if not files:
+            raise DataError(f"class folder {folder} is empty: put its images there or remove the folder (layout {layout})")
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [label] * len(files)
+    paths, labels = check_images(paths, labels, skip_bad=skip_bad, hint=f"layout {layout}")
+    counts = np.bincount(labels, minlength=len(classes))
+    if (counts == 0).any():
+        folder = os.path.join(split_dir, classes[int(np.argmin(counts))])
+        raise DataError(f"class folder {folder} has no readable image left after skipping bad files: add images or remove the folder")
+    return paths, labels
+
+
+def folder_classes(split_dir, layout):
+    require_dir(split_dir, "image folder", layout)
+    classes = [n for n in _list_dir(split_dir) if os.path.isdir(os.path.join(split_dir, n))]
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders: expected the layout {layout}")
+    return classes
+
+
+def eval_split_dir(root):
+    """root/val, else root/test: the split that becomes the test set."""
+    for name in ("val", "test"):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise DataError(f"{root} has neither val/ nor test/: expected the layout {FOLDER_LAYOUT}")
+
+
+def imagenet100_classes(available, choice):
+    """The 100 wnids of ImageNet-100, sorted: the CMC list (default) or the first 100 (as written, B-14)."""
+    if choice == "cmc":
+        missing = sorted(set(IMAGENET100_CMC) - set(available))
+        if missing:
+            raise DataError(
+                f"{len(missing)} of the 100 CMC ImageNet-100 classes are missing (e.g. {missing[0]}): "
+                f"point --config.dataset_path at a full ImageNet train/val folder, or pass --config.imagenet100_classes=first100"
+            )
+        return sorted(IMAGENET100_CMC)
+    if choice == "first100":
+        if len(available) < 100:
+            raise DataError(f"imagenet100_classes=first100 needs at least 100 classes, found {len(available)}: point --config.dataset_path at ImageNet")
+        return sorted(available)[:100]
+    raise DataError(f"imagenet100_classes={choice!r} is not one of {IMAGENET100_CHOICES}: pass --config.imagenet100_classes=cmc")
+
+
+def folder_dataset(root, *, skip_bad, select=None):
+    """((train_paths, train_labels), (test_paths, test_labels), classes) of an image-folder tree.
+
+    `select(available_classes) -> classes` narrows the classes (ImageNet-100); labels follow `classes`.
+    """
+    require_dir(root, "dataset_path", FOLDER_LAYOUT)
+    train_dir = os.path.join(root, "train")
+    classes = folder_classes(train_dir, FOLDER_LAYOUT)
+    if select is not None:
+        classes = select(classes)
+    test_dir = eval_split_dir(root)
+    extra = sorted(set(folder_classes(test_dir, FOLDER_LAYOUT)) - set(classes))
+    if extra and select is None:
+        raise DataError(f"class folder {os.path.join(test_dir, extra[0])} has no counterpart in {train_dir}: add it to train/ or remove it")
+    train = scan_classes(train_dir, classes, skip_bad=skip_bad, layout=FOLDER_LAYOUT)
+    test = scan_classes(test_dir, classes, skip_bad=skip_bad, layout=FOLDER_LAYOUT)
+    return train, test, classes
+
+
+def tinyimagenet_dataset(root, *, skip_bad):
+    """Tiny ImageNet (200 classes, 64x64): train from train/<wnid>/images, test = the labelled val split."""
+    require_dir(root, "dataset_path", TINY_LAYOUT)
+    train_dir = os.path.join(root, "train")
+    classes = folder_classes(train_dir, TINY_LAYOUT)
+    train = scan_classes(train_dir, classes, skip_bad=skip_bad, layout=TINY_LAYOUT, subdir="images")
+    annotations = os.path.join(root, "val", "val_annotations.txt")
+    if not os.path.isfile(annotations):
+        raise DataError(f"{annotations} is missing: expected the layout {TINY_LAYOUT}")
+    index = {name: i for i, name in enumerate(classes)}
+    paths, labels = [], []
+    with open(annotations) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or fields[1].strip() not in index:
+                raise DataError(f"{annotations} line {line_no} does not name a file and a train/ class: restore the file from the tiny-imagenet-200 zip")
+            paths.append(os.path.join(root, "val", "images", fields[0].strip()))
+            labels.append(index[fields[1].strip()])
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is listed in {annotations} but missing: restore val/images from the tiny-imagenet-200 zip")
+    test = check_images(paths, labels, skip_bad=skip_bad, hint=f"layout {TINY_LAYOUT}")
+    return train, test, classes

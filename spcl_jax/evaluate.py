@@ -1,0 +1,217 @@
+"""Linear and kNN evaluation of a frozen encoder (BatchNorm in eval mode), after pretraining or from a
+checkpoint. Accuracies are weighted by sample (B-17); top-k uses k = min(ceil(C/2), 5) as the original.
+
+Protocols: `fast` trains the linear head on features computed once (seconds); `original` (spec §2.5)
+passes random-resized-crop + flip views through the frozen encoder every epoch.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from spcl_jax import augment, checkpoint, config_validation, data, features, models, network, optim, sharding
+from spcl_jax.metrics import MetricWriter
+
+
+def top_k(num_classes):
+    return min(math.ceil(num_classes / 2), 5)
+
+
+def accuracies(logits, labels, k):
+    """(top-1, top-k) fractions over samples."""
+    ranked = np.argsort(-np.asarray(logits), axis=1)[:, :k]
+    labels = np.asarray(labels)
+    return float(np.mean(ranked[:, 0] == labels)), float(np.mean((ranked == labels[:, None]).any(1)))
+
+
+def knn_predict(train_x, train_y, x, num_classes, k, temperature, chunk=1024):
+    """Weighted kNN votes (cosine similarity, weights exp(sim/T)) -> (n, C) scores."""
+    train_x = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(train_x))
+
+    @jax.jit
+    def scores(block):
+        sim = block @ train_x.T
+        top_sim, top_idx = jax.lax.top_k(sim, k)
+        votes = jax.nn.one_hot(jnp.asarray(train_y)[top_idx], num_classes) * jnp.exp(top_sim / temperature)[..., None]
+        return votes.sum(1)
+
+    return np.concatenate([np.asarray(scores(x[i:i + chunk])) for i in range(0, len(x), chunk)])
+
+
+def _head_optimizer(config, steps_per_epoch, params):
+    schedule = optim.finetune_lr_schedule(base_lr=config.finetune_learning_rate,
+                                          batch_size=config.finetune_batch_size,
+                                          epochs=config.finetune_epochs, steps_per_epoch=steps_per_epoch)
+    return optim.build_optimizer(config.finetune_optimiser, schedule, weight_decay=config.finetune_weight_decay,
+                                 params=params, lars_mode=config.lars_mode, lars_eta=config.lars_eta,
+                                 momentum=config.momentum)
+
+
+def train_linear_head(config, embed, train_x, train_y, num_classes, key):
+    """SGD/LARS on a Linear D->C head, `finetune_epochs` epochs, cosine per epoch; returns the head.
+
+    `embed(batch_x, key)` maps a batch of the stored training inputs (cached features, or images for
+    the original protocol) to features.
+    """
+    batch = min(config.finetune_batch_size, len(train_y))
+    steps = len(train_y) // batch
+    dim = embed(train_x[:1], key).shape[1]
+    graphdef, params = nnx.split(models.LinearHead(dim, num_classes, rngs=nnx.Rngs(key)))
+    tx = _head_optimizer(config, steps, params)
+
+    @jax.jit
+    def step(params, opt_state, x, y, key):
+        feats = embed(x, key)
+
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p)(feats)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(config.seed)
+    for epoch in range(config.finetune_epochs):
+        order = rng.permutation(len(train_y))
+        for i in range(steps):
+            idx = order[i * batch:(i + 1) * batch]
+            params, opt_state = step(params, opt_state, train_x[idx], train_y[idx],
+                                     jax.random.fold_in(key, epoch * steps + i))
+    return nnx.merge(graphdef, params)
+
+
+class Evaluator:
+    """Frozen-encoder features of every evaluation split, and the linear/kNN classifiers on them."""
+
+    def __init__(self, config, splits, graphdef, mesh):
+        self.config, self.splits, self.mesh = config, splits, mesh
+        self.aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
+        self.encode = features.make_encode(graphdef, self.aug, mesh, "eval")
+        self.graphdef = graphdef
+
+    def _features(self, params, batch_stats, source):
+        batch = self.config.finetune_batch_size
+        fn = lambda images: self.encode(params, batch_stats, images, jax.random.key(0))  # noqa: E731
+        return features.features_in_order(fn, source, batch, self.mesh)
+
+    def run(self, params, batch_stats, prefix=""):
+        """{'linear_eval/<split>_top1', ..._top<k>, 'knn/<split>_top1', ...} for valid and test."""
+        config, splits = self.config, self.splits
+        num_classes, k = splits.num_classes, top_k(splits.num_classes)
+        params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
+        train_x = self._features(params, batch_stats, splits.train)
+        train_y = splits.train.labels
+        key = jax.random.key(config.seed)
+        if config.linear_eval_protocol == "fast":
+            head = train_linear_head(config, lambda x, _: x, train_x, train_y, num_classes, key)
+        else:
+            head = train_linear_head(config, self._augmented_embed(params, batch_stats),
+                                     _all_images(splits.train), train_y, num_classes, key)
+        results = {}
+        for name, source in (("valid", splits.valid), ("test", splits.test)):
+            if source is None or len(source) == 0:
+                continue
+            x = self._features(params, batch_stats, source)
+            top1, topk = accuracies(np.asarray(head(jnp.asarray(x))), source.labels, k)
+            results[f"linear_eval/{prefix}{name}_top1"] = top1
+            results[f"linear_eval/{prefix}{name}_top{k}"] = topk
+            knn1, knnk = accuracies(knn_predict(train_x, train_y, x, num_classes, config.knn_k,
+                                                config.knn_temperature), source.labels, k)
+            results[f"knn/{prefix}{name}_top1"] = knn1
+            results[f"knn/{prefix}{name}_top{k}"] = knnk
+        return results
+
+    def _augmented_embed(self, params, batch_stats):
+        net = nnx.merge(self.graphdef, params, batch_stats, copy=True)
+        net.encoder.eval()
+        aug = self.aug
+
+        def embed(images, key):
+            return jax.lax.stop_gradient(net.encoder(augment.train_view(key, images, aug)))
+
+        return embed
+
+
+def _all_images(source):
+    return source.get(np.arange(len(source)))
+
+
+def disentanglement_probe(config, train_x, train_y, sets, runs=10):
+    """The original's `eval_disent` (spec §2.7) with aligned labels (B-19): StandardScaler + RBF SVC on
+    a random contiguous half of the feature dimensions, 10 runs; mean accuracy per split (and the last)."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    limit = 32 if config.debug else None
+    rng = np.random.default_rng(config.seed)
+    dim = train_x.shape[1]
+    scores = {name: [] for name in sets}
+    for _ in range(runs):
+        start = rng.integers(0, dim // 2)
+        cols = slice(start, start + dim // 2)
+        probe = make_pipeline(StandardScaler(), SVC(gamma="auto")).fit(train_x[:limit, cols], train_y[:limit])
+        for name, (x, y) in sets.items():
+            scores[name].append(probe.score(x[:limit, cols], y[:limit]))
+    results = {f"disent/{name}_mean": float(np.mean(v)) for name, v in scores.items()}
+    results.update({f"disent/{name}_last": v[-1] for name, v in scores.items()})
+    return results
+
+
+def report(results, writer, step, epoch):
+    writer.write(step, epoch, results)
+    if jax.process_index() == 0 and results:
+        width = max(len(k) for k in results)
+        lines = [f"{'metric':<{width}}  value"] + [f"{k:<{width}}  {100 * v:6.2f}%" for k, v in results.items()]
+        print("\n".join(lines), flush=True)
+
+
+def after_pretraining(setup, state, writer):
+    """Linear + kNN evaluation of the trained encoder (and, if configured, of its random init)."""
+    config = setup.config
+    evaluator = Evaluator(config, setup.splits, setup.graphdef, setup.mesh)
+    results = evaluator.run(state["params"], state["batch_stats"])
+    if config.eval_random_init_baseline:
+        _, params, batch_stats = network.create(config, setup.method, setup.splits.num_classes, config.seed)
+        results.update(evaluator.run(params, batch_stats, prefix="random_init_"))
+    report(results, writer, int(state["step"]), config.n_epochs)
+    return results
+
+
+def evaluate_checkpoint(config, workdir):
+    """`mode=linear_eval|knn_eval` (or the original's `finetune`): evaluate a saved encoder."""
+    import os
+
+    method = config_validation.resolve_method(config)
+    splits = data.load_splits(config)
+    mesh = sharding.data_mesh()
+    graphdef, params, batch_stats = network.create(config, method, splits.num_classes, config.seed)
+    saved, step = checkpoint.restore_network(config.load_checkpoint_dir, config.checkpoint_step)
+    what = f"checkpoint step {step} in {config.load_checkpoint_dir}"
+    params = checkpoint.fill(params, saved["params"], what=what)
+    batch_stats = checkpoint.fill(batch_stats, saved["batch_stats"], what=what)
+    os.makedirs(workdir, exist_ok=True)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    logging.info("evaluating the encoder of step %d from %s", step, config.load_checkpoint_dir)
+    evaluator = Evaluator(config, splits, graphdef, mesh)
+    if config.eval_disent:
+        params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
+        sets = {name: (evaluator._features(params, batch_stats, source), source.labels)
+                for name, source in (("valid", splits.valid), ("test", splits.test)) if len(source)}
+        results = disentanglement_probe(config, evaluator._features(params, batch_stats, splits.train),
+                                        splits.train.labels, sets)
+    else:
+        results = evaluator.run(params, batch_stats)
+    if config.mode == "knn_eval":
+        results = {k: v for k, v in results.items() if k.startswith("knn/")}
+    report(results, writer, step, 0)
+    writer.close()
+    return results

@@ -1,0 +1,365 @@
+"""k-means and PCA-whitening of the clustering features (spec §1.4), on rows sharded over devices.
+
+The original ran faiss on one GPU over all N gathered features. Here the features stay where the
+feature pass left them: a (N, D) array whose rows are sharded over the mesh axis ``'data'``
+(``NamedSharding(mesh, P('data', None))``, across hosts too) or an ordinary single-device array.
+Everything runs under one ``jax.shard_map``: each device works on its own rows and only K x D
+statistics, D x D covariances and a few scalars per device cross devices (``psum``/``all_gather``),
+so x is never gathered. The nearest-centroid search goes over row chunks, so memory stays
+O(chunk_size x K) and the N x K distance matrix is never built.
+
+Padded rows: the feature pass pads N up to a multiple of the device count; pass ``valid`` (N,) bool
+and the padded rows count nowhere (sizes, sums, inertia, initial centroids, PCA statistics). They get
+assignment -1 and all-zero preprocessed features.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+INITS = ("random", "kmeans++")
+SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation when an empty cluster takes half of another
+EIGEN_FLOOR = 1e-5  # eigenvalues below this fraction of the largest one are raised to it before ^-1/2
+# Default distance block per chunk: a CPU's cache-sized block, a big one for GPUs (on an H200,
+# K=3000: 32k-row chunks ran 9% faster than 4k-row ones; on the 2-core CPU sizes made no clear odds).
+CHUNK_BYTES = {"cpu": 4 << 20, "accelerator": 256 << 20}
+
+
+class KMeansResult(NamedTuple):
+    """Outcome of `kmeans`; a pytree, so it can leave a jitted function."""
+
+    centroids: jax.Array  # (K, D) float32, replicated
+    assignments: jax.Array  # (N,) int32, sharded like x's rows; -1 on rows where valid is False
+    inertia: jax.Array  # () float32, sum of squared distances of valid rows to their centroid
+    cluster_sizes: jax.Array  # (K,) int32, valid rows per cluster
+
+
+def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, valid=None,
+           precision="highest"):
+    """Lloyd's k-means as faiss runs it for DeepCluster/SPCL, with no cluster left empty.
+
+    Each of `num_iters` iterations assigns every row to its nearest centroid (squared L2) and moves
+    each centroid to the mean of its rows; a cluster left empty then takes half of a cluster picked
+    with probability proportional to (size - 1), with faiss's symmetric ±1/1024 perturbation. A
+    final assignment follows; if a cluster is still empty, the farthest row of the biggest cluster
+    moves into it (and becomes its centroid) until none is, which always ends with no empty cluster
+    when there are at least K valid rows, duplicated or not.
+
+    `init`: "random" (K distinct valid rows, faiss's default and the original's), "kmeans++"
+    (D²-weighted seeding, one draw per centroid) or a (K, D) array of initial centroids.
+    `valid`: optional (N,) bool; rows where it is False (padding) count nowhere and get assignment
+    -1. `chunk_size`: rows per distance block, memory O(chunk_size x K); None = a 4 MiB block on
+    CPUs, 256 MiB on accelerators. `precision` goes to the distance matmul ("highest" keeps
+    float32 accuracy on GPUs too; "default" lets them use TF32).
+    The result depends only on `key` and the data, not on how the rows are sharded (up to float
+    summation order). Multi-host: the assignments are a global array; fetch them with
+    `jax.experimental.multihost_utils.process_allgather`.
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be (N, D), got shape {x.shape}")
+    if num_clusters < 1 or num_iters < 0 or (chunk_size is not None and chunk_size < 1):
+        raise ValueError(f"need num_clusters >= 1, num_iters >= 0, chunk_size >= 1; got "
+                         f"{num_clusters}, {num_iters}, {chunk_size}")
+    init_centroids = None
+    if not isinstance(init, str):
+        init_centroids = jnp.asarray(init, jnp.float32)
+        if init_centroids.shape != (num_clusters, x.shape[1]):
+            raise ValueError(f"init centroids must have shape {(num_clusters, x.shape[1])}, got "
+                             f"{init_centroids.shape}")
+        init = "given"
+    elif init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or a (K, D) array, got {init!r}")
+    mesh = _data_mesh(x)
+    x, valid = _place_rows(mesh, x, valid)
+    num_valid = x.shape[0] if valid is None else int(jnp.sum(valid))
+    if num_valid < num_clusters:
+        raise ValueError(f"k-means needs at least num_clusters={num_clusters} valid rows, got "
+                         f"{num_valid}")
+    if chunk_size is None:
+        kind = "cpu" if mesh.devices.flat[0].platform == "cpu" else "accelerator"
+        chunk_size = max(256, CHUNK_BYTES[kind] // (4 * num_clusters))
+    chunk_size = min(chunk_size, x.shape[0] // mesh.shape[DATA_AXIS])  # one compile for all larger
+    return _kmeans_jit(x, valid, key, init_centroids, jnp.int32(num_iters), mesh=mesh,
+                       num_clusters=num_clusters, init=init, chunk_size=chunk_size,
+                       precision=lax.Precision(precision))
+
+
+def pca_whiten(x, pca_dim, valid=None):
+    """PCA-whitening as faiss's PCAMatrix(D, pca_dim, eigen_power=-0.5): Λ^-1/2 Vᵀ (x − μ).
+
+    Keeps min(pca_dim, D) components. μ and the covariance (divided by the number of valid rows,
+    as faiss does) are sums over the sharded rows. Eigenvalues are floored at 1e-5 x the largest
+    (faiss adds nothing and would divide by ~0 on rank-deficient features); above the floor the
+    whitened covariance is the identity. Each component's sign is fixed so that its eigenvector's
+    largest-magnitude entry is positive, which makes the output deterministic.
+    """
+    x = jnp.asarray(x)
+    if pca_dim < 1:
+        raise ValueError(f"pca_dim must be >= 1 for pca_whiten, got {pca_dim}")
+    mesh = _data_mesh(x)
+    x, valid = _place_rows(mesh, x, valid)
+    return _pca_jit(x, valid, mesh=mesh, out_dim=min(pca_dim, x.shape[1]))
+
+
+@jax.jit
+def l2_normalize_rows(x):
+    """Scales each row to unit L2 norm; all-zero rows (padding) stay zero instead of becoming NaN."""
+    x = x.astype(jnp.float32)
+    norm = jnp.linalg.norm(x, axis=1, keepdims=True)
+    return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def preprocess_features(x, pca_dim, valid=None):
+    """The original's preprocessing: PCA-whitening to `pca_dim` (0 = none), then row L2-normalising."""
+    if pca_dim:
+        x = pca_whiten(x, pca_dim, valid)
+    return l2_normalize_rows(x)
+
+
+def _data_mesh(x):
+    """The mesh x's rows are sharded on, or a one-device mesh for an unsharded array."""
+    sharding = x.sharding
+    if (isinstance(sharding, NamedSharding) and len(sharding.spec) > 0
+            and sharding.spec[0] == DATA_AXIS):
+        return sharding.mesh
+    device = next(iter(x.devices()))
+    return Mesh(np.array([device]), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def _place_rows(mesh, x, valid):
+    """x and valid with their rows on `mesh`'s 'data' axis (a no-op when they already are)."""
+    x = jax.device_put(x, NamedSharding(mesh, P(DATA_AXIS, None)))
+    if valid is not None:
+        valid = jnp.asarray(valid)
+        if valid.shape != x.shape[:1]:
+            raise ValueError(f"valid must have shape {x.shape[:1]}, got {valid.shape}")
+        valid = jax.device_put(valid.astype(bool), NamedSharding(mesh, P(DATA_AXIS)))
+    return x, valid
+
+
+def _shard_call(fn, mesh, args, arg_specs, out_specs):
+    """shard_map of fn over `mesh`, with None arguments passed through as None."""
+    in_specs = tuple(None if a is None else s for a, s in zip(args, arg_specs))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "num_clusters", "init", "chunk_size",
+                                             "precision"))
+def _kmeans_jit(x, valid, key, init_centroids, num_iters, *, mesh, num_clusters, init, chunk_size,
+                precision):
+    fn = functools.partial(_kmeans_shard, num_clusters=num_clusters, init=init,
+                           chunk_size=chunk_size, precision=precision)
+    return _shard_call(fn, mesh, (x, valid, key, init_centroids, num_iters),
+                       (P(DATA_AXIS, None), P(DATA_AXIS), P(), P(), P()),
+                       KMeansResult(P(), P(DATA_AXIS), P(), P()))
+
+
+def _kmeans_shard(x, valid, key, init_centroids, num_iters, *, num_clusters, init, chunk_size,
+                  precision):
+    """The whole k-means, seen from one device holding x's local rows."""
+    n_local = x.shape[0]
+    x = x.astype(jnp.float32)
+    valid = jnp.ones(n_local, bool) if valid is None else valid
+    gidx = lax.axis_index(DATA_AXIS) * n_local + jnp.arange(n_local)
+    init_key, split_key = jax.random.split(key)
+    if init == "given":
+        centroids = init_centroids
+    elif init == "random":
+        centroids = _init_random(x, valid, gidx, init_key, num_clusters)
+    else:
+        centroids = _init_kmeanspp(x, valid, gidx, init_key, num_clusters)
+
+    def lloyd_step(it, centroids):
+        sums, counts = _cluster_sums(x, valid, centroids, chunk_size, precision)
+        means = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centroids)
+        return _split_empty(means, counts, jax.random.fold_in(split_key, it))
+
+    centroids = lax.fori_loop(0, num_iters, lloyd_step, centroids)
+    assign, dist = _assign(x, valid, centroids, chunk_size, precision)
+    counts = _psum(jax.ops.segment_sum(valid.astype(jnp.int32),
+                                       jnp.where(valid, assign, num_clusters), num_clusters))
+    assign, dist, centroids, counts = _fill_empty(x, valid, gidx, assign, dist, centroids, counts)
+    inertia = _psum(jnp.sum(jnp.where(valid, dist, 0.0)))
+    return KMeansResult(centroids, jnp.where(valid, assign, -1).astype(jnp.int32), inertia, counts)
+
+
+def _psum(v):
+    return lax.psum(v, DATA_AXIS)
+
+
+def _scan_rows(fn, carry, x, valid, chunk_size):
+    """Runs fn(carry, x_chunk, valid_chunk) -> (carry, per-row outputs) over row chunks."""
+    chunk = chunk_size
+    n_full, rem = divmod(x.shape[0], chunk)
+
+    def step(carry, i):
+        start = i * chunk
+        return fn(carry, lax.dynamic_slice_in_dim(x, start, chunk),
+                  lax.dynamic_slice_in_dim(valid, start, chunk))
+
+    carry, ys = lax.scan(step, carry, jnp.arange(n_full))
+    ys = jax.tree.map(lambda y: y.reshape(n_full * chunk, *y.shape[2:]), ys)
+    if rem:
+        carry, ys_rem = fn(carry, x[n_full * chunk:], valid[n_full * chunk:])
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_rem)
+    return carry, ys
+
+
+def _nearest(xc, centroids, c_sqnorm, precision):
+    """Nearest centroid and squared distance per row, via ‖x‖² − 2x·c + ‖c‖² (one matmul)."""
+    d = c_sqnorm - 2.0 * jnp.dot(xc, centroids.T, precision=precision)
+    assign = jnp.argmin(d, axis=1).astype(jnp.int32)
+    dmin = jnp.take_along_axis(d, assign[:, None], axis=1)[:, 0]
+    return assign, jnp.maximum(dmin + jnp.sum(xc * xc, axis=1), 0.0)
+
+
+def _cluster_sums(x, valid, centroids, chunk_size, precision):
+    """E-step + M-step statistics: per-cluster row sums (K, D) and counts (K,), over all devices."""
+    k = centroids.shape[0]
+    c_sqnorm = jnp.sum(centroids * centroids, axis=1)
+
+    def fn(carry, xc, vc):
+        assign, _ = _nearest(xc, centroids, c_sqnorm, precision)
+        assign = jnp.where(vc, assign, k)  # out of range: dropped by segment_sum
+        sums, counts = carry
+        return (sums + jax.ops.segment_sum(xc, assign, k),
+                counts + jax.ops.segment_sum(jnp.ones_like(assign), assign, k)), None
+
+    zeros = lax.pcast((jnp.zeros_like(centroids), jnp.zeros(k, jnp.int32)), DATA_AXIS, to="varying")
+    (sums, counts), _ = _scan_rows(fn, zeros, x, valid, chunk_size)
+    return _psum(sums), _psum(counts)
+
+
+def _assign(x, valid, centroids, chunk_size, precision):
+    """Nearest centroid and squared distance of every local row."""
+    c_sqnorm = jnp.sum(centroids * centroids, axis=1)
+    _, (assign, dist) = _scan_rows(
+        lambda carry, xc, vc: (carry, _nearest(xc, centroids, c_sqnorm, precision)),
+        None, x, valid, chunk_size)
+    return assign, dist
+
+
+def _split_empty(centroids, counts, key):
+    """faiss's split_clusters: each empty cluster takes half of a cluster picked ∝ (size − 1)."""
+    sign = jnp.where(jnp.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0)
+
+    def needs_split(state):
+        _, counts, _ = state
+        return jnp.any(counts == 0) & jnp.any(counts >= 2)
+
+    def split(state):
+        centroids, counts, i = state
+        empty = jnp.argmax(counts == 0)
+        logits = jnp.where(counts >= 2, jnp.log(jnp.maximum(counts - 1, 1).astype(jnp.float32)),
+                           -jnp.inf)
+        donor = jax.random.categorical(jax.random.fold_in(key, i), logits)
+        base = centroids[donor]
+        centroids = (centroids.at[empty].set(base * (1 + SPLIT_EPS * sign))
+                     .at[donor].set(base * (1 - SPLIT_EPS * sign)))
+        half = counts[donor] // 2
+        counts = counts.at[empty].set(half).at[donor].add(-half)
+        return centroids, counts, i + 1
+
+    centroids, _, _ = lax.while_loop(needs_split, split, (centroids, counts, 0))
+    return centroids
+
+
+def _fill_empty(x, valid, gidx, assign, dist, centroids, counts):
+    """Moves the farthest row of the biggest cluster into each empty cluster, which it then centres."""
+    def has_empty(state):
+        counts = state[3]
+        return jnp.any(counts == 0) & (jnp.max(counts) >= 2)
+
+    def fill(state):
+        assign, dist, centroids, counts = state
+        empty, donor = jnp.argmax(counts == 0), jnp.argmax(counts)
+        row = _global_argmax(jnp.where(valid & (assign == donor), dist, -jnp.inf), gidx)
+        centroids = centroids.at[empty].set(_take_rows(x, gidx, row[None])[0])
+        moved = gidx == row
+        return (jnp.where(moved, empty, assign), jnp.where(moved, 0.0, dist), centroids,
+                counts.at[empty].set(1).at[donor].add(-1))
+
+    return lax.while_loop(has_empty, fill, (assign, dist, centroids, counts))
+
+
+def _all_gather(v):
+    return lax.all_gather(v, DATA_AXIS, tiled=True, to="invarying")
+
+
+def _global_argmax(score, gidx):
+    """Global row index of the largest score over all devices (ties: the lowest index)."""
+    i = jnp.argmax(score)
+    best = _all_gather(score[i][None])
+    return _all_gather(gidx[i][None])[jnp.argmax(best)]
+
+
+def _take_rows(x, gidx, rows):
+    """x[rows] for global row indices: each device contributes the rows it holds, then psum."""
+    local = rows - gidx[0]
+    mine = (local >= 0) & (local < x.shape[0])
+    return _psum(jnp.where(mine[:, None], x[jnp.clip(local, 0, x.shape[0] - 1)], 0.0))
+
+
+def _row_uniform(key, gidx):
+    """U[0, 1) per global row index, the same however the rows are sharded."""
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(gidx)
+
+
+def _init_random(x, valid, gidx, key, k):
+    """K distinct valid rows, uniformly: the K largest per-row uniforms over all devices."""
+    score = jnp.where(valid, _row_uniform(key, gidx), -1.0)
+    top, pos = lax.top_k(score, min(k, x.shape[0]))
+    _, pick = lax.top_k(_all_gather(top), k)
+    return _take_rows(x, gidx, _all_gather(gidx[pos])[pick])
+
+
+def _init_kmeanspp(x, valid, gidx, key, k):
+    """k-means++ seeding: each next centroid is a row drawn ∝ its squared distance to the chosen ones.
+
+    One draw per centroid (no greedy trials); the draw is a Gumbel-max over per-row noise, so it is
+    the same however the rows are sharded.
+    """
+    def draw(i, weights):
+        gumbel = -jnp.log(-jnp.log(_row_uniform(jax.random.fold_in(key, i), gidx)))
+        score = jnp.where(weights > 0, jnp.log(jnp.maximum(weights, 1e-30)) + gumbel, -3e38)
+        row = _global_argmax(jnp.where(valid, score, -jnp.inf), gidx)
+        return _take_rows(x, gidx, row[None])[0]
+
+    def add(i, state):
+        centroids, min_sq = state
+        c = draw(i, min_sq)
+        min_sq = jnp.minimum(min_sq, jnp.sum((x - c) ** 2, axis=1))
+        return centroids.at[i].set(c), min_sq
+
+    first = draw(0, jnp.ones(x.shape[0], jnp.float32))
+    centroids = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(first)
+    centroids, _ = lax.fori_loop(1, k, add, (centroids, jnp.sum((x - first) ** 2, axis=1)))
+    return centroids
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "out_dim"))
+def _pca_jit(x, valid, *, mesh, out_dim):
+    return _shard_call(functools.partial(_pca_shard, out_dim=out_dim), mesh, (x, valid),
+                       (P(DATA_AXIS, None), P(DATA_AXIS)), P(DATA_AXIS, None))
+
+
+def _pca_shard(x, valid, *, out_dim):
+    """Two passes over the local rows (mean, then centred covariance) with the sums psum'd."""
+    x = x.astype(jnp.float32)
+    valid = jnp.ones(x.shape[0], bool) if valid is None else valid
+    n = _psum(jnp.sum(valid, dtype=jnp.float32))
+    mean = _psum(jnp.sum(jnp.where(valid[:, None], x, 0.0), axis=0)) / n
+    xc = jnp.where(valid[:, None], x - mean, 0.0)
+    cov = _psum(jnp.dot(xc.T, xc, precision=lax.Precision.HIGHEST)) / n
+    evals, evecs = jnp.linalg.eigh(cov)
+    evals, evecs = evals[::-1][:out_dim], evecs[:, ::-1][:, :out_dim]
+    biggest = jnp.argmax(jnp.abs(evecs), axis=0)
+    evecs = evecs * jnp.sign(evecs[biggest, jnp.arange(out_dim)])
+    scale = lax.rsqrt(jnp.maximum(evals, EIGEN_FLOOR * evals[0]))
+    return jnp.dot(xc, evecs, precision=lax.Precision.HIGHEST) * scale

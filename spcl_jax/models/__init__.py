@@ -1,0 +1,15 @@
+"""Flax NNX models of SPCL: ResNet encoders and the projection, prototype, metric and linear heads."""
+from spcl_jax.models.heads import LinearHead, MetricLearner, ProjectionHead, PrototypeClassifier
+from spcl_jax.models.param_groups import is_norm_or_bias
+from spcl_jax.models.resnet import ResNet, build_encoder, feature_dim
+
+__all__ = [
+    "LinearHead",
+    "MetricLearner",
+    "ProjectionHead",
+    "PrototypeClassifier",
+    "ResNet",
+    "build_encoder",
+    "feature_dim",
+    "is_norm_or_bias",
+]

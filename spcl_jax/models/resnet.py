@@ -1,0 +1,198 @@
+"""ResNet encoders (torchvision v1.5) in NHWC, matching the original at initialisation and in shape (spec §3.1).
+
+PyTorch pads strided convolutions and the stem max-pool symmetrically, so every padding here is explicit
+(Flax's 'SAME' pads (0, 1) for stride 2). Parameters and BatchNorm statistics are float32 whatever the compute
+dtype; the pooled features are returned in float32 so that the losses never run in bfloat16.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spcl_jax.errors import ConfigError
+from spcl_jax.models.batch_norm import BatchNorm
+
+# (block kind, blocks per stage) for each supported depth.
+_ARCHITECTURES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+_STAGE_PLANES = (64, 128, 256, 512)
+_STAGE_STRIDES = (1, 2, 2, 2)
+STEMS = ("cifar", "imagenet")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'). JAX's "normal" is untruncated (jax 0.10.2 rejects
+# "untruncated_normal"; "truncated_normal" is the truncated one).
+CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(in_channels, out_channels, kernel_size, stride, *, dtype, rngs):
+    """Bias-free square convolution with PyTorch's symmetric padding of (k - 1) // 2."""
+    pad = (kernel_size - 1) // 2
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=CONV_INIT,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def stem_max_pool(x):
+    """torch MaxPool2d(3, stride=2, padding=1): symmetric padding with -inf."""
+    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def scaled_width(channels, width_multiplier):
+    """Channel count under a width multiplier, never below one channel."""
+    return max(1, round(channels * width_multiplier))
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convolutions with an identity or 1x1-projection shortcut (ResNet-18/34)."""
+
+    def __init__(self, in_channels, planes, stride, *, dtype, rngs):
+        self.conv1 = conv(in_channels, planes, 3, stride, dtype=dtype, rngs=rngs)
+        self.bn1 = BatchNorm(planes, dtype=dtype)
+        self.conv2 = conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
+        self.bn2 = BatchNorm(planes, dtype=dtype)
+        self.downsample_conv, self.downsample_bn = _shortcut(in_channels, planes, stride, dtype, rngs)
+
+    def __call__(self, x):
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return nnx.relu(y + _apply_shortcut(self, x))
+
+
+class Bottleneck(nnx.Module):
+    """1x1 reduce, 3x3 (carrying the stride: v1.5), 1x1 expand by 4 (ResNet-50/101/152)."""
+
+    def __init__(self, in_channels, planes, stride, *, dtype, rngs):
+        out_channels = planes * _EXPANSION["bottleneck"]
+        self.conv1 = conv(in_channels, planes, 1, 1, dtype=dtype, rngs=rngs)
+        self.bn1 = BatchNorm(planes, dtype=dtype)
+        self.conv2 = conv(planes, planes, 3, stride, dtype=dtype, rngs=rngs)
+        self.bn2 = BatchNorm(planes, dtype=dtype)
+        self.conv3 = conv(planes, out_channels, 1, 1, dtype=dtype, rngs=rngs)
+        self.bn3 = BatchNorm(out_channels, dtype=dtype)
+        self.downsample_conv, self.downsample_bn = _shortcut(in_channels, out_channels, stride, dtype, rngs)
+
+    def __call__(self, x):
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = nnx.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return nnx.relu(y + _apply_shortcut(self, x))
+
+
+_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _shortcut(in_channels, out_channels, stride, dtype, rngs):
+    """(conv, bn) of the projection shortcut, or (None, None) when the identity fits."""
+    if stride == 1 and in_channels == out_channels:
+        return None, None
+    return (
+        conv(in_channels, out_channels, 1, stride, dtype=dtype, rngs=rngs),
+        BatchNorm(out_channels, dtype=dtype),
+    )
+
+
+def _apply_shortcut(block, x):
+    if block.downsample_conv is None:
+        return x
+    return block.downsample_bn(block.downsample_conv(x))
+
+
+class ResNet(nnx.Module):
+    """ResNet encoder without the fc layer: NHWC images -> (B, features_dim) float32 pooled features.
+
+    `stem='cifar'` is the 3x3 stride-1 stem without max-pool (32-64 px images), `stem='imagenet'` the 7x7
+    stride-2 stem with a 3x3 stride-2 max-pool. BatchNorm uses batch statistics after `model.train()` and the
+    running averages after `model.eval()`.
+    """
+
+    def __init__(self, depth, *, stem, width_multiplier=1.0, dtype=jnp.float32, rngs):
+        if depth not in _ARCHITECTURES:
+            raise ValueError(f"ResNet depth {depth} not in {sorted(_ARCHITECTURES)}")
+        if stem not in STEMS:
+            raise ValueError(f"stem {stem!r} not in {STEMS}")
+        kind, stage_blocks = _ARCHITECTURES[depth]
+        self.stem = stem
+        self.dtype = dtype
+        width = scaled_width(_STAGE_PLANES[0], width_multiplier)
+        if stem == "cifar":
+            self.stem_conv = conv(3, width, 3, 1, dtype=dtype, rngs=rngs)
+        else:
+            self.stem_conv = conv(3, width, 7, 2, dtype=dtype, rngs=rngs)
+        self.stem_bn = BatchNorm(width, dtype=dtype)
+
+        in_channels = width
+        stages = []
+        for planes, blocks, stride in zip(_STAGE_PLANES, stage_blocks, _STAGE_STRIDES):
+            planes = scaled_width(planes, width_multiplier)
+            stage = []
+            for index in range(blocks):
+                stage.append(_BLOCKS[kind](in_channels, planes, stride if index == 0 else 1, dtype=dtype, rngs=rngs))
+                in_channels = planes * _EXPANSION[kind]
+            stages.append(nnx.List(stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.features_dim = in_channels
+
+    def feature_map(self, x):
+        """The layer4 output before pooling, (B, H/s, W/s, features_dim) in the compute dtype."""
+        x = nnx.relu(self.stem_bn(self.stem_conv(x.astype(self.dtype))))
+        if self.stem == "imagenet":
+            x = stem_max_pool(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x)
+        return x
+
+    def __call__(self, x):
+        return jnp.mean(self.feature_map(x).astype(jnp.float32), axis=(1, 2))
+
+
+def _depth(model_name):
+    depth = model_name.removeprefix("resnet")
+    if not model_name.startswith("resnet") or not depth.isdigit() or int(depth) not in _ARCHITECTURES:
+        valid = ", ".join(f"resnet{d}" for d in _ARCHITECTURES)
+        raise ConfigError(f"model={model_name!r} is not supported; valid: {valid}")
+    return int(depth)
+
+
+def feature_dim(model_name, width_multiplier=1.0):
+    """Encoder output width D: 512*w for resnet18/34, 2048*w for resnet50/101/152 (w rounded per stage)."""
+    kind, _ = _ARCHITECTURES[_depth(model_name)]
+    return scaled_width(_STAGE_PLANES[-1], width_multiplier) * _EXPANSION[kind]
+
+
+def resolve_stem(stem, image_size):
+    """'auto' picks the CIFAR stem for images of at most 64 px, the ImageNet stem above."""
+    if stem == "auto":
+        return "cifar" if image_size <= 64 else "imagenet"
+    if stem not in STEMS:
+        raise ConfigError(f"stem={stem!r} is not supported; valid: auto, {', '.join(STEMS)}")
+    return stem
+
+
+def build_encoder(config, *, rngs):
+    """ResNet from config.model, config.stem, config.image_size, config.width_multiplier and config.dtype."""
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"dtype={config.dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+    if config.width_multiplier <= 0:
+        raise ConfigError(f"width_multiplier={config.width_multiplier} must be positive")
+    return ResNet(
+        _depth(config.model),
+        stem=resolve_stem(config.stem, config.image_size),
+        width_multiplier=config.width_multiplier,
+        dtype=DTYPES[config.dtype],
+        rngs=rngs,
+    )

@@ -1,0 +1,42 @@
+"""The trained network of every method: encoder + projection head (+ metric learner, + supervised head)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spcl_jax import models
+
+PAIR_METHODS = ("spcl", "metric")
+PROTOTYPE_CLASSIFIER_METHODS = ("spcl", "cluster")
+CLUSTERING_METHODS = ("spcl", "cluster", "metric")
+
+
+class Network(nnx.Module):
+    """What the pretraining optimiser updates; the per-epoch prototype classifier lives apart (spec §1.7)."""
+
+    def __init__(self, config, method, num_classes, *, rngs):
+        self.encoder = models.build_encoder(config, rngs=rngs)
+        dim = self.encoder.features_dim
+        dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        self.projection = models.ProjectionHead(dim, config.proj_dim, dtype=dtype, rngs=rngs)
+        self.metric_learner = models.MetricLearner(dim, rngs=rngs) if method in PAIR_METHODS else None
+        self.supervised_head = models.LinearHead(dim, num_classes, rngs=rngs) if method == "supervised" else None
+
+
+def prototype_classifier_width(config, num_classes):
+    """K outputs (fixes B-1); `n_classes` reproduces the original's width."""
+    return config.num_prototypes if config.prototype_classifier_width == "num_prototypes" else num_classes
+
+
+def init_key(*seeds):
+    """A parameter-initialisation key from integers. It uses the `rbg` generator: XLA compiles its
+    random ops about 5x faster than threefry's, which dominates start-up on CPU (augmentation and
+    sampling keep threefry, whose values do not depend on the sharding)."""
+    return jax.random.key(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]), impl="rbg")
+
+
+def create(config, method, num_classes, seed):
+    """(graphdef, params, batch_stats) of a freshly initialised Network, built in one compiled call
+    (eager initialisation would compile every initializer of every layer separately)."""
+    net = nnx.jit(lambda: Network(config, method, num_classes, rngs=nnx.Rngs(init_key(seed))))()
+    return nnx.split(net, nnx.Param, nnx.BatchStat)

@@ -1,0 +1,120 @@
+"""Optimisers and learning-rate schedules of the original (spec §1.10, §1.11, §8), built on optax.
+
+LARS comes in two flavours (B-5): `simclr` (the default) excludes biases and every normalisation
+parameter from weight decay and from the trust ratio, and falls back to ratio 1 when a norm is 0;
+`as_written` reproduces the original: weight decay chosen by the case-sensitive torch name filter,
+and a trust ratio eta*|w|/|g| on every tensor, so zero-initialised biases never move.
+"""
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spcl_jax.models.param_groups import _key_name, is_norm_or_bias
+
+_TORCH_BLOCK_BN = re.compile(r"^bn\d+$")
+
+
+def _names(path):
+    names = [_key_name(k) for k in path]
+    return names[:-1] if names and names[-1] == "value" else names
+
+
+def decayed_as_written(path):
+    """The original's filter: decay unless the torch name contains 'bn' or 'bias' (case-sensitive).
+
+    Only the residual blocks' `bn1/bn2/bn3` carry a lowercase 'bn' in torch; the stem, downsample and
+    projection BatchNorm scales (`BN1`, `downsample.1`) are decayed.
+    """
+    names = _names(path)
+    return not (names[-1] == "bias" or any(isinstance(n, str) and _TORCH_BLOCK_BN.match(n) for n in names))
+
+
+def path_mask(params, predicate):
+    return jax.tree_util.tree_map_with_path(lambda path, _: bool(predicate(path)), params)
+
+
+def scale_by_trust_ratio_as_written(trust_coefficient):
+    """eta*|w|/|g| for every tensor with no zero guard (|w|=0 -> 0, |g|=0 -> nan), as the original."""
+
+    def update_fn(updates, state, params):
+        def scale(u, p):
+            ratio = trust_coefficient * jnp.linalg.norm(p) / jnp.linalg.norm(u)
+            return u * ratio
+
+        return jax.tree.map(scale, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def lars(learning_rate, *, weight_decay, trust_coefficient, momentum, mode, params):
+    """LARS with Nesterov momentum and the lr inside the momentum buffer (torch's classic momentum)."""
+    if mode == "simclr":
+        mask = path_mask(params, lambda p: not is_norm_or_bias(p))
+        return optax.lars(learning_rate, weight_decay=weight_decay, weight_decay_mask=mask,
+                          trust_coefficient=trust_coefficient, eps=0.0, trust_ratio_mask=mask,
+                          momentum=momentum, nesterov=True)
+    return optax.chain(
+        optax.masked(optax.add_decayed_weights(weight_decay), path_mask(params, decayed_as_written)),
+        scale_by_trust_ratio_as_written(trust_coefficient),
+        optax.scale_by_learning_rate(learning_rate),
+        optax.trace(decay=momentum, nesterov=True),
+    )
+
+
+def build_optimizer(name, learning_rate, *, weight_decay, params, lars_mode="simclr", lars_eta=1e-3,
+                    momentum=0.9):
+    """`lars` | `sgd` (Nesterov, torch-style L2 weight decay) | `adam` (L2 weight decay)."""
+    if name == "lars":
+        return lars(learning_rate, weight_decay=weight_decay, trust_coefficient=lars_eta,
+                    momentum=momentum, mode=lars_mode, params=params)
+    if name == "sgd":
+        return optax.chain(optax.add_decayed_weights(weight_decay),
+                           optax.sgd(learning_rate, momentum=momentum, nesterov=True))
+    if name == "adam":
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+    raise ValueError(f"unknown optimiser {name!r}")
+
+
+def pretrain_lr_schedule(*, base_lr, batch_size, n_epochs, warmup_epochs, steps_per_epoch,
+                         stepping="epoch", epoch0_zero_lr=False):
+    """lr(step) of spec §1.11: linear warmup to the unscaled peak, then cosine that never reaches 0.
+
+    Epoch k (0-indexed), T = E - W:
+      k < W:  lr = LR*(k+1)/W  (as written, B-6: epoch 0 runs at LR*1e-12/W and epoch k at LR*k/W)
+      k >= W: lr = LR*(1 + cos(pi*(k - W)/T))/2
+    With W = 0 the cosine starts from LR*B/256, as the original. `stepping="step"` evaluates the same
+    curve at the fractional epoch of each step instead of holding it constant over the epoch.
+    """
+    total = max(n_epochs - warmup_epochs, 1)
+
+    def cosine(epoch):
+        return base_lr * 0.5 * (1 + jnp.cos(math.pi * (epoch - warmup_epochs) / total))
+
+    def schedule(step):
+        if warmup_epochs == 0:
+            epoch = step // steps_per_epoch if stepping == "epoch" else step / steps_per_epoch
+            return base_lr * batch_size / 256 * 0.5 * (1 + jnp.cos(math.pi * epoch / n_epochs))
+        if stepping == "step":
+            epoch = (step + 1) / steps_per_epoch
+            return jnp.where(epoch < warmup_epochs, base_lr * epoch / warmup_epochs, cosine(epoch))
+        epoch = step // steps_per_epoch
+        if epoch0_zero_lr:
+            warm = jnp.where(epoch < 1, base_lr * 1e-12 / warmup_epochs, base_lr * epoch / warmup_epochs)
+            return jnp.where(epoch <= warmup_epochs, warm, cosine(epoch))
+        return jnp.where(epoch < warmup_epochs, base_lr * (epoch + 1) / warmup_epochs, cosine(epoch))
+
+    return schedule
+
+
+def finetune_lr_schedule(*, base_lr, batch_size, epochs, steps_per_epoch):
+    """Linear-eval lr: lr0*(1 + cos(pi*epoch/F))/2 per epoch with lr0 = finetune_lr*B/256 (spec §2.5)."""
+    lr0 = base_lr * batch_size / 256
+
+    def schedule(step):
+        epoch = (step // steps_per_epoch).astype(jnp.float32)
+        return lr0 * 0.5 * (1 + jnp.cos(math.pi * epoch / epochs))
+
+    return schedule

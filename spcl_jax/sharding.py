@@ -1,0 +1,42 @@
+"""The 1-D `data` mesh over every device of every host, and global batches built from host slices.
+
+Each process loads only its contiguous slice of a global batch (the devices of process p hold rows
+[p*B/P, (p+1)*B/P) of a `P('data')` array on a mesh made by `jax.make_mesh`).
+"""
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def data_mesh():
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def host_slice(global_rows):
+    """This process's contiguous share of a global batch (any array whose first axis is the batch)."""
+    per_host = len(global_rows) // jax.process_count()
+    start = jax.process_index() * per_host
+    return global_rows[start:start + per_host]
+
+
+def to_global(local_arrays, sharding):
+    """Host-local batch slices (a pytree of numpy arrays) -> global arrays sharded by rows."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        local_arrays)
+
+
+def to_host(x):
+    """A (possibly multi-host) global array as one numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

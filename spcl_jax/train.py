@@ -1,0 +1,403 @@
+"""SPCL pretraining (spec §1.13) and the other methods, as one jitted step sharded over the `data` mesh.
+
+`train_and_evaluate(config, workdir)` runs: every `reassign` epochs the feature pass, PCA-whitening,
+k-means and pseudo labels; every `classifier_init_freq` epochs a fresh prototype classifier with its
+own SGD; then the epoch's steps over a pair plan (spcl/metric) or a permutation (other methods);
+finally linear and kNN evaluation.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from spcl_jax import augment, checkpoint, config_validation, data, evaluate, features, kmeans, losses
+from spcl_jax import models, network, optim, prototypes, sharding, visual
+from spcl_jax.errors import ConfigError, UserError
+from spcl_jax.metrics import MetricWriter
+from spcl_jax.network import (CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS,
+                              prototype_classifier_width)
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; the message names the step and the loss terms."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything static about a run: the method, the data, the models' graph definitions, the step fns."""
+    config: object
+    method: str
+    splits: object
+    source: object
+    mesh: object
+    steps_per_epoch: int
+    graphdef: object
+    classifier_graphdef: object
+    tx: object
+    classifier_tx: object
+    aug: object
+    schedule: object
+    train_step: object
+    encode: object
+
+
+def _views(method, config, aug, key, batch):
+    """The augmented views stacked (V, B, S, S, 3): A1, A2, B1, B2 for pair methods, two views of one
+    image for simclr/cluster (the first one clean when `asymmetric_first_view`, B-7), one for supervised."""
+    if method == "supervised":
+        return augment.train_view(key, batch["images_a"], aug)[None]
+    if method in PAIR_METHODS:
+        images = jnp.stack([batch["images_a"], batch["images_a"], batch["images_b"], batch["images_b"]])
+    else:
+        images = jnp.stack([batch["images_a"], batch["images_a"]])
+    views = jax.vmap(lambda k, x: augment.pretrain_view(k, x, aug))(jax.random.split(key, len(images)), images)
+    if config.asymmetric_first_view and method not in PAIR_METHODS:
+        views = views.at[0].set(augment.eval_view(batch["images_a"], aug))
+    return views
+
+
+def encode_views(graphdef, params, batch_stats, views, *, project, frozen_bn):
+    """Encoder (+ projection) on each view in turn, each its own BatchNorm batch, running statistics
+    updated view after view exactly like the original's separate calls.
+
+    Unrolled on purpose: a lax.scan over the views compiles no faster and its backward pass ran 8x
+    slower on CPU.
+    """
+    net = nnx.merge(graphdef, params, batch_stats, copy=True)
+    if frozen_bn:
+        net.encoder.eval()
+    h = [net.encoder(view) for view in views]
+    z = [net.projection(x) for x in h] if project else h
+    return nnx.state(net, nnx.BatchStat), (h, z)
+
+
+def make_loss_fn(config, method, graphdef, classifier_graphdef, aug):
+    """loss(params, classifier_params, batch_stats, batch, key) -> (total, (terms, batch_stats, diagnostics))."""
+
+    def loss_fn(params, classifier_params, batch_stats, batch, key):
+        views = _views(method, config, aug, key, batch)
+        batch_stats, (h, z) = encode_views(graphdef, params, batch_stats, views, project=method != "supervised",
+                                           frozen_bn=config.encoder_bn_mode == "frozen_init_stats")
+        if method == "supervised":
+            head = nnx.merge(graphdef, params, batch_stats, copy=True).supervised_head
+            loss = losses.prototype_loss(head(h[0]), batch["labels_a"])
+            return loss, ({"supervised": loss}, batch_stats, {})
+        pairs = method in PAIR_METHODS
+        labels = [batch["labels_a"], batch["labels_a"]] + ([batch["labels_b"], batch["labels_b"]] if pairs else [])
+        terms = {"contrastive": sum(losses.nt_xent(z[i], z[i + 1], config.temperature)
+                                    for i in range(0, len(z), 2))}
+        total = config.contras_weight * terms["contrastive"]
+        if method in PROTOTYPE_CLASSIFIER_METHODS:
+            classifier = nnx.merge(classifier_graphdef, classifier_params)
+            terms["prototype"] = sum(losses.prototype_loss(classifier(h[v]), labels[v], kind=config.cluster_loss)
+                                     for v in range(len(labels)))
+            total = total + config.cluster_weight * terms["prototype"]
+        if pairs:
+            metric_learner = nnx.merge(graphdef, params, batch_stats, copy=True).metric_learner
+            terms["metric"] = losses.siamese_metric_loss(
+                metric_learner.from_difference, h[0], h[1], h[2], h[3], batch["similarity"],
+                kind=config.metric_loss)
+            total = total + config.metric_weight * terms["metric"]
+        diagnostics = losses.contrastive_diagnostics(z[0], z[1], batch["labels_a"], config.temperature)
+        return total, (terms, batch_stats, diagnostics)
+
+    return loss_fn
+
+
+def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx, aug, mesh):
+    """One jitted, donated step: state (replicated) x batch (sharded by rows) -> state, metrics."""
+    loss_fn = make_loss_fn(config, method, graphdef, classifier_graphdef, aug)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+    def step(state, batch, key):
+        (total, (terms, batch_stats, diagnostics)), (grads, classifier_grads) = grad_fn(
+            state["params"], state["classifier_params"], state["batch_stats"], batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        classifier_updates, classifier_opt_state = classifier_tx.update(
+            classifier_grads, state["classifier_opt_state"], state["classifier_params"])
+        classifier_params = optax.apply_updates(state["classifier_params"], classifier_updates)
+        finite = jnp.isfinite(total)
+        new_state = dict(
+            params=params, batch_stats=batch_stats, opt_state=opt_state, classifier_params=classifier_params,
+            classifier_opt_state=classifier_opt_state, step=state["step"] + 1,
+            first_nonfinite_step=jnp.where((state["first_nonfinite_step"] < 0) & ~finite, state["step"],
+                                           state["first_nonfinite_step"]))
+        metrics = {"train/loss": total, "train/grad_norm": optax.global_norm(grads)}
+        metrics.update({f"train/loss_{k}": v for k, v in terms.items()})
+        metrics.update({f"train/{k}": v for k, v in diagnostics.items()})
+        return new_state, metrics
+
+    replicated = sharding.replicated(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(replicated, batch_sh, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def _classifier(config, num_classes, key):
+    dim = models.feature_dim(config.model, config.width_multiplier)
+    width = prototype_classifier_width(config, num_classes)
+    return nnx.split(models.PrototypeClassifier(dim, width, rngs=nnx.Rngs(key)))
+
+
+def build(config, method, splits, mesh):
+    """Models, optimisers and jitted functions of a run (nothing here touches the workdir)."""
+    source = splits.train if method == "supervised" else splits.pretrain
+    steps_per_epoch = len(source) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"invalid config: batch_size={config.batch_size}; valid: at most the training "
+                          f"set size {len(source)} (pretraining drops the incomplete last batch)")
+    if config.max_steps_per_epoch > 0:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    graphdef, params, batch_stats = network.create(config, method, splits.num_classes, config.seed)
+    schedule = optim.pretrain_lr_schedule(
+        base_lr=config.learning_rate, batch_size=config.batch_size, n_epochs=config.n_epochs,
+        warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch, stepping=config.lr_stepping,
+        epoch0_zero_lr=config.epoch0_zero_lr)
+    tx = optim.build_optimizer(config.optimiser, schedule, weight_decay=config.weight_decay, params=params,
+                               lars_mode=config.lars_mode, lars_eta=config.lars_eta, momentum=config.momentum)
+    if config.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    classifier_tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                                optax.sgd(config.learning_rate * config.batch_size / 256))
+    classifier_graphdef = (_classifier(config, splits.num_classes, network.init_key(config.seed))[0]
+                           if method in PROTOTYPE_CLASSIFIER_METHODS else None)
+    aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
+    setup = Setup(config=config, method=method, splits=splits, source=source, mesh=mesh, steps_per_epoch=steps_per_epoch,
+                  graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
+                  aug=aug, schedule=schedule,
+                  train_step=make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx,
+                                             aug, mesh),
+                  encode=features.make_encode(graphdef, aug, mesh, config.cluster_feature_view))
+    state = dict(params=params, batch_stats=batch_stats, opt_state=tx.init(params), step=jnp.int32(0),
+                 first_nonfinite_step=jnp.int32(-1))
+    state["classifier_params"], state["classifier_opt_state"] = new_classifier(setup, network.init_key(config.seed))
+    return setup, jax.device_put(state, sharding.replicated(mesh))
+
+
+def new_classifier(setup, key):
+    """A fresh prototype classifier (N(0, 0.01²) kernel, zero bias) and a fresh SGD state (spec §1.7)."""
+    if setup.classifier_graphdef is None:
+        return {}, setup.classifier_tx.init({})
+    params = _classifier(setup.config, setup.splits.num_classes, key)[1]
+    return params, setup.classifier_tx.init(params)
+
+
+def cluster(setup, state, epoch, key, *, projection=False):
+    """Feature pass -> PCA-whitening -> k-means; returns pseudo labels in dataset order, statistics and,
+    if asked, the first two whitened components of every example (for the `visual_cls` figure)."""
+    config = setup.config
+    num = len(setup.splits.pretrain)
+    if config.feature_pass_order == "sampler":
+        order = np.random.default_rng([config.seed, epoch]).integers(0, num, num)
+    else:
+        order = np.arange(num)
+    view_key, kmeans_key = jax.random.split(key)
+    encode = lambda images: setup.encode(state["params"], state["batch_stats"], images, view_key)  # noqa: E731
+    feats, position = features.extract_features(encode, setup.splits.pretrain, order, config.batch_size,
+                                                setup.mesh)
+    valid = position < num
+    valid_device = sharding.to_global(sharding.host_slice(valid), sharding.batch_sharding(setup.mesh))
+    x = kmeans.preprocess_features(feats, config.pca_dim, valid=valid_device)
+    result = kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, kmeans_key,
+                           init=config.kmeans_init, valid=valid_device)
+    # Label of visit position p goes to example p: with order = arange (the default) that is the
+    # visited example; with the as-written sampler order (B-3) it is a different, random one.
+    pseudo = np.empty(num, np.int64)
+    pseudo[position[valid]] = sharding.to_host(result.assignments)[valid]
+    labels = setup.splits.pretrain.labels
+    labelled = labels >= 0
+    stats = prototypes.clustering_stats(pseudo, config.num_prototypes, float(result.inertia))
+    if labelled.any():
+        agreement = prototypes.clustering_stats(pseudo[labelled], config.num_prototypes, 0.0, labels[labelled])
+        stats.update(nmi=agreement["nmi"], ari=agreement["ari"])
+    points = None
+    if projection:
+        points = np.empty((num, 2), np.float32)
+        points[position[valid]] = sharding.to_host(x[:, :2])[valid]
+    return pseudo, stats, points
+
+
+def epoch_plan(setup, epoch, pseudo):
+    """Global index batches of one epoch: {images_a, [images_b, similarity]} index arrays (steps, B)."""
+    config, source = setup.config, setup.source
+    steps, batch = setup.steps_per_epoch, config.batch_size
+    if setup.method in PAIR_METHODS:
+        buckets = pseudo if config.rebuild_member_table else source.labels
+        num_buckets = config.num_prototypes if config.rebuild_member_table else int(buckets.max()) + 1
+        idx_a, idx_b, similarity = prototypes.pair_plan(
+            buckets, num_buckets, num_steps=steps, batch_size=batch, seed=config.seed, epoch=epoch,
+            mode=config.pair_sampling)
+        return {"a": idx_a, "b": idx_b, "similarity": similarity}
+    rng = np.random.default_rng([config.seed, epoch, 1])
+    order = data.epoch_order(source.labels, rng, config.pretrain_sampling)[:steps * batch]
+    return {"a": order.reshape(steps, batch)}
+
+
+def load_batch(setup, plan, step_in_epoch, pseudo):
+    """This host's slice of one global batch, as global arrays sharded by rows."""
+    source = setup.source
+    idx_a = sharding.host_slice(plan["a"][step_in_epoch])
+    labels = pseudo if setup.method in CLUSTERING_METHODS else source.labels
+    batch = {"images_a": source.get(idx_a), "labels_a": labels[idx_a].astype(np.int32)}
+    if "b" in plan:
+        idx_b = sharding.host_slice(plan["b"][step_in_epoch])
+        batch.update(images_b=source.get(idx_b), labels_b=labels[idx_b].astype(np.int32),
+                     similarity=sharding.host_slice(plan["similarity"][step_in_epoch]).astype(np.float32))
+    return sharding.to_global(batch, sharding.batch_sharding(setup.mesh))
+
+
+class Patience:
+    """The original's patience counter: epochs since the train loss last improved (logged, never stops)."""
+
+    def __init__(self):
+        self.best, self.count = float("inf"), 0
+
+    def update(self, loss):
+        self.best, self.count = (loss, 0) if loss < self.best else (self.best, self.count + 1)
+
+
+def check_finite(state, metrics, step):
+    bad = int(state["first_nonfinite_step"])
+    if bad >= 0:
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()) if "loss" in k)
+        raise NonFiniteLossError(
+            f"non-finite loss at step {bad + 1} (noticed at step {step + 1}): {terms}; lower learning_rate "
+            "or set grad_clip_norm; the last checkpoint is untouched and resumes with the same command")
+
+
+def write_run_config(config, method, workdir):
+    resolved = config.to_dict()
+    resolved["method"] = method
+    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True, default=list)
+    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+
+
+def train_and_evaluate(config, workdir):
+    """Pretrain with `config.method`, then (unless switched off) linear and kNN evaluation."""
+    method = config_validation.resolve_method(config)
+    mesh = sharding.data_mesh()
+    splits = data.load_splits(config)
+    config_validation.check_pretrain_size(config, len(splits.pretrain))
+    setup, state = build(config, method, splits, mesh)
+    is_main = jax.process_index() == 0
+    manager = checkpoint.Manager(workdir, config, method)
+    state, pseudo = manager.restore_or(state, len(splits.pretrain))
+    if is_main:
+        write_run_config(config, method, workdir)
+    logging.info("process %d of %d with %d of %d devices; workdir %s", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), workdir)
+    logging.info("method=%s dataset=%s pretrain=%d examples; global batch %d = %d per host x %d hosts "
+                 "= %d per device x %d devices; %d steps per epoch (incomplete last batch dropped)",
+                 method, config.dataset, len(splits.pretrain), config.batch_size,
+                 config.batch_size // jax.process_count(), jax.process_count(),
+                 config.batch_size // jax.device_count(), jax.device_count(), setup.steps_per_epoch)
+    writer = MetricWriter(workdir, enabled=is_main)
+    base_key = jax.random.key(config.seed)
+    start_step = int(state["step"])
+    patience = Patience()
+    for epoch in range(start_step // setup.steps_per_epoch, config.n_epochs):
+        first_step = max(start_step - epoch * setup.steps_per_epoch, 0)
+        if first_step == 0:
+            state, pseudo = start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir)
+        began = time.time()
+        state, epoch_means = run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager)
+        manager.save(state, pseudo, epoch_end=True)
+        patience.update(epoch_means["train/loss"])
+        summary = {"train/epoch_loss": epoch_means["train/loss"], "train/epochs_without_improvement": patience.count}
+        writer.write(int(state["step"]), epoch, summary)
+        logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)",
+                     epoch + 1, config.n_epochs, epoch_means["train/loss"],
+                     ", ".join(f"{k[11:]} {v:.4f}" for k, v in epoch_means.items() if k.startswith("train/loss_")),
+                     epoch_means["train/lr"], time.time() - began, patience.count, config.patience)
+    manager.wait()
+    results = evaluate.after_pretraining(setup, state, writer) if config.evaluate_after_pretrain else {}
+    writer.close()
+    manager.close()
+    return state, results
+
+
+def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
+    """Re-clustering (every `reassign` epochs) and classifier re-initialisation (every `classifier_init_freq`)."""
+    config = setup.config
+    step = int(state["step"])
+    if setup.method in CLUSTERING_METHODS and (epoch % config.reassign == 0 or pseudo is None):
+        began = time.time()
+        draw = config.visual_cls and (epoch + 1) % config.visual_freq == 0
+        pseudo, stats, points = cluster(setup, state, epoch,
+                                        jax.random.fold_in(jax.random.fold_in(base_key, 1), epoch), projection=draw)
+        stats = {f"kmeans/{k}": v for k, v in stats.items()}
+        stats["kmeans/seconds"] = time.time() - began
+        writer.write(step, epoch, stats)
+        logging.info("epoch %d clustering: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+        if draw and jax.process_index() == 0:
+            image = visual.scatter(points[:5000], pseudo[:5000])
+            os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
+            visual.save_png(image, os.path.join(workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
+            writer.write_image(step, "prototypes/pca_by_pseudo_label", image)
+    if setup.method in PROTOTYPE_CLASSIFIER_METHODS and epoch % config.classifier_init_freq == 0:
+        params, opt_state = new_classifier(setup, network.init_key(config.seed, 2, epoch))
+        state = dict(state, **jax.device_put(dict(classifier_params=params, classifier_opt_state=opt_state),
+                                            sharding.replicated(setup.mesh)))
+        writer.write(step, epoch, {"prototypes/classifier_reinitialised": 1})
+    return state, pseudo
+
+
+def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager):
+    config = setup.config
+    plan = epoch_plan(setup, epoch, pseudo)
+    views_per_item = 4 if setup.method in PAIR_METHODS else (1 if setup.method == "supervised" else 2)
+    step_key = jax.random.fold_in(base_key, 3)
+    bar = tqdm(total=setup.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.n_epochs}",
+               unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
+    totals, count, last_time, last_step = {}, 0, time.time(), int(state["step"])
+    epoch_totals, epoch_count = {}, 0
+    for i in range(first_step, setup.steps_per_epoch):
+        step = epoch * setup.steps_per_epoch + i
+        batch = load_batch(setup, plan, i, pseudo)
+        state, metrics = setup.train_step(state, batch, jax.random.fold_in(step_key, step))
+        totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
+        epoch_totals = jax.tree.map(jnp.add, epoch_totals, metrics) if epoch_totals else metrics
+        count += 1
+        epoch_count += 1
+        bar.update(1)
+        last = i == setup.steps_per_epoch - 1
+        if (step + 1) % config.log_every_steps == 0 or last:
+            means = {k: float(v) / count for k, v in totals.items()}
+            now = time.time()
+            means["train/lr"] = float(setup.schedule(jnp.int32(step)))
+            means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * views_per_item
+                                             / max(now - last_time, 1e-9))
+            check_finite(state, means, step)
+            writer.write(step + 1, epoch, means)
+            bar.set_postfix(loss=f"{means['train/loss']:.4f}", lr=f"{means['train/lr']:.3g}",
+                            img_s=f"{means['train/images_per_sec']:.0f}")
+            totals, count, last_time, last_step = {}, 0, now, step + 1
+        if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not last:
+            manager.save(state, pseudo, epoch_end=False)
+        if manager.stop_requested():
+            bar.close()
+            manager.save(state, pseudo, epoch_end=False)
+            manager.wait()
+            raise checkpoint.Preempted(f"stopped by signal at step {step + 1}; checkpoint saved, run the same "
+                                       "command to resume")
+    bar.close()
+    epoch_means = {k: float(v) / max(epoch_count, 1) for k, v in epoch_totals.items()}
+    epoch_means["train/lr"] = float(setup.schedule(jnp.int32(epoch * setup.steps_per_epoch)))
+    return state, epoch_means
+
+
+def run(config, workdir):
+    """What `launch.py` calls: pretraining or, for `mode=linear_eval|knn_eval`, evaluation of a checkpoint."""
+    if config.mode == "pretrain" and not config.finetune and not config.eval_disent:
+        return train_and_evaluate(config, workdir)
+    return evaluate.evaluate_checkpoint(config, workdir)

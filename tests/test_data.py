@@ -1,0 +1,372 @@
+"""Datasets, sources and splits (spec §4.1-4.2): digits offline, image folders, tfds via mock_data."""
+import importlib.util
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.default import get_config
+from spcl_jax.data import UNLABELED, epoch_order, load_splits
+from spcl_jax.data import digits
+from spcl_jax.data.imagefolder import IMAGENET100_CMC
+from spcl_jax.data.splits import split_indices
+from spcl_jax.errors import DataError
+
+COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [240, 240, 40], [20, 20, 20]])
+
+
+def _config(**overrides):
+    config = get_config()
+    config.update(overrides)
+    return config
+
+
+def _class_of(images):
+    """Nearest class colour of each (flat-coloured) image."""
+    mean = images.reshape(len(images), -1, 3).mean(1)
+    return np.argmin(((mean[:, None] - COLOURS[None]) ** 2).sum(-1), axis=1)
+
+
+def _write(path, colour, fmt, size=(40, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), colour, np.uint8)).save(path, format=fmt)
+
+
+def _folder(root, counts, split="train", classes=None):
+    """root/split/<class>/<i>.{png,jpg} with a flat class colour, PNG and JPEG alternating."""
+    for c, n in enumerate(counts):
+        name = classes[c] if classes else f"class{c}"
+        for i in range(n):
+            fmt, ext = ("PNG", "png") if i % 2 else ("JPEG", "jpg")
+            _write(os.path.join(root, split, name, f"{i}.{ext}"), COLOURS[c % len(COLOURS)], fmt)
+
+
+def _check_aligned(splits):
+    for name in ("pretrain", "train", "valid", "test"):
+        src = getattr(splits, name)
+        if len(src):
+            np.testing.assert_array_equal(_class_of(src.get(np.arange(len(src)))), src.labels, err_msg=name)
+
+
+# ---------------------------------------------------------------- digits (offline)
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_digits_default_protocol(size):
+    s = load_splits(_config(dataset="digits", image_size=size, n_classes=10, pre_classes=10, val_sample=20))
+    assert s.name == "digits" and s.num_classes == 10
+    assert (len(s.train) + len(s.valid), len(s.test)) == (1347, 450)
+    assert np.all(np.bincount(s.valid.labels) == 20)
+    np.testing.assert_array_equal(s.pretrain.index, s.train.index)
+    assert not set(s.train.index) & set(s.valid.index)
+    for src in (s.pretrain, s.train, s.valid, s.test):
+        assert src.image_shape == (size, size, 3) and src.labels.dtype == np.int64
+        batch = src.get(np.array([0, len(src) - 1]))
+        assert batch.shape == (2, size, size, 3) and batch.dtype == np.uint8
+    assert len(s.mean) == 3 and 0.2 < s.mean[0] < 0.4 and 0.2 < s.std[0] < 0.45
+
+
+def test_digits_test_split_is_fixed_and_stratified():
+    train_x, train_y, test_x, test_y = digits.digits_arrays(8)
+    assert len(train_y) == 1347 and len(test_y) == 450
+    assert np.bincount(test_y).min() >= 43 and np.bincount(test_y).max() <= 46
+    assert train_x.max() == 255 and train_x.min() == 0
+    raw = digits.load_digits()
+    # at size 8 the images are the originals scaled to 0..255, each with its own label
+    originals = {(np.round(im * 255 / 16).astype(np.uint8).tobytes(), int(y)) for im, y in zip(raw.images, raw.target)}
+    assert all((x[..., 0].tobytes(), int(y)) in originals for x, y in zip(test_x, test_y))
+    assert (test_x[..., 0] == test_x[..., 2]).all()
+
+
+def test_digits_options_honoured():
+    config = _config(dataset="digits", image_size=16, n_classes=4, pre_classes=6, train_sample=30, val_sample=5, seed=3)
+    s = load_splits(config)
+    assert np.all(np.bincount(s.train.labels) == 30) and s.train.labels.max() == 3
+    assert np.all(np.bincount(s.valid.labels) == 5) and s.valid.labels.max() == 3
+    assert np.all(np.bincount(s.pretrain.labels) == 30) and s.pretrain.labels.max() == 5
+    assert set(np.unique(s.test.labels)) == {0, 1, 2, 3} and s.num_classes == 4
+    assert not set(s.pretrain.index) & set(s.valid.index)
+    again = load_splits(config)
+    np.testing.assert_array_equal(again.valid.index, s.valid.index)
+    other = load_splits(_config(**{**config.to_dict(), "seed": 4}))
+    assert not np.array_equal(other.valid.index, s.valid.index)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"n_classes": 11}, "n_classes=11"),
+        ({"pre_classes": 0}, "pre_classes=0"),
+        ({"val_sample": 500}, "val_sample=500"),
+        ({"train_sample": 0}, "train_sample=0"),
+        ({"dataset": "mnist"}, "dataset='mnist'"),
+    ],
+)
+def test_bad_options_raise_data_error(overrides, match):
+    with pytest.raises(DataError, match=match):
+        load_splits(_config(**{"dataset": "digits", "image_size": 8, **overrides}))
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_split_indices_per_class_and_unlabeled():
+    labels = np.array([0] * 10 + [1] * 8 + [2] * 6 + [UNLABELED] * 5)
+    idx = split_indices(labels, n_classes=2, pre_classes=3, train_sample=4, val_sample=2, seed=0, dataset="toy")
+    assert np.bincount(labels[idx.train]).tolist() == [4, 4]
+    assert np.bincount(labels[idx.valid]).tolist() == [2, 2]
+    assert not set(idx.train) & set(idx.valid)
+    pre = labels[idx.pretrain]
+    assert (pre == UNLABELED).sum() == 5 and np.bincount(pre[pre >= 0]).tolist() == [4, 4, 4]
+    every = split_indices(labels, n_classes=3, pre_classes=3, train_sample=-1, val_sample=0, seed=0, dataset="toy")
+    assert len(every.train) == 24 and len(every.valid) == 0
+
+
+def test_epoch_order_modes():
+    labels = np.array([0] * 90 + [1] * 10)
+    rng = np.random.default_rng(0)
+    perm = epoch_order(labels, rng)
+    assert sorted(perm) == list(range(100))
+    draws = np.concatenate([epoch_order(labels, rng, "weighted_replacement") for _ in range(20)])
+    assert len(draws) == 2000 and 0.4 < (labels[draws] == 1).mean() < 0.6  # class-balanced, as written (B-15)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def test_imagefolder_png_jpeg_labels_aligned(tmp_path):
+    _folder(tmp_path, [9, 8, 7])
+    _folder(tmp_path, [3, 3, 3], split="val")
+    s = load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=28, n_classes=2, pre_classes=3, val_sample=2))
+    assert s.train.image_shape == (32, 32, 3)  # stored at round(28 / 0.875)
+    assert (len(s.pretrain), len(s.train), len(s.valid), len(s.test)) == (18, 13, 4, 6)
+    _check_aligned(s)
+
+
+def test_imagefolder_resize_keeps_centre(tmp_path):
+    image = np.zeros((30, 60, 3), np.uint8)
+    image[:, 15:45] = 255  # the centre square is white, the sides black
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "a")
+        Image.fromarray(image).save(tmp_path / split / "a" / "x.png")
+    s = load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=1, pre_classes=1, val_sample=0))
+    out = s.test.get([0])[0]
+    assert out.shape == (16, 16, 3) and out[2:-2, 2:-2].min() > 200
+
+
+def test_imagefolder_corrupt_and_non_image_files(tmp_path, caplog):
+    _folder(tmp_path, [4, 4])
+    _folder(tmp_path, [2, 2], split="val")
+    bad = tmp_path / "train" / "class1" / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    (tmp_path / "train" / "class0" / "notes.txt").write_text("hello")
+    (tmp_path / "train" / "class0" / ".DS_Store").write_bytes(b"\0")  # hidden files are ignored
+    config = _config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=2, pre_classes=2, val_sample=1)
+    with pytest.raises(DataError, match="notes.txt.*skip_bad_images") as err:
+        load_splits(config)
+    assert "\n" not in str(err.value) and "1 more" in str(err.value)
+    config.skip_bad_images = True
+    with caplog.at_level(logging.WARNING):
+        s = load_splits(config)
+    assert "broken.jpg" in caplog.text and "notes.txt" in caplog.text
+    assert len(s.train) + len(s.valid) == 8
+    _check_aligned(s)
+
+
+def test_imagefolder_truncated_file_fails_at_decode(tmp_path, caplog):
+    _folder(tmp_path, [2])
+    _folder(tmp_path, [2], split="test")
+    path = tmp_path / "test" / "class0" / "0.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[:3000])  # valid header, missing scan data
+    config = _config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=1, pre_classes=1, val_sample=0)
+    s = load_splits(config)
+    with pytest.raises(DataError, match="0.jpg cannot be decoded"):
+        s.test.get([0, 1])
+    config.skip_bad_images = True
+    with caplog.at_level(logging.WARNING):
+        images = load_splits(config).test.get([0, 1])
+    assert images[0].max() == 0 and images[1].max() > 0 and "0.jpg" in caplog.text
+
+
+def test_imagefolder_layout_errors(tmp_path):
+    config = _config(dataset="imagefolder", dataset_path=str(tmp_path / "missing"), image_size=14)
+    with pytest.raises(DataError, match="missing does not exist.*train/<class>/<image>"):
+        load_splits(config)
+    _folder(tmp_path, [2, 2])
+    os.makedirs(tmp_path / "train" / "class2")
+    _folder(tmp_path, [1, 1], split="val")
+    config.dataset_path = str(tmp_path)
+    with pytest.raises(DataError, match=r"class folder .*train/class2 is empty"):
+        load_splits(config)
+    config.dataset_path = ""
+    with pytest.raises(DataError, match="dataset_path=DIR"):
+        load_splits(config)
+
+
+def test_tinyimagenet_layout(tmp_path):
+    wnids = ["n01443537", "n01629819", "n01641577"]
+    for c, wnid in enumerate(wnids):
+        for i in range(5):
+            _write(str(tmp_path / "train" / wnid / "images" / f"{wnid}_{i}.JPEG"), COLOURS[c], "JPEG", (64, 64))
+        (tmp_path / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+    lines = []
+    for i, c in enumerate([2, 0, 1, 1, 0, 2]):
+        _write(str(tmp_path / "val" / "images" / f"val_{i}.JPEG"), COLOURS[c], "JPEG", (64, 64))
+        lines.append(f"val_{i}.JPEG\t{wnids[c]}\t0\t0\t10\t10\n")
+    (tmp_path / "val" / "val_annotations.txt").write_text("".join(lines))
+    config = _config(dataset="tinyimagenet", dataset_path=str(tmp_path), image_size=16, n_classes=3, pre_classes=3, val_sample=1)
+    s = load_splits(config)
+    assert s.train.image_shape == (16, 16, 3)
+    assert (len(s.train), len(s.valid), len(s.test)) == (12, 3, 6)
+    assert s.test.labels.tolist() == [2, 0, 1, 1, 0, 2]
+    _check_aligned(s)
+    (tmp_path / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(DataError, match="val_annotations.txt is missing"):
+        load_splits(config)
+
+
+def test_imagenet100_class_lists(tmp_path):
+    extra = ["n00000001", "n99999999"]  # one sorts before every CMC wnid, one after
+    names = sorted(IMAGENET100_CMC + tuple(extra))
+    for split in ("train", "val"):
+        for name in names:
+            os.makedirs(tmp_path / split / name)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "a.png")
+    config = _config(dataset="imagenet100", dataset_path=str(tmp_path), image_size=14, n_classes=100, pre_classes=100, val_sample=0)
+    cmc = load_splits(config)
+    assert len(cmc.train) == 100 and len(cmc.test) == 100
+    assert {os.path.basename(os.path.dirname(p)) for p in cmc.train.paths} == set(IMAGENET100_CMC)
+    config.imagenet100_classes = "first100"
+    first = load_splits(config)
+    assert {os.path.basename(os.path.dirname(p)) for p in first.train.paths} == set(names[:100])
+    os.rename(tmp_path / "train" / IMAGENET100_CMC[5], tmp_path / "train" / "n55555555")
+    config.imagenet100_classes = "cmc"
+    with pytest.raises(DataError, match="1 of the 100 CMC"):
+        load_splits(config)
+
+
+# ---------------------------------------------------------------- tensorflow-datasets
+
+
+def test_cifar10_through_tfds_mock(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = _config(dataset="cifar10", data_dir=str(tmp_path), n_classes=10, pre_classes=10, val_sample=0)
+    with tfds.testing.mock_data(num_examples=40):
+        s = load_splits(config)
+    assert len(s.pretrain) == len(s.train) == 40 and len(s.test) == 40 and len(s.valid) == 0
+    assert s.train.image_shape == (32, 32, 3) and s.train.get([0, 1]).dtype == np.uint8
+    assert s.mean[0] == pytest.approx(0.4914, abs=1e-4)
+    config.n_classes, config.pre_classes = 5, 5
+    with tfds.testing.mock_data(num_examples=40):
+        s = load_splits(config)
+    assert s.test.labels.max() < 5 and s.train.labels.max() < 5
+
+
+def test_stl10_pretrain_includes_unlabelled(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = _config(dataset="stl10", data_dir=str(tmp_path), image_size=96, n_classes=2, pre_classes=3, val_sample=0)
+    with tfds.testing.mock_data(num_examples=30):
+        s = load_splits(config)
+    assert (s.pretrain.labels == UNLABELED).sum() == 30 and set(s.pretrain.labels) == {UNLABELED, 0, 1, 2}
+    assert set(s.train.labels) == {0, 1} and s.train.image_shape == (96, 96, 3)
+    assert len(s.pretrain) == 30 + len(s.train) + (s.pretrain.labels == 2).sum()
+
+
+def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
+    config = _config(dataset="cifar10", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=f"not prepared in {tmp_path}.*python -m spcl_jax.data.prepare cifar10") as err:
+        load_splits(config)
+    assert "\n" not in str(err.value)
+
+
+def _fake_imagenet2012(data_dir, train=30, validation=10):
+    """A tiny imagenet2012 written as array_record without TensorFlow (JPEG bytes, 4 classes)."""
+    import io
+
+    import tensorflow_datasets as tfds
+
+    names = tfds.builder("imagenet2012").info.features["label"].names
+
+    class FakeImagenet2012(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = "imagenet2012"
+        VERSION = tfds.core.Version("5.1.0")
+
+        def _info(self):
+            features = {"image": tfds.features.Image(encoding_format="jpeg"), "label": tfds.features.ClassLabel(names=names), "file_name": tfds.features.Text()}
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(train), "validation": self._generate_examples(validation)}
+
+        def _generate_examples(self, count):
+            for i in range(count):
+                data = io.BytesIO()
+                Image.fromarray(np.full((40 + i, 60, 3), COLOURS[i % 4], np.uint8)).save(data, format="JPEG")
+                yield i, {"image": data.getvalue(), "label": i % 4, "file_name": f"{i}.JPEG"}
+
+    FakeImagenet2012(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+def test_imagenet_through_tfds_array_record(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    _fake_imagenet2012(str(tmp_path))
+    config = _config(dataset="imagenet", data_dir=str(tmp_path), image_size=28, n_classes=4, pre_classes=4, val_sample=1)
+    s = load_splits(config)
+    assert (len(s.train), len(s.valid), len(s.test)) == (26, 4, 10)
+    assert s.train.image_shape == (32, 32, 3)
+    _check_aligned(s)
+    cached = list(tmp_path.glob("imagenet2012/5.1.0/spcl_jax_labels_*.npy"))
+    assert len(cached) == 2
+    np.testing.assert_array_equal(load_splits(config).test.labels, s.test.labels)  # read back from the cache
+
+
+# ---------------------------------------------------------------- host loader
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_host_loader_order_and_resume(tmp_path, workers):
+    from spcl_jax.data.loader import HostLoader
+
+    _folder(tmp_path, [5, 5, 5])
+    _folder(tmp_path, [1, 1, 1], split="val")
+    s = load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=3, pre_classes=3, val_sample=0))
+    plan = np.random.default_rng(0).permutation(15)[:12].reshape(4, 3)
+    with HostLoader(s.train, plan, num_workers=workers, prefetch=2) as loader:
+        first = [next(loader) for _ in range(2)]
+        assert loader.position == 2
+        rest = list(HostLoader(s.train, plan, num_workers=workers, start=loader.position))
+    batches = first + rest
+    assert len(batches) == 4
+    for batch, idx in zip(batches, plan):
+        np.testing.assert_array_equal(_class_of(batch), s.train.labels[idx])
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def test_prepare_command(tmp_path, capsys):
+    from spcl_jax.data import prepare
+
+    assert prepare.main(["digits"]) == 0
+    _folder(tmp_path, [2, 2])
+    _folder(tmp_path, [1, 1], split="val")
+    assert prepare.main(["imagefolder", "--dataset_path", str(tmp_path)]) == 0
+    assert "2 classes, 4 training and 2 test images" in capsys.readouterr().out
+    assert prepare.main(["tinyimagenet", "--dataset_path", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().out
+    _fake_imagenet2012(str(tmp_path / "tfds"))
+    assert prepare.main(["imagenet", "--data_dir", str(tmp_path / "tfds")]) == 0
+    assert "imagenet2012 is ready" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="with TensorFlow, prepare would try to download")
+def test_prepare_without_tensorflow_says_what_to_install(tmp_path, capsys):
+    from spcl_jax.data import prepare
+
+    assert prepare.main(["cifar10", "--data_dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out.strip()
+    assert "\n" not in out and "pip install tensorflow-cpu" in out and f"--data_dir {tmp_path}" in out

@@ -1,0 +1,228 @@
+"""The trainer end to end: every method through the real launch.py, sharding invariance, LARS masks,
+the re-clustering / re-initialisation cadence, and learning on digits."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from spcl_jax import optim
+from spcl_jax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.image_size=16", "--config.width_multiplier=0.0625", "--config.batch_size=16",
+        "--config.num_prototypes=8", "--config.pca_dim=8", "--config.max_steps_per_epoch=2",
+        "--config.n_epochs=2", "--config.warmup_epochs=1", "--config.finetune_epochs=1",
+        "--config.finetune_batch_size=64", "--config.knn_k=5", "--config.log_every_steps=1"]
+
+
+def launch(workdir, *overrides, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py",
+         f"--workdir={workdir}", *TINY, *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "cluster", "metric", "supervised"])
+def test_every_method_runs_end_to_end(tmp_path, method):
+    result = launch(tmp_path, f"--config.method={method}", "--config.evaluate_after_pretrain=False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["train/loss"]) for r in train)
+    assert json.load(open(tmp_path / "config.json"))["method"] == method
+    assert os.listdir(tmp_path / "tensorboard")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+SPCL_RUN = ["--config.method=spcl", "--config.n_epochs=5", "--config.max_steps_per_epoch=1", "--config.reassign=2",
+            "--config.classifier_init_freq=3", "--config.visual_cls=True", "--config.visual_freq=2"]
+
+
+@pytest.fixture(scope="module")
+def spcl_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("spcl_run")
+    result = launch(workdir, *SPCL_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_spcl_reclusters_and_reinitialises_at_configured_epochs(spcl_run):
+    records = read_metrics(spcl_run)
+    assert [r["epoch"] for r in records if "kmeans/inertia" in r] == [0, 2, 4]
+    assert [r["epoch"] for r in records if "prototypes/classifier_reinitialised" in r] == [0, 3]
+    clustering = [r for r in records if "kmeans/inertia" in r]
+    assert all(r["kmeans/empty_clusters"] == 0 and "kmeans/nmi" in r for r in clustering)
+    train = [r for r in records if "train/loss" in r]
+    for key in ("train/loss_contrastive", "train/loss_metric", "train/loss_prototype", "train/lr",
+                "train/grad_norm", "train/images_per_sec", "train/percentage_fn", "train/true_neg_similarity"):
+        assert key in train[0], key
+    assert [r["epoch"] for r in records if "train/epoch_loss" in r] == [0, 1, 2, 3, 4]
+    final = records[-1]
+    assert 0 <= final["linear_eval/test_top1"] <= 1 and 0 <= final["knn/test_top1"] <= 1
+    assert {"linear_eval/test_top5", "knn/test_top5"} <= set(final)
+
+
+@pytest.mark.slow
+def test_visual_cls_writes_the_prototype_figure(spcl_run):
+    from PIL import Image
+
+    assert sorted(os.listdir(spcl_run / "figs")) == ["prototypes_epoch_2.png", "prototypes_epoch_4.png"]
+    image = np.asarray(Image.open(spcl_run / "figs" / "prototypes_epoch_2.png"))
+    assert image.shape == (512, 512, 3) and len(np.unique(image.reshape(-1, 3), axis=0)) > 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["linear_eval", "knn_eval", "eval_disent"])
+def test_evaluation_from_a_checkpoint(spcl_run, tmp_path, mode):
+    flag = "--config.eval_disent=True" if mode == "eval_disent" else f"--config.mode={mode}"
+    result = launch(tmp_path / "eval", *SPCL_RUN, flag, f"--config.load_checkpoint_dir={spcl_run / 'checkpoints'}",
+                    "--config.checkpoint_step=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = read_metrics(tmp_path / "eval")[-1]
+    key = {"linear_eval": "linear_eval/test_top1", "knn_eval": "knn/test_top1", "eval_disent": "disent/test_mean"}[mode]
+    assert 0.1 <= final[key] <= 1.0, final
+    if mode == "knn_eval":
+        assert not any(k.startswith("linear_eval/") for k in final)
+
+
+@pytest.mark.slow
+def test_resuming_with_another_model_is_refused(spcl_run):
+    before = sorted(os.listdir(spcl_run / "checkpoints"))
+    result = launch(spcl_run, *SPCL_RUN, "--config.width_multiplier=0.125")
+    assert result.returncode == 2
+    assert "different width_multiplier (width_multiplier: 0.0625 -> 0.125)" in result.stderr
+    assert sorted(os.listdir(spcl_run / "checkpoints")) == before
+
+
+@pytest.mark.slow
+def test_three_steps_on_one_device_equal_eight_devices():
+    """Same data, keys and init on a 1-device and an 8-device mesh -> the same parameters.
+
+    Sharded reductions sum in another order: the first gradients already differ by ~1e-5 relative
+    (BatchNorm backward cancels large terms), and a tiny network amplifies that, so the tolerance is
+    1e-3 with a small learning rate. A real sharding bug (per-device BatchNorm statistics, local
+    NT-Xent negatives) changes the losses themselves by far more.
+    """
+    from jax.sharding import Mesh
+
+    from configs import digits
+    from spcl_jax import data, train
+
+    config = digits.get_config()
+    config.image_size, config.width_multiplier, config.batch_size = 16, 0.125, 32
+    config.num_prototypes, config.pca_dim, config.learning_rate = 8, 8, 0.01
+    splits = data.load_splits(config)
+    pseudo = np.arange(len(splits.pretrain)) % config.num_prototypes
+    results = []
+    for devices in (1, 8):
+        mesh = Mesh(np.array(jax.devices()[:devices]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        setup, state = train.build(config, "spcl", splits, mesh)
+        plan = train.epoch_plan(setup, 0, pseudo)
+        for step in range(3):
+            state, metrics = setup.train_step(state, train.load_batch(setup, plan, step, pseudo),
+                                              jax.random.key(step))
+        assert len(state["params"]["encoder"]["stem_conv"]["kernel"].sharding.device_set) == devices
+        results.append(jax.device_get((state["params"], state["batch_stats"], state["classifier_params"],
+                                       metrics)))
+    one, eight = (jax.tree_util.tree_leaves_with_path(r) for r in results)
+    assert len(one) == len(eight) > 10
+    for (path, a), (_, b) in zip(one, eight):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3, err_msg=jax.tree_util.keystr(path))
+
+
+def _toy_params():
+    rng = np.random.default_rng(0)
+    return {
+        "stem_conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+        "stem_bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+        "layer1": {"bn1": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}},
+        "proj_fc1": {"kernel": jnp.asarray(rng.normal(size=(4, 4)), jnp.float32), "bias": jnp.zeros(4)},
+    }
+
+
+def _toy_grads(params):
+    rng = np.random.default_rng(1)
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+
+
+def test_lars_simclr_mode_leaves_bias_and_norm_params_plain():
+    params, grads = _toy_params(), _toy_grads(_toy_params())
+    lr, wd, eta = 0.5, 1e-2, 1e-3
+    tx = optim.build_optimizer("lars", lr, weight_decay=wd, params=params, lars_mode="simclr", lars_eta=eta)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat_u = dict(jax.tree_util.tree_leaves_with_path(updates))
+    flat_p = dict(jax.tree_util.tree_leaves_with_path(params))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        name = jax.tree_util.keystr(path)
+        p = np.asarray(flat_p[path], np.float64)
+        g = np.asarray(g, np.float64)
+        if name.endswith("['kernel']"):
+            d = g + wd * p
+            expected = -lr * eta * np.linalg.norm(p) / np.linalg.norm(d) * d
+        else:  # biases and BatchNorm scale/bias: no decay, no trust ratio
+            expected = -lr * g
+        # Nesterov with an empty buffer: update = step + momentum * step.
+        np.testing.assert_allclose(flat_u[path], 1.9 * expected, rtol=1e-5, err_msg=name)
+
+
+def test_lars_as_written_reproduces_the_original_rule():
+    params, grads = _toy_params(), _toy_grads(_toy_params())
+    lr, wd, eta = 0.5, 1e-2, 1e-3
+    tx = optim.build_optimizer("lars", lr, weight_decay=wd, params=params, lars_mode="as_written", lars_eta=eta)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    decayed = {"['stem_conv']['kernel']", "['stem_bn']['scale']", "['proj_fc1']['kernel']"}
+    flat_p = dict(jax.tree_util.tree_leaves_with_path(params))
+    flat_g = dict(jax.tree_util.tree_leaves_with_path(grads))
+    for path, u in jax.tree_util.tree_leaves_with_path(updates):
+        name = jax.tree_util.keystr(path)
+        p, g = np.asarray(flat_p[path], np.float64), np.asarray(flat_g[path], np.float64)
+        d = g + wd * p if name in decayed else g
+        expected = -lr * eta * np.linalg.norm(p) / np.linalg.norm(d) * d  # zero-norm biases: exactly 0
+        np.testing.assert_allclose(u, 1.9 * expected, rtol=1e-5, atol=1e-12, err_msg=name)
+    assert not np.any(np.asarray(updates["stem_bn"]["bias"]))
+    zero_grads = jax.tree.map(jnp.zeros_like, grads)
+    nan_updates, _ = tx.update(zero_grads, tx.init(params), params)
+    # |g| = 0 on a tensor without weight decay: eta*|w|/0 * 0 = nan, as the original.
+    assert np.isnan(np.asarray(nan_updates["layer1"]["bn1"]["scale"])).all()
+
+
+def test_pretrain_schedule_matches_the_original_per_epoch_curve():
+    kwargs = dict(base_lr=1.0, batch_size=512, n_epochs=100, warmup_epochs=10, steps_per_epoch=7)
+    fixed = optim.pretrain_lr_schedule(**kwargs)
+    written = optim.pretrain_lr_schedule(**kwargs, epoch0_zero_lr=True)
+    for epoch in range(100):
+        step = jnp.int32(epoch * 7 + 3)
+        cosine = 0.5 * (1 + np.cos(np.pi * (epoch - 10) / 90))
+        want_fixed = (epoch + 1) / 10 if epoch < 10 else cosine
+        want_written = 1e-13 if epoch == 0 else (epoch / 10 if epoch <= 10 else cosine)
+        np.testing.assert_allclose(float(fixed(step)), want_fixed, rtol=1e-5)
+        np.testing.assert_allclose(float(written(step)), want_written, rtol=1e-5)
+    no_warmup = optim.pretrain_lr_schedule(**dict(kwargs, warmup_epochs=0))
+    np.testing.assert_allclose(float(no_warmup(jnp.int32(0))), 2.0, rtol=1e-6)
+    per_step = optim.pretrain_lr_schedule(**kwargs, stepping="step")
+    np.testing.assert_allclose(float(per_step(jnp.int32(0))), 1 / 70, rtol=1e-5)
+    np.testing.assert_allclose(float(per_step(jnp.int32(69))), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_spcl_on_digits_learns(tmp_path):
+    result = launch(tmp_path, "--config.image_size=16", "--config.width_multiplier=0.125",
+                    "--config.batch_size=64", "--config.num_prototypes=20", "--config.pca_dim=16",
+                    "--config.max_steps_per_epoch=-1", "--config.n_epochs=4", "--config.warmup_epochs=1",
+                    "--config.finetune_epochs=20", "--config.eval_random_init_baseline=True",
+                    "--config.log_every_steps=100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < losses[0] - 1.0, losses
+    final = records[-1]
+    assert final["linear_eval/test_top1"] > final["linear_eval/random_init_test_top1"], final
