@@ -38,7 +38,7 @@ def get_config():
     c.imagenet100_classes = "cmc"  # cmc (the CMC paper's list) | first100 (as written: first 100 wnids, B-14)
     c.pretrain_sampling = "permutation"  # permutation (no replacement) | weighted_replacement (as written, B-15)
     c.skip_bad_images = False  # skip undecodable files in image folders with a warning instead of stopping
-    c.num_workers = 0  # host loader worker processes (0 = load in the main process)
+    c.num_workers = 2  # host loader threads that decode and gather batches ahead of the step (0 = in the main thread)
 
     # ---- augmentation (spec §4.3) ----
     c.jitter_d = 1.0  # colour-jitter strength d: (0.8d, 0.8d, 0.8d, 0.2d)
@@ -119,7 +119,7 @@ def get_config():
     c.log_every_steps = 10  # metrics.jsonl/TensorBoard cadence (steps)
     c.verbose = False  # original flag: debug-level log output
     c.visual_cls = False  # write a 2-D scatter of features coloured by pseudo label
-    c.visual_freq = 1  # every this many epochs
+    c.visual_freq = 1  # draw it at the clusterings of epochs 1, 1 + visual_freq, 1 + 2*visual_freq, ...
     c.debug = False  # original flag: eval_disent uses only the first 32 samples of each split
     c.checkpoint_every_steps = 0  # extra save every N steps (0 = only at epoch ends)
     c.keep_checkpoints = 2  # newest checkpoints to keep

@@ -3,8 +3,13 @@
     python launch.py --config configs/digits.py
 
 Hardware: 2 CPU cores (no accelerator needed). 1,797 real 8x8 digits (10 classes) upscaled to
-16 px, a narrow ResNet-18 (width 1/8), SPCL pretraining, then linear and kNN evaluation.
-Expected: time and linear-probe test top-1 not yet measured.
+16 px, a narrow ResNet-18 (width 1/8, 64-d features), 50 epochs of SPCL with K=30 prototypes, then
+linear and kNN evaluation of the trained encoder and of the same encoder at random initialisation.
+No horizontal flips: a mirrored digit is another digit (with flips the probe reached 91.6%).
+
+Measured 2026-11-27 on 2 CPU cores (jax 0.10.2), 4 min 39 s wall including compilation:
+linear-probe test top-1 97.33% (random init 83.11%), kNN top-1 95.33% (random init 88.22%);
+logistic regression on the raw pixels of the same split scores about 96.7%.
 """
 from configs import default
 
@@ -20,11 +25,13 @@ def get_config():
     config.batch_size = 128
     config.num_prototypes = 30
     config.pca_dim = 32
-    config.n_epochs = 30
-    config.warmup_epochs = 3
+    config.n_epochs = 50
+    config.warmup_epochs = 5
     config.finetune_epochs = 100
     config.finetune_batch_size = 128
     config.knn_k = 20
     config.log_every_steps = 5
     config.crop_scale = (0.5, 1.0)
+    config.hflip_p = 0.0
+    config.eval_random_init_baseline = True
     return config

@@ -30,10 +30,11 @@ def checkpoint_dir(workdir):
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
-def _identity(config, method):
-    values = config.to_dict()
+def resolved_config(config, method):
+    """The config as saved with every checkpoint (JSON types), with the resolved method."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
     values["method"] = method
-    return {k: values[k] if not isinstance(values[k], tuple) else list(values[k]) for k in IDENTITY_KEYS}
+    return values
 
 
 def open_manager(directory, *, keep=2, read_only=False):
@@ -74,14 +75,13 @@ class Manager:
         step = self._manager.latest_step()
         if step is None:
             return state, None
-        saved_identity = self._manager.restore(step, args=ocp.args.Composite(
-            identity=ocp.args.JsonRestore()))["identity"]
-        current = _identity(self.config, self.method)
-        differing = sorted(k for k in current if saved_identity.get(k) != current[k])
+        saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        current = resolved_config(self.config, self.method)
+        differing = sorted(k for k in IDENTITY_KEYS if saved.get(k) != current[k])
         if differing and not self.config.overwrite_checkpoints:
             raise CheckpointError(
                 f"{self.directory} holds a run with different {', '.join(differing)} "
-                f"({', '.join(f'{k}: {saved_identity.get(k)!r} -> {current[k]!r}' for k in differing)}); "
+                f"({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in differing)}); "
                 "use a new --workdir, or --config.overwrite_checkpoints=True to start fresh here")
         if differing:
             logging.warning("overwrite_checkpoints: ignoring the checkpoints in %s", self.directory)
@@ -99,7 +99,7 @@ class Manager:
             return
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_to_saved(state, pseudo, self._num_pretrain)),
-            identity=ocp.args.JsonSave(_identity(self.config, self.method))), force=True)
+            config=ocp.args.JsonSave(resolved_config(self.config, self.method))), force=True)
         logging.info("checkpoint of step %d %s", step, "(epoch end)" if epoch_end else "")
 
     def wait(self):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from spcl_jax import augment, checkpoint, config_validation, data, evaluate, features, kmeans, losses
 from spcl_jax import models, network, optim, prototypes, sharding, visual
+from spcl_jax.data.loader import HostLoader
 from spcl_jax.errors import ConfigError, UserError
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.network import (CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS,
@@ -242,17 +243,33 @@ def epoch_plan(setup, epoch, pseudo):
     return {"a": order.reshape(steps, batch)}
 
 
-def load_batch(setup, plan, step_in_epoch, pseudo):
-    """This host's slice of one global batch, as global arrays sharded by rows."""
-    source = setup.source
-    idx_a = sharding.host_slice(plan["a"][step_in_epoch])
-    labels = pseudo if setup.method in CLUSTERING_METHODS else source.labels
-    batch = {"images_a": source.get(idx_a), "labels_a": labels[idx_a].astype(np.int32)}
-    if "b" in plan:
-        idx_b = sharding.host_slice(plan["b"][step_in_epoch])
-        batch.update(images_b=source.get(idx_b), labels_b=labels[idx_b].astype(np.int32),
-                     similarity=sharding.host_slice(plan["similarity"][step_in_epoch]).astype(np.float32))
+def local_plan(plan):
+    """This host's columns of every step of a global plan: no pair is loaded twice or lost."""
+    return {k: prototypes.host_slice(v, jax.process_index(), jax.process_count()) for k, v in plan.items()}
+
+
+def image_indices(local):
+    """Per step, the source positions of this host's images: A images, then B images for pairs."""
+    return np.concatenate([local["a"], local["b"]], axis=1) if "b" in local else local["a"]
+
+
+def make_batch(setup, local, step_in_epoch, images, pseudo):
+    """Global arrays sharded by rows from this host's images and labels of one step."""
+    labels = pseudo if setup.method in CLUSTERING_METHODS else setup.source.labels
+    idx_a = local["a"][step_in_epoch]
+    batch = {"images_a": images[:len(idx_a)], "labels_a": labels[idx_a].astype(np.int32)}
+    if "b" in local:
+        idx_b = local["b"][step_in_epoch]
+        batch.update(images_b=images[len(idx_a):], labels_b=labels[idx_b].astype(np.int32),
+                     similarity=local["similarity"][step_in_epoch].astype(np.float32))
     return sharding.to_global(batch, sharding.batch_sharding(setup.mesh))
+
+
+def load_batch(setup, plan, step_in_epoch, pseudo):
+    """One step's batch, loaded synchronously (tests and tools; the trainer prefetches)."""
+    local = local_plan(plan)
+    images = setup.source.get(image_indices(local)[step_in_epoch])
+    return make_batch(setup, local, step_in_epoch, images, pseudo)
 
 
 class Patience:
@@ -275,10 +292,8 @@ def check_finite(state, metrics, step):
 
 
 def write_run_config(config, method, workdir):
-    resolved = config.to_dict()
-    resolved["method"] = method
     with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-        json.dump(resolved, f, indent=2, sort_keys=True, default=list)
+        json.dump(checkpoint.resolved_config(config, method), f, indent=2, sort_keys=True)
     os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
 
 
@@ -332,7 +347,7 @@ def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
     step = int(state["step"])
     if setup.method in CLUSTERING_METHODS and (epoch % config.reassign == 0 or pseudo is None):
         began = time.time()
-        draw = config.visual_cls and (epoch + 1) % config.visual_freq == 0
+        draw = config.visual_cls and epoch % config.visual_freq == 0
         pseudo, stats, points = cluster(setup, state, epoch,
                                         jax.random.fold_in(jax.random.fold_in(base_key, 1), epoch), projection=draw)
         stats = {f"kmeans/{k}": v for k, v in stats.items()}
@@ -354,43 +369,43 @@ def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
 
 def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager):
     config = setup.config
-    plan = epoch_plan(setup, epoch, pseudo)
+    local = local_plan(epoch_plan(setup, epoch, pseudo))
     views_per_item = 4 if setup.method in PAIR_METHODS else (1 if setup.method == "supervised" else 2)
     step_key = jax.random.fold_in(base_key, 3)
-    bar = tqdm(total=setup.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.n_epochs}",
-               unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
     totals, count, last_time, last_step = {}, 0, time.time(), int(state["step"])
     epoch_totals, epoch_count = {}, 0
-    for i in range(first_step, setup.steps_per_epoch):
-        step = epoch * setup.steps_per_epoch + i
-        batch = load_batch(setup, plan, i, pseudo)
-        state, metrics = setup.train_step(state, batch, jax.random.fold_in(step_key, step))
-        totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
-        epoch_totals = jax.tree.map(jnp.add, epoch_totals, metrics) if epoch_totals else metrics
-        count += 1
-        epoch_count += 1
-        bar.update(1)
-        last = i == setup.steps_per_epoch - 1
-        if (step + 1) % config.log_every_steps == 0 or last:
-            means = {k: float(v) / count for k, v in totals.items()}
-            now = time.time()
-            means["train/lr"] = float(setup.schedule(jnp.int32(step)))
-            means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * views_per_item
-                                             / max(now - last_time, 1e-9))
-            check_finite(state, means, step)
-            writer.write(step + 1, epoch, means)
-            bar.set_postfix(loss=f"{means['train/loss']:.4f}", lr=f"{means['train/lr']:.3g}",
-                            img_s=f"{means['train/images_per_sec']:.0f}")
-            totals, count, last_time, last_step = {}, 0, now, step + 1
-        if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not last:
-            manager.save(state, pseudo, epoch_end=False)
-        if manager.stop_requested():
-            bar.close()
-            manager.save(state, pseudo, epoch_end=False)
-            manager.wait()
-            raise checkpoint.Preempted(f"stopped by signal at step {step + 1}; checkpoint saved, run the same "
-                                       "command to resume")
-    bar.close()
+    bar = tqdm(total=setup.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.n_epochs}",
+               unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
+    with bar, HostLoader(setup.source, image_indices(local), num_workers=config.num_workers, prefetch=2,
+                         start=first_step) as loader:
+        for i, images in zip(range(first_step, setup.steps_per_epoch), loader):
+            step = epoch * setup.steps_per_epoch + i
+            batch = make_batch(setup, local, i, images, pseudo)
+            state, metrics = setup.train_step(state, batch, jax.random.fold_in(step_key, step))
+            totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
+            epoch_totals = jax.tree.map(jnp.add, epoch_totals, metrics) if epoch_totals else metrics
+            count += 1
+            epoch_count += 1
+            bar.update(1)
+            last = i == setup.steps_per_epoch - 1
+            if (step + 1) % config.log_every_steps == 0 or last:
+                means = {k: float(v) / count for k, v in totals.items()}
+                now = time.time()
+                means["train/lr"] = float(setup.schedule(jnp.int32(step)))
+                means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * views_per_item
+                                                 / max(now - last_time, 1e-9))
+                check_finite(state, means, step)
+                writer.write(step + 1, epoch, means)
+                bar.set_postfix(loss=f"{means['train/loss']:.4f}", lr=f"{means['train/lr']:.3g}",
+                                img_s=f"{means['train/images_per_sec']:.0f}")
+                totals, count, last_time, last_step = {}, 0, now, step + 1
+            if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not last:
+                manager.save(state, pseudo, epoch_end=False)
+            if manager.stop_requested():
+                manager.save(state, pseudo, epoch_end=False)
+                manager.wait()
+                raise checkpoint.Preempted(f"stopped by signal at step {step + 1}; checkpoint saved, run the same "
+                                           "command to resume")
     epoch_means = {k: float(v) / max(epoch_count, 1) for k, v in epoch_totals.items()}
     epoch_means["train/lr"] = float(setup.schedule(jnp.int32(epoch * setup.steps_per_epoch)))
     return state, epoch_means

@@ -43,7 +43,7 @@ def test_every_method_runs_end_to_end(tmp_path, method):
 
 
 SPCL_RUN = ["--config.method=spcl", "--config.n_epochs=5", "--config.max_steps_per_epoch=1", "--config.reassign=2",
-            "--config.classifier_init_freq=3", "--config.visual_cls=True", "--config.visual_freq=2"]
+            "--config.classifier_init_freq=3", "--config.visual_cls=True", "--config.visual_freq=4"]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,9 @@ def test_spcl_reclusters_and_reinitialises_at_configured_epochs(spcl_run):
 def test_visual_cls_writes_the_prototype_figure(spcl_run):
     from PIL import Image
 
-    assert sorted(os.listdir(spcl_run / "figs")) == ["prototypes_epoch_2.png", "prototypes_epoch_4.png"]
-    image = np.asarray(Image.open(spcl_run / "figs" / "prototypes_epoch_2.png"))
+    # Clustering runs at epochs 1, 3, 5 (reassign=2); visual_freq=4 draws at 1 and 5.
+    assert sorted(os.listdir(spcl_run / "figs")) == ["prototypes_epoch_1.png", "prototypes_epoch_5.png"]
+    image = np.asarray(Image.open(spcl_run / "figs" / "prototypes_epoch_1.png"))
     assert image.shape == (512, 512, 3) and len(np.unique(image.reshape(-1, 3), axis=0)) > 3
 
 
@@ -204,8 +205,8 @@ def test_pretrain_schedule_matches_the_original_per_epoch_curve():
         cosine = 0.5 * (1 + np.cos(np.pi * (epoch - 10) / 90))
         want_fixed = (epoch + 1) / 10 if epoch < 10 else cosine
         want_written = 1e-13 if epoch == 0 else (epoch / 10 if epoch <= 10 else cosine)
-        np.testing.assert_allclose(float(fixed(step)), want_fixed, rtol=1e-5)
-        np.testing.assert_allclose(float(written(step)), want_written, rtol=1e-5)
+        np.testing.assert_allclose(float(fixed(step)), want_fixed, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(float(written(step)), want_written, rtol=1e-4, atol=1e-7)
     no_warmup = optim.pretrain_lr_schedule(**dict(kwargs, warmup_epochs=0))
     np.testing.assert_allclose(float(no_warmup(jnp.int32(0))), 2.0, rtol=1e-6)
     per_step = optim.pretrain_lr_schedule(**kwargs, stepping="step")
@@ -217,8 +218,8 @@ def test_pretrain_schedule_matches_the_original_per_epoch_curve():
 def test_spcl_on_digits_learns(tmp_path):
     result = launch(tmp_path, "--config.image_size=16", "--config.width_multiplier=0.125",
                     "--config.batch_size=64", "--config.num_prototypes=20", "--config.pca_dim=16",
-                    "--config.max_steps_per_epoch=-1", "--config.n_epochs=4", "--config.warmup_epochs=1",
-                    "--config.finetune_epochs=20", "--config.eval_random_init_baseline=True",
+                    "--config.max_steps_per_epoch=-1", "--config.n_epochs=3", "--config.warmup_epochs=1",
+                    "--config.finetune_epochs=10", "--config.eval_random_init_baseline=True", "--config.hflip_p=0",
                     "--config.log_every_steps=100")
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path)
@@ -226,3 +227,48 @@ def test_spcl_on_digits_learns(tmp_path):
     assert losses[-1] < losses[0] - 1.0, losses
     final = records[-1]
     assert final["linear_eval/test_top1"] > final["linear_eval/random_init_test_top1"], final
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    from spcl_jax import checkpoint
+
+    run = ["--config.method=spcl", "--config.n_epochs=2", "--config.max_steps_per_epoch=4",
+           "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=20",
+           "--config.evaluate_after_pretrain=False"]
+    assert launch(tmp_path / "whole", *run).returncode == 0
+    command = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py",
+               f"--workdir={tmp_path / 'cut'}", *TINY, *run]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "checkpoints" / "2").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "checkpoint saved" in stderr and "Traceback" not in stderr
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "cut" / "checkpoints") if s.isdigit())
+    assert 2 <= saved[-1] < 8, saved
+    resumed = launch(tmp_path / "cut", *run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from the checkpoint of step {saved[-1]}" in resumed.stderr
+    whole, _ = checkpoint.restore_network(str(tmp_path / "whole" / "checkpoints"), 8)
+    cut, _ = checkpoint.restore_network(str(tmp_path / "cut" / "checkpoints"), 8)
+    for key in ("params", "batch_stats", "opt_state", "classifier_params", "pseudo_labels"):
+        jax.tree.map(np.testing.assert_array_equal, whole[key], cut[key])
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_naming_step_and_terms(tmp_path):
+    result = launch(tmp_path, "--config.method=spcl", "--config.optimiser=sgd", "--config.learning_rate=1e6",
+                    "--config.n_epochs=3", "--config.evaluate_after_pretrain=False")
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("launch.py: error: non-finite loss at step ")
+    assert "train/loss_contrastive=" in message and "Traceback" not in result.stderr
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    bad_step = int(message.split("non-finite loss at step ")[1].split()[0])
+    assert all(step < bad_step for step in saved), (saved, bad_step)
