@@ -132,7 +132,7 @@ def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifie
             classifier_opt_state=classifier_opt_state, step=state["step"] + 1,
             first_nonfinite_step=jnp.where((state["first_nonfinite_step"] < 0) & ~finite, state["step"],
                                            state["first_nonfinite_step"]))
-        metrics = {"train/loss": total, "train/grad_norm": optax.global_norm(grads)}
+        metrics = {"train/loss": total, "train/grad_norm": optax.tree.norm(grads)}
         metrics.update({f"train/loss_{k}": v for k, v in terms.items()})
         metrics.update({f"train/{k}": v for k, v in diagnostics.items()})
         return new_state, metrics
