@@ -109,7 +109,7 @@ def get_config():
     c.finetune_optimiser = "sgd"  # sgd | lars
     c.finetune_batch_size = 512  # linear-eval batch size
     c.knn_k = 200  # neighbours of the kNN classifier
-    c.knn_temperature = 0.1  # kNN vote temperature
+    c.knn_temperature = 0.07  # kNN vote temperature (InstDisc protocol, as solo-learn)
     c.eval_random_init_baseline = False  # also evaluate the same encoder at random initialisation
     c.eval_metric_weighting = "sample"  # sample | batch (as written, B-17: unweighted mean over batches)
     c.load_checkpoint_dir = ""  # checkpoint directory for linear_eval / knn_eval

@@ -30,6 +30,7 @@ def get_config():
     config.finetune_epochs = 100
     config.finetune_batch_size = 128
     config.knn_k = 20
+    config.knn_temperature = 0.1
     config.log_every_steps = 5
     config.crop_scale = (0.5, 1.0)
     config.hflip_p = 0.0

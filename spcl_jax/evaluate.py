@@ -21,11 +21,17 @@ def top_k(num_classes):
     return min(math.ceil(num_classes / 2), 5)
 
 
-def accuracies(logits, labels, k):
-    """(top-1, top-k) fractions over samples."""
+def accuracies(logits, labels, k, batch_size=None):
+    """(top-1, top-k) fractions over samples, or, given `batch_size`, the unweighted mean of per-batch
+    accuracies as the original reports them (B-17: a smaller last batch counts as much as a full one)."""
     ranked = np.argsort(-np.asarray(logits), axis=1)[:, :k]
     labels = np.asarray(labels)
-    return float(np.mean(ranked[:, 0] == labels)), float(np.mean((ranked == labels[:, None]).any(1)))
+    top1, topk = ranked[:, 0] == labels, (ranked == labels[:, None]).any(1)
+    if batch_size is None:
+        return float(np.mean(top1)), float(np.mean(topk))
+    starts = range(0, len(labels), batch_size)
+    return (float(np.mean([top1[i:i + batch_size].mean() for i in starts])),
+            float(np.mean([topk[i:i + batch_size].mean() for i in starts])))
 
 
 def knn_predict(train_x, train_y, x, num_classes, k, temperature, chunk=1024):
@@ -120,11 +126,12 @@ class Evaluator:
             if source is None or len(source) == 0:
                 continue
             x = self._features(params, batch_stats, source)
-            top1, topk = accuracies(np.asarray(head(jnp.asarray(x))), source.labels, k)
+            per_batch = config.finetune_batch_size if config.eval_metric_weighting == "batch" else None
+            top1, topk = accuracies(np.asarray(head(jnp.asarray(x))), source.labels, k, per_batch)
             results[f"linear_eval/{prefix}{name}_top1"] = top1
             results[f"linear_eval/{prefix}{name}_top{k}"] = topk
             knn1, knnk = accuracies(knn_predict(train_x, train_y, x, num_classes, config.knn_k,
-                                                config.knn_temperature), source.labels, k)
+                                                config.knn_temperature), source.labels, k, per_batch)
             results[f"knn/{prefix}{name}_top1"] = knn1
             results[f"knn/{prefix}{name}_top{k}"] = knnk
         return results
