@@ -82,14 +82,18 @@ def test_visual_cls_writes_the_prototype_figure(spcl_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["linear_eval", "knn_eval", "eval_disent"])
+@pytest.mark.parametrize("mode", ["linear_eval", "linear_eval_original", "knn_eval", "eval_disent"])
 def test_evaluation_from_a_checkpoint(spcl_run, tmp_path, mode):
-    flag = "--config.eval_disent=True" if mode == "eval_disent" else f"--config.mode={mode}"
-    result = launch(tmp_path / "eval", *SPCL_RUN, flag, f"--config.load_checkpoint_dir={spcl_run / 'checkpoints'}",
+    flags = {"linear_eval": ["--config.mode=linear_eval"], "knn_eval": ["--config.mode=knn_eval"],
+             "linear_eval_original": ["--config.mode=linear_eval", "--config.linear_eval_protocol=original"],
+             "eval_disent": ["--config.eval_disent=True"]}[mode]
+    result = launch(tmp_path / "eval", *SPCL_RUN, *flags, f"--config.load_checkpoint_dir={spcl_run / 'checkpoints'}",
                     "--config.checkpoint_step=4")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "evaluating the encoder of step 4" in result.stderr
     final = read_metrics(tmp_path / "eval")[-1]
-    key = {"linear_eval": "linear_eval/test_top1", "knn_eval": "knn/test_top1", "eval_disent": "disent/test_mean"}[mode]
+    key = {"linear_eval": "linear_eval/test_top1", "linear_eval_original": "linear_eval/test_top1",
+           "knn_eval": "knn/test_top1", "eval_disent": "disent/test_mean"}[mode]
     assert 0.1 <= final[key] <= 1.0, final
     if mode == "knn_eval":
         assert not any(k.startswith("linear_eval/") for k in final)
