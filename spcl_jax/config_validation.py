@@ -42,8 +42,9 @@ NON_NEGATIVE = ("warmup_epochs", "weight_decay", "finetune_weight_decay", "finet
                 "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim",
                 "num_workers", "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight")
 PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "hflip_p", "momentum")
-PAIR_METHODS = ("spcl", "metric")
-PROTOTYPE_METHODS = ("spcl", "cluster", "metric")
+PAIR_METHODS = ("spcl", "metric")  # train on pairs of images with the siamese metric loss
+PROTOTYPE_CLASSIFIER_METHODS = ("spcl", "cluster")  # train a per-epoch prototype classifier
+CLUSTERING_METHODS = ("spcl", "cluster", "metric")  # need k-means prototypes
 
 
 def _fail(key, value, valid):
@@ -151,7 +152,7 @@ def check_values(config, device_count):
 
 def check_pretrain_size(config, num_pretrain):
     """K prototypes need at least K examples (checked once the dataset size is known)."""
-    if resolve_method(config) in PROTOTYPE_METHODS and config.num_prototypes > num_pretrain:
+    if resolve_method(config) in CLUSTERING_METHODS and config.num_prototypes > num_pretrain:
         _fail("num_prototypes", config.num_prototypes,
               f"at most the pretrain set size {num_pretrain}")
 

@@ -5,6 +5,7 @@ Protocols: `fast` trains the linear head on features computed once (seconds); `o
 passes random-resized-crop + flip views through the frozen encoder every epoch.
 """
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -195,8 +196,6 @@ def after_pretraining(setup, state, writer):
 
 def evaluate_checkpoint(config, workdir):
     """`mode=linear_eval|knn_eval` (or the original's `finetune`): evaluate a saved encoder."""
-    import os
-
     method = config_validation.resolve_method(config)
     splits = data.load_splits(config)
     mesh = sharding.data_mesh()

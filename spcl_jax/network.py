@@ -5,10 +5,8 @@ import numpy as np
 from flax import nnx
 
 from spcl_jax import models
+from spcl_jax.config_validation import PAIR_METHODS
 
-PAIR_METHODS = ("spcl", "metric")
-PROTOTYPE_CLASSIFIER_METHODS = ("spcl", "cluster")
-CLUSTERING_METHODS = ("spcl", "cluster", "metric")
 
 
 class Network(nnx.Module):

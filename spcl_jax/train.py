@@ -23,8 +23,8 @@ from spcl_jax import models, network, optim, prototypes, sharding, visual
 from spcl_jax.data.loader import HostLoader
 from spcl_jax.errors import ConfigError, UserError
 from spcl_jax.metrics import MetricWriter
-from spcl_jax.network import (CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS,
-                              prototype_classifier_width)
+from spcl_jax.config_validation import CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS
+from spcl_jax.network import prototype_classifier_width
 
 
 class NonFiniteLossError(UserError):
@@ -169,8 +169,9 @@ def build(config, method, splits, mesh):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     classifier_tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                                 optax.sgd(config.learning_rate * config.batch_size / 256))
-    classifier_graphdef = (_classifier(config, splits.num_classes, network.init_key(config.seed))[0]
-                           if method in PROTOTYPE_CLASSIFIER_METHODS else None)
+    classifier_graphdef, classifier_params = (
+        _classifier(config, splits.num_classes, network.init_key(config.seed))
+        if method in PROTOTYPE_CLASSIFIER_METHODS else (None, {}))
     aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
     setup = Setup(config=config, method=method, splits=splits, source=source, mesh=mesh, steps_per_epoch=steps_per_epoch,
                   graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
@@ -179,15 +180,13 @@ def build(config, method, splits, mesh):
                                              aug, mesh),
                   encode=features.make_encode(graphdef, aug, mesh, config.cluster_feature_view))
     state = dict(params=params, batch_stats=batch_stats, opt_state=tx.init(params), step=jnp.int32(0),
-                 first_nonfinite_step=jnp.int32(-1))
-    state["classifier_params"], state["classifier_opt_state"] = new_classifier(setup, network.init_key(config.seed))
+                 first_nonfinite_step=jnp.int32(-1), classifier_params=classifier_params,
+                 classifier_opt_state=classifier_tx.init(classifier_params))
     return setup, jax.device_put(state, sharding.replicated(mesh))
 
 
 def new_classifier(setup, key):
     """A fresh prototype classifier (N(0, 0.01²) kernel, zero bias) and a fresh SGD state (spec §1.7)."""
-    if setup.classifier_graphdef is None:
-        return {}, setup.classifier_tx.init({})
     params = _classifier(setup.config, setup.splits.num_classes, key)[1]
     return params, setup.classifier_tx.init(params)
 
@@ -373,7 +372,7 @@ def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager
     views_per_item = 4 if setup.method in PAIR_METHODS else (1 if setup.method == "supervised" else 2)
     step_key = jax.random.fold_in(base_key, 3)
     totals, count, last_time, last_step = {}, 0, time.time(), int(state["step"])
-    epoch_totals, epoch_count = {}, 0
+    epoch_sums, epoch_count = {}, 0
     bar = tqdm(total=setup.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.n_epochs}",
                unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
     with bar, HostLoader(setup.source, image_indices(local), num_workers=config.num_workers, prefetch=2,
@@ -383,13 +382,14 @@ def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager
             batch = make_batch(setup, local, i, images, pseudo)
             state, metrics = setup.train_step(state, batch, jax.random.fold_in(step_key, step))
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
-            epoch_totals = jax.tree.map(jnp.add, epoch_totals, metrics) if epoch_totals else metrics
             count += 1
-            epoch_count += 1
             bar.update(1)
             last = i == setup.steps_per_epoch - 1
             if (step + 1) % config.log_every_steps == 0 or last:
-                means = {k: float(v) / count for k, v in totals.items()}
+                sums = {k: float(v) for k, v in totals.items()}
+                epoch_sums = {k: epoch_sums.get(k, 0.0) + v for k, v in sums.items()}
+                epoch_count += count
+                means = {k: v / count for k, v in sums.items()}
                 now = time.time()
                 means["train/lr"] = float(setup.schedule(jnp.int32(step)))
                 means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * views_per_item
@@ -406,7 +406,7 @@ def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager
                 manager.wait()
                 raise checkpoint.Preempted(f"stopped by signal at step {step + 1}; checkpoint saved, run the same "
                                            "command to resume")
-    epoch_means = {k: float(v) / max(epoch_count, 1) for k, v in epoch_totals.items()}
+    epoch_means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
     epoch_means["train/lr"] = float(setup.schedule(jnp.int32(epoch * setup.steps_per_epoch)))
     return state, epoch_means
 
