@@ -3,12 +3,15 @@
     python launch.py --config configs/digits.py [--workdir DIR] [--config.<key>=<value> ...]
 
 Bad input (unknown key, wrong type, invalid value, missing data or checkpoint) ends the run with
-one line on stderr naming the problem and exit status 2, before anything is written.
+one line on stderr naming the problem and exit status 2, before anything is written. SIGTERM or
+Ctrl-C during pretraining saves a checkpoint after the current step and exits 143 or 130 (a second
+Ctrl-C stops at once); the same command resumes. A workdir in use by another run is refused.
 """
 import datetime
 import logging as std_logging
 import os
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,9 +29,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100, "A peer silent for this long ends a multi-process run with an error.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_seconds", 300, "Multi-process runs: how long each process waits for all of them to "
+    "connect to the coordinator before it gives up with an error.")
 
 EXIT_USAGE = 2
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job was stopped, not finished; rerun to resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job Ctrl-C ended
 
 
 def _die(message):
@@ -67,10 +73,17 @@ def _default_workdir(config_path):
 
 
 class _LibraryInfoFilter(std_logging.Filter):
-    """Keeps orbax's and jax's per-save/compile INFO chatter out of the run log (warnings still show)."""
+    """Keeps orbax's and jax's per-save/compile INFO chatter out of the run log; their warnings and errors
+    show as one line each, without the traceback (a failed background save logs several), unless verbose."""
+
+    def __init__(self, keep_tracebacks=False):
+        super().__init__()
+        self.keep_tracebacks = keep_tracebacks
 
     def filter(self, record):
         quiet = any(part in record.pathname for part in ("/orbax/", "/jax/_src/"))
+        if quiet and not self.keep_tracebacks:
+            record.exc_info, record.exc_text = None, None
         return record.levelno >= std_logging.WARNING or not quiet
 
 
@@ -78,16 +91,59 @@ def _start_runtime(config):
     """Initialises JAX (and its distributed runtime for multi-process runs); returns the jax module."""
     if config.gpu_id:
         os.environ["CUDA_VISIBLE_DEVICES"] = config.gpu_id
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter(keep_tracebacks=config.verbose))
     import jax
 
     if _COORDINATOR.value and not config.no_distributed:
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value, heartbeat_timeout_seconds=_HEARTBEAT.value)
+        _connect(jax, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                 process_id=_PROCESS_ID.value)
     elif _auto_cluster() and not config.no_distributed:
-        jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
+        _connect(jax)
     return jax
+
+
+def _check_distributed_flags():
+    if _HEARTBEAT.value < 1 or _INIT_TIMEOUT.value < 1:
+        _die(f"--heartbeat_timeout_seconds={_HEARTBEAT.value} --initialization_timeout_seconds="
+             f"{_INIT_TIMEOUT.value}; valid: positive numbers of seconds")
+    if not _COORDINATOR.value:
+        if _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None:
+            _die("--num_processes and --process_id need --coordinator_address=<host of process 0>:<port>")
+        return
+    host, _, port = _COORDINATOR.value.rpartition(":")
+    if not host or not port.isdigit():
+        _die(f"--coordinator_address={_COORDINATOR.value!r}; valid: host:port of process 0, e.g. 10.0.0.1:1234")
+    count, index = _NUM_PROCESSES.value, _PROCESS_ID.value
+    if count is None or index is None or count < 1 or not 0 <= index < count:
+        _die(f"--num_processes={count} --process_id={index}; valid: with --coordinator_address, both, "
+             "with 0 <= process_id < num_processes")
+
+
+def _connect(jax, **explicit):
+    """jax.distributed.initialize, bounded: when not every process has connected within
+    --initialization_timeout_seconds this prints one line and exits 2 (JAX itself would abort with a C++
+    stack trace blaming a dead task). A peer lost later is JAX's: it aborts the survivors (SIGABRT)
+    after --heartbeat_timeout_seconds."""
+    timeout = _INIT_TIMEOUT.value
+    where = explicit.get("coordinator_address", "the address the cluster gave")
+
+    def give_up():
+        print(f"launch.py: error: not every process connected to the coordinator at {where} within {timeout} s; "
+              "start all processes with the same --coordinator_address (process 0's host) and --num_processes, "
+              "or raise --initialization_timeout_seconds", file=sys.stderr, flush=True)
+        os._exit(EXIT_USAGE)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(**explicit, initialization_timeout=timeout + 30,
+                                   heartbeat_timeout_seconds=_HEARTBEAT.value)
+        from spcl_jax import sharding
+
+        sharding.connect_processes()
+    finally:
+        watchdog.cancel()
 
 
 def _auto_cluster():
@@ -106,6 +162,7 @@ def main(argv):
         _die(" ".join(str(e).split()))
     if config is None:
         _die("--config is required, e.g. --config configs/digits.py")
+    _check_distributed_flags()
     from configs import default
     from spcl_jax import checkpoint, config_validation
     from spcl_jax.errors import UserError
@@ -115,6 +172,8 @@ def main(argv):
     try:
         jax = _start_runtime(config)
         config_validation.validate(config, default.get_config(), jax.device_count())
+        if jax.process_count() > 1 and not _WORKDIR.value:  # each process would stamp its own default
+            _die("a multi-process run needs --workdir: one directory that every process sees")
         workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
         from spcl_jax import train
 
@@ -123,11 +182,11 @@ def main(argv):
         _die(str(e))
     except checkpoint.Preempted as e:
         print(f"launch.py: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(e.exit_status)
     except KeyboardInterrupt:
         print("launch.py: interrupted; the newest checkpoint (if any) resumes with the same command",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import common  # noqa: E402
 from spcl_jax import augment  # noqa: E402
 from spcl_jax.data.datasets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from spcl_jax.data.imagefolder import SCAN_THREADS, check_images  # noqa: E402
 from spcl_jax.data.loader import HostLoader  # noqa: E402
 from spcl_jax.data.sources import FileSource  # noqa: E402
+
+COLUMNS = [("stage", "stage", "{}"), ("rate", "throughput", "{:,.1f}"), ("unit", "unit", "{}"), ("note", "note", "{}")]
 
 
 def write_jpegs(folder, count, size=(500, 375)):
@@ -46,7 +49,8 @@ def host_rows(paths, batch, threads):
     start = time.perf_counter()
     check_images(paths, np.zeros(len(paths)), skip_bad=False, hint="")
     rate = len(paths) / (time.perf_counter() - start)
-    rows = [(f"header check at open ({SCAN_THREADS} threads)", f"{rate:.0f} files/s", "once per run, before training")]
+    rows = [dict(stage=f"header check at open ({SCAN_THREADS} threads)", rate=rate, unit="files/s",
+                 note="once per run, before training")]
     plan = np.arange(len(paths) // batch * batch).reshape(-1, batch)
     for t in threads:
         src = FileSource(paths, np.zeros(len(paths)), 256, threads=t)
@@ -55,20 +59,23 @@ def host_rows(paths, batch, threads):
         for idx in plan:
             src.get(idx)
         rate = plan.size / (time.perf_counter() - start)
-        rows.append((f"FileSource.get, {t} thread(s)", f"{rate:.0f} img/s", f"{rate / max(t, 1):.0f} img/s/worker"))
+        rows.append(dict(stage=f"FileSource.get, {t} thread(s)", rate=rate, unit="img/s",
+                         note=f"{rate / max(t, 1):.0f} img/s/worker"))
     workers = max(threads)
     src = FileSource(paths, np.zeros(len(paths)), 256, threads=1)
     start = time.perf_counter()
     for _ in HostLoader(src, plan, num_workers=workers, prefetch=2 * workers):
         pass
     rate = plan.size / (time.perf_counter() - start)
-    rows.append((f"HostLoader, {workers} worker(s) x 1 decode thread", f"{rate:.0f} img/s", f"{rate / workers:.0f} img/s/worker"))
+    rows.append(dict(stage=f"HostLoader, {workers} worker(s) x 1 decode thread", rate=rate, unit="img/s",
+                     note=f"{rate / workers:.0f} img/s/worker"))
     return rows
 
 
 def device_rows(batch, reps):
     recipes = (
-        ("pretrain_view 256->224 (imagenet, blur)", 256, augment.AugmentParams(224, IMAGENET_MEAN, IMAGENET_STD, crop_scale=(0.008, 1.0), blur=True)),
+        ("pretrain_view 256->224 (imagenet, blur)", 256,
+         augment.AugmentParams(224, IMAGENET_MEAN, IMAGENET_STD, crop_scale=(0.008, 1.0), blur=True)),
         ("pretrain_view 32->32 (cifar)", 32, augment.AugmentParams(32, CIFAR_MEAN, CIFAR_STD)),
         ("eval_view 256->224", 256, augment.AugmentParams(224, IMAGENET_MEAN, IMAGENET_STD)),
     )
@@ -89,30 +96,31 @@ def device_rows(batch, reps):
             out = run(i + 1)
         out.block_until_ready()
         ms_per_1000 = (time.perf_counter() - start) / (reps * batch) * 1e6
-        rows.append((name, f"{ms_per_1000:.1f} ms / 1,000 img", f"compile {compile_s:.1f} s, batch {batch}"))
+        rows.append(dict(stage=name, rate=ms_per_1000, unit="ms / 1,000 img",
+                         note=f"compile {compile_s:.1f} s, batch {batch}"))
     return rows
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", default="1,2", help="decode thread counts to time, comma-separated")
-    parser.add_argument("--aug_batch", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=3)
-    args = parser.parse_args()
-    threads = [int(t) for t in args.threads.split(",")]
+    parser.add_argument("--images", type=common.positive(int), default=512)
+    parser.add_argument("--batch", type=common.positive(int), default=64)
+    parser.add_argument("--threads", type=common.positive_ints, default="1,2",
+                        help="decode thread counts to time, comma-separated")
+    parser.add_argument("--aug_batch", type=common.positive(int), default=64)
+    parser.add_argument("--reps", type=common.positive(int), default=3)
+    args = parser.parse_args(argv)
+    if args.images < args.batch:
+        parser.error(f"--images {args.images} is below --batch {args.batch}: no batch to time")
+    threads = args.threads
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         paths = write_jpegs(folder, args.images)
-        print(f"wrote {len(paths)} JPEGs 500x375 in {time.perf_counter() - start:.1f} s; {os.cpu_count()} CPUs; JAX backend {jax.default_backend()} ({jax.devices()[0].device_kind})")
+        print(f"wrote {len(paths)} JPEGs 500x375 in {time.perf_counter() - start:.1f} s; {common.load_note()}; "
+              f"JAX backend {jax.default_backend()} ({jax.devices()[0].device_kind})")
         rows = host_rows(paths, args.batch, threads)
     rows += device_rows(args.aug_batch, args.reps)
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    print(" | ".join(h.ljust(w) for h, w in zip(("stage", "throughput", "note"), widths)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(common.markdown(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The original's SPCL train step in PyTorch (spec §1.8-§1.10, §3), timed on the same rows as bench/train_step.py.
 
     pip install -r bench/requirements.txt        # torch, a benchmark-only dependency
-    python bench/torch_spcl.py --preset cpu      # or --preset gpu (CUDA when available)
+    python bench/torch_spcl.py --preset cpu      # or --preset gpu (CUDA when available); --help: sizes
 
 The step: four separate encoder calls (hand-written torchvision-style ResNet, CIFAR or ImageNet stem,
 channels_last on CUDA), four projection-head calls (Linear D->D, BN, ReLU, Linear D->128, BN), NT-Xent within
@@ -18,7 +18,11 @@ import sys
 import time
 from collections import OrderedDict
 
-import torch
+try:
+    import torch
+except ImportError:
+    raise SystemExit("bench/torch_spcl.py needs torch, a benchmark-only dependency: "
+                     "pip install -r bench/requirements.txt") from None
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -150,7 +154,7 @@ def nt_xent(a, b):
     return F.cross_entropy(logits, target)
 
 
-def build(row, width, device):
+def build(row, width, device, num_prototypes=common.NUM_PROTOTYPES):
     """The models, both optimisers and one SPCL step closure over random on-device inputs.
 
     channels_last on CUDA only: on CPU torch 2.13 hangs or aborts ('double free') in the backward of the
@@ -159,7 +163,7 @@ def build(row, width, device):
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     encoder = ResNet(row.model, width).to(device, memory_format=layout)
     mlp = ProjectionMLP(encoder.dim).to(device)
-    classifier = nn.Linear(encoder.dim, common.NUM_PROTOTYPES).to(device)
+    classifier = nn.Linear(encoder.dim, num_prototypes).to(device)
     nn.init.normal_(classifier.weight, 0, 0.01)
     nn.init.zeros_(classifier.bias)
     named = [(f"encoder.{n}", p) for n, p in encoder.named_parameters()] + list(mlp.named_parameters())
@@ -171,7 +175,7 @@ def build(row, width, device):
     b = row.batch
     views = [torch.randn(b, 3, row.px, row.px, device=device).contiguous(memory_format=layout)
              for _ in range(common.VIEWS_PER_PAIR)]
-    labels_a, labels_b = (torch.randint(common.NUM_PROTOTYPES, (b,), device=device) for _ in range(2))
+    labels_a, labels_b = (torch.randint(num_prototypes, (b,), device=device) for _ in range(2))
     similarity = torch.randint(2, (b, 1), device=device).float()
     same = torch.ones_like(similarity)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=row.dtype == "bfloat16")
@@ -197,38 +201,45 @@ def build(row, width, device):
     return step
 
 
-def measure(row, width, steps, device):
+def prepare(row, width, device, num_prototypes=common.NUM_PROTOTYPES):
+    """(one step run to completion, setup seconds: build + 2 warm-up steps, FLOPs of one step)."""
+    torch.backends.cudnn.benchmark = True  # faster than the original's deterministic / no-benchmark setting
+    torch.set_float32_matmul_precision("high")  # TF32 like JAX's default GPU precision (cuDNN convs use it anyway)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     start = time.perf_counter()
-    step = build(row, width, device)
+    step = build(row, width, device, num_prototypes)
     for _ in range(2):  # warm-up (cudnn autotuning, allocator)
         step()
     sync()
     setup_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / steps
     with FlopCounterMode(display=False) as counter:
         step()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return common.result(row, seconds, setup_s, counter.get_total_flops(), name)
+    sync()
+
+    def run():
+        step()
+        sync()
+
+    return run, setup_s, counter.get_total_flops()
 
 
-def run(preset, steps=None):
-    """Results of every row of a preset (a failed row, e.g. out of memory, is reported and skipped)."""
-    config = common.PRESETS[preset]
+def device_name(device):
+    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+
+def run(args):
+    """Results of every row of the chosen sizes (a failed row, e.g. out of memory, is reported and skipped)."""
+    width, steps, rows = common.sizes(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = True  # faster than the original's deterministic / no-benchmark setting
-    torch.set_float32_matmul_precision("high")  # TF32 like JAX's default GPU precision (cuDNN convs use it anyway)
     results = []
-    for row in config["rows"]:
+    for row in rows:
         try:
-            results.append(measure(row, config["width"], steps or config["steps"], device))
+            step, setup_s, flops = prepare(row, width, device, args.num_prototypes)
+            seconds = common.time_interleaved({"torch": step}, steps)["torch"]
         except RuntimeError as e:  # e.g. CUDA out of memory: report and go on with the next row
             print(f"torch {row}: failed: {str(e).splitlines()[0]}", flush=True)
         else:
+            results.append(common.result(row, seconds, setup_s, flops, device_name(device)))
             print(f"torch {row}: {results[-1]['ms_per_step']:.1f} ms/step", flush=True)
     return results
 
@@ -236,17 +247,16 @@ def run(preset, steps=None):
 def note():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     return (f"PyTorch {torch.__version__} on {device}: the original's step without augmentation (random inputs "
-            "already on the device); cudnn.benchmark on, TF32 allowed; TFLOP/s from torch's FlopCounterMode "
-            "(convolutions and matmuls of one step).")
+            "already on the device); cudnn.benchmark on, TF32 allowed; median step time; TFLOP/s from torch's "
+            "FlopCounterMode (convolutions and matmuls of one step).")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(common.PRESETS), default="cpu")
-    parser.add_argument("--steps", type=int, help="timed steps per row (default: the preset's)")
+    common.add_size_flags(parser)
     parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args()
-    results = run(args.preset, args.steps)
+    args = parser.parse_args(argv)
+    results = run(args)
     print(common.markdown(results))
     print(note())
     if args.json:

@@ -1,17 +1,22 @@
 """SPCL train-step throughput of spcl_jax: views/s, XLA-counted TFLOP/s and the fraction of the chip's peak.
 
-    python bench/train_step.py --preset cpu                      # ResNet-18 at 1/16 width, a few seconds
+    python bench/train_step.py --preset cpu                      # ResNet-18 at 1/16 width, about a minute
+    python bench/train_step.py --preset cpu-full --compare-torch interleaved --ynnpack-convs   # the CPU gap
     python bench/train_step.py --preset gpu --compare-torch --out bench_results.md
 
 Times `train.build(...)[0].train_step` (the jitted, donated step: on-device augmentation of the uint8
 pairs into 4 views, 4 encoder + 4 projection passes, NT-Xent, prototype CE, siamese metric, LARS) on
-one synthetic batch already on the device, after compilation and 2 warm-up steps. Each pair is 4 views.
-FLOPs are XLA's cost analysis of the compiled step (augmentation included). ResNet-18 runs with
-configs/cifar10.py (CIFAR stem, 32 px), ResNet-50 with configs/imagenet.py (224 px crops of 256 px images).
-`--compare-torch` first runs bench/torch_spcl.py (the original's step in PyTorch) on the same rows in a
-child process, so that the two frameworks never share the GPU's memory (JAX keeps what it allocates).
+one synthetic batch already on the device, after compilation and 2 warm-up steps; the median step time
+is reported. Each pair is 4 views. FLOPs are XLA's cost analysis of the compiled step (augmentation
+included). ResNet-18 runs with configs/cifar10.py (CIFAR stem, 32 px), ResNet-50 with configs/imagenet.py
+(224 px crops of 256 px images). `--compare-torch` first runs bench/torch_spcl.py (the original's step in
+PyTorch) on the same rows in a child process, so that the two frameworks never share the GPU's memory (JAX
+keeps what it allocates); `--compare-torch interleaved` (for CPUs) runs both in this process, one step of
+each in turn, so that load from other jobs hits both alike. `--ynnpack-convs` also times our step compiled
+with jaxlib 0.10's default CPU convolutions (YNNPACK; spcl_jax/__init__.py turns them off), in turn too.
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -22,6 +27,7 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,28 +45,49 @@ COMBINED = common.COLUMNS[:4] + [
     ("tflops", "ours TFLOP/s", "{:.3g}"), ("pct_peak", "ours % peak", "{:.1f}"),
     ("torch_ms_per_step", "original ms/step", "{:.1f}"), ("torch_views_per_s", "original views/s", "{:.0f}"),
     ("torch_tflops", "original TFLOP/s", "{:.3g}"), ("ratio", "ours/original (views/s)", "{:.2f}")]
+YNNPACK_COLUMNS = [("ynnpack_ms_per_step", "ms/step, convolutions on YNNPACK", "{:.1f}"),
+                   ("ynnpack_ratio", "ours/original, convolutions on YNNPACK", "{:.2f}")]
 
 
-def config_for(row, width):
+def config_for(row, width, num_prototypes=common.NUM_PROTOTYPES):
     config = CONFIGS[row.model].get_config()
     config.batch_size, config.dtype, config.width_multiplier = row.batch, row.dtype, width
-    config.num_prototypes = common.NUM_PROTOTYPES
+    config.num_prototypes = num_prototypes
     return config
 
 
-def synthetic_batch(config, mesh):
-    """Fake splits holding one batch of random uint8 images (at the stored size) and that batch on the device."""
-    rng = np.random.default_rng(0)
+def synthetic_splits(config, n, seed=0):
+    """Fake splits whose pretrain set holds n random uint8 images (at the stored size) with random labels."""
+    rng = np.random.default_rng(seed)
     size = load_size(config) if config.dataset == "imagenet" else config.image_size
-    n = config.batch_size
     pretrain = ArraySource(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-                           rng.integers(0, config.num_prototypes, n))
-    splits = types.SimpleNamespace(pretrain=pretrain, num_classes=config.n_classes, mean=(0.5,) * 3, std=(0.25,) * 3)
+                           rng.integers(0, config.n_classes, n))
+    return types.SimpleNamespace(pretrain=pretrain, num_classes=config.n_classes, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _build(row, width, num_prototypes, mesh):
+    config = config_for(row, width, num_prototypes)
+    splits = synthetic_splits(config, config.batch_size)
+    rng = np.random.default_rng(1)
+    n, pretrain = config.batch_size, splits.pretrain
     b = rng.permutation(n)
     batch = dict(images_a=pretrain.get(np.arange(n)), images_b=pretrain.get(b),
-                 labels_a=pretrain.labels.astype(np.int32), labels_b=pretrain.labels[b].astype(np.int32),
+                 labels_a=rng.integers(0, num_prototypes, n).astype(np.int32),
+                 labels_b=rng.integers(0, num_prototypes, n).astype(np.int32),
                  similarity=rng.integers(0, 2, n).astype(np.float32))
-    return splits, sharding.to_global(batch, sharding.batch_sharding(mesh))
+    setup, state = train.build(config, "spcl", splits, mesh)
+    return setup, state, sharding.to_global(batch, sharding.batch_sharding(mesh))
+
+
+def build_step(row, width, num_prototypes, mesh):
+    """(setup, state, batch): `train.build` of SPCL on fake splits of one batch, and that batch on the device.
+
+    The last build is kept (the state is handed out as a copy: the step donates it), so that scripts run in
+    one process, as tests/test_bench.py runs them, share one traced and compiled step.
+    """
+    setup, state, batch = _build(row, width, num_prototypes, mesh)
+    return setup, jax.tree.map(jnp.copy, state), batch
 
 
 def xla_flops(compiled):
@@ -68,35 +95,53 @@ def xla_flops(compiled):
     return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
 
-def measure(row, width, steps):
+def prepare(row, width, num_prototypes, compiler_options=None):
+    """(one step run to completion, setup seconds: build + compile + 2 warm-up steps, XLA's FLOPs of a step);
+    with `compiler_options`, of the step compiled with these XLA options."""
     start = time.perf_counter()
-    config = config_for(row, width)
     mesh = sharding.data_mesh()
-    splits, batch = synthetic_batch(config, mesh)
-    setup, state = train.build(config, "spcl", splits, mesh)
-    keys = [jax.device_put(k, sharding.replicated(mesh)) for k in jax.random.split(jax.random.key(0), steps + 2)]
-    step = setup.train_step.lower(state, batch, keys[0]).compile()
-    for key in keys[:2]:  # warm-up
-        state, metrics = step(state, batch, key)
-    jax.block_until_ready(state)
-    setup_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for key in keys[2:]:
-        state, metrics = step(state, batch, key)
-    jax.block_until_ready((state, metrics))
-    seconds = (time.perf_counter() - start) / steps
-    return common.result(row, seconds, setup_s, xla_flops(step), jax.devices()[0].device_kind)
+    setup, state, batch = build_step(row, width, num_prototypes, mesh)
+    keys = list(jax.random.split(jax.random.key(0), 16))  # uncommitted, like run_epoch's: the same compiled step
+    step = setup.train_step
+    if compiler_options is not None:
+        step = step.lower(state, batch, keys[0]).compile(compiler_options=compiler_options)
+
+    def run():
+        nonlocal state
+        keys.append(keys.pop(0))
+        state, metrics = step(state, batch, keys[0])
+        jax.block_until_ready((state, metrics))
+
+    run()  # compiles
+    run()
+    compiled = step if compiler_options is not None else step.lower(state, batch, keys[0]).compile()  # (cached)
+    return run, time.perf_counter() - start, xla_flops(compiled)
 
 
-def torch_results(preset, steps):
-    """bench/torch_spcl.py's results for the same preset, or None when torch is missing or it fails."""
-    if importlib.util.find_spec("torch") is None:
-        print("torch is not importable (pip install -r bench/requirements.txt): no comparison", flush=True)
-        return None
+def measure(row, width, steps, num_prototypes, *, ynnpack=False, torch_too=False):
+    """{name: result} of one row: "ours" and, if asked, "ynnpack" (ours with jaxlib 0.10's CPU default of
+    convolutions on YNNPACK) and "theirs" (bench/torch_spcl.py on the CPU), all in this process taking turns."""
+    runs = {"ours": prepare(row, width, num_prototypes)}
+    if ynnpack:
+        runs["ynnpack"] = prepare(row, width, num_prototypes, common.YNNPACK_DEFAULT)
+    if torch_too:
+        import torch
+
+        from bench import torch_spcl
+
+        runs["theirs"] = torch_spcl.prepare(row, width, torch.device("cpu"), num_prototypes)
+    seconds = common.time_interleaved({name: run[0] for name, run in runs.items()}, steps)
+    return {name: common.result(row, seconds[name], setup_s, flops,
+                                "cpu" if name == "theirs" else jax.devices()[0].device_kind)
+            for name, (_, setup_s, flops) in runs.items()}
+
+
+def torch_results(args):
+    """bench/torch_spcl.py's results for the same sizes from a child process, or None when it fails."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "torch.json")
-        command = [sys.executable, os.path.join(HERE, "torch_spcl.py"), "--preset", preset, "--json", path]
-        if subprocess.run(command + (["--steps", str(steps)] if steps else [])).returncode != 0:
+        command = [sys.executable, os.path.join(HERE, "torch_spcl.py"), "--json", path] + common.size_argv(args)
+        if subprocess.run(command).returncode != 0:
             print("bench/torch_spcl.py failed: no comparison", flush=True)
             return None
         with open(path) as f:
@@ -111,48 +156,75 @@ def combine(ours, torch):
         t = theirs.get(spec(r))
         extra = {} if t is None else dict(torch_ms_per_step=t["ms_per_step"], torch_views_per_s=t["views_per_s"],
                                           torch_tflops=t["tflops"], ratio=r["views_per_s"] / t["views_per_s"])
+        if t is not None and "ynnpack_views_per_s" in r:
+            extra["ynnpack_ratio"] = r["ynnpack_views_per_s"] / t["views_per_s"]
         rows.append(dict(r, **extra))
     return rows
+
+
+def ynnpack_columns(ours, columns):
+    """The YNNPACK columns when the rows have them (--ynnpack-convs)."""
+    return columns if any("ynnpack_ms_per_step" in r for r in ours) else []
 
 
 def report(ours, torch, width):
     device = jax.devices()[0]
     lines = ["## SPCL train step", "",
              f"spcl_jax on {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), "
-             f"jax {jax.__version__}; width multiplier {width}; batch = pairs, 4 views each.", "",
-             common.markdown(ours), "",
-             "ours: the whole jitted step including on-device augmentation of the uint8 pairs; setup s = build + "
-             "compile + 2 warm-up steps; TFLOP/s from XLA's cost analysis of the compiled step; % peak against "
-             "dense bf16 989 / fp32 67 TFLOP/s (H100 SXM, H200). float32 convolutions may run on TF32 tensor "
-             "cores (JAX's default GPU precision), so float32 can pass 100%."]
+             f"jax {jax.__version__}; width multiplier {width}; batch = pairs, 4 views each; {common.load_note()}.",
+             "", common.markdown(ours, common.COLUMNS + ynnpack_columns(ours, YNNPACK_COLUMNS[:1])), "",
+             "ours: the whole jitted step including on-device augmentation of the uint8 pairs; median step time; "
+             "setup s = build + compile + 2 warm-up steps; TFLOP/s from XLA's cost analysis of the compiled step; "
+             "% peak against dense bf16 989 / fp32 67 TFLOP/s (H100 SXM, H200). float32 convolutions may run on "
+             "TF32 tensor cores (JAX's default GPU precision), so float32 can pass 100%."]
     if torch is not None:
         lines += ["", "### Against the original's step in PyTorch (bench/torch_spcl.py)", "",
-                  common.markdown(combine(ours, torch), COMBINED), "", torch["note"],
+                  common.markdown(combine(ours, torch), COMBINED + ynnpack_columns(ours, YNNPACK_COLUMNS)), "",
+                  torch["note"],
                   "The comparison is conservative for us: our time includes augmentation, theirs does not."]
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(common.PRESETS), default="cpu")
-    parser.add_argument("--steps", type=int, help="timed steps per row (default: the preset's)")
-    parser.add_argument("--compare-torch", action="store_true", help="also run bench/torch_spcl.py and compare")
+    common.add_size_flags(parser)
+    parser.add_argument("--compare-torch", nargs="?", const="process", choices=["process", "interleaved"],
+                        help="also time bench/torch_spcl.py: in a child process first (GPUs), or interleaved "
+                             "step by step in this process (CPUs)")
+    parser.add_argument("--ynnpack-convs", action="store_true",
+                        help="also time our step with convolutions on YNNPACK (jaxlib 0.10's CPU default, which "
+                             "spcl_jax turns off), taking turns with the others")
     parser.add_argument("--out", help="also write the tables (markdown) to this file, rewritten after every row")
-    args = parser.parse_args()
-    preset = common.PRESETS[args.preset]
-    torch = torch_results(args.preset, args.steps) if args.compare_torch else None  # before JAX takes the GPU
+    args = parser.parse_args(argv)
+    width, steps, rows = common.sizes(args)
+    mode = args.compare_torch
+    if mode and importlib.util.find_spec("torch") is None:
+        print("torch is not importable (pip install -r bench/requirements.txt): no comparison", flush=True)
+        mode = None
+    torch = torch_results(args) if mode == "process" else None  # before JAX takes the GPU
+    theirs = []
     ours = []
-    for row in preset["rows"]:
+    for row in rows:
         try:
-            ours.append(measure(row, preset["width"], args.steps or preset["steps"]))
+            results = measure(row, width, steps, args.num_prototypes, ynnpack=args.ynnpack_convs,
+                              torch_too=mode == "interleaved")
         except jax.errors.JaxRuntimeError as e:  # e.g. out of memory: report and go on with the next row
             print(f"ours {row}: failed: {str(e).splitlines()[0]}", flush=True)
             continue
-        print(f"ours {row}: {ours[-1]['ms_per_step']:.1f} ms/step", flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(report(ours, torch, preset["width"]))
-    print(report(ours, torch, preset["width"]))
+        result = results["ours"]
+        if "ynnpack" in results:
+            result.update(ynnpack_ms_per_step=results["ynnpack"]["ms_per_step"],
+                          ynnpack_views_per_s=results["ynnpack"]["views_per_s"])
+        ours.append(result)
+        print(f"ours {row}: {result['ms_per_step']:.1f} ms/step", flush=True)
+        if "theirs" in results:
+            from bench import torch_spcl
+
+            theirs.append(results["theirs"])
+            torch = dict(results=theirs, note=torch_spcl.note() + " Timed in the same process as ours, one step "
+                         "of each in turn.")
+        common.save(args.out, report(ours, torch, width))
+    print(report(ours, torch, width))
 
 
 if __name__ == "__main__":

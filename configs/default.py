@@ -103,13 +103,14 @@ def get_config():
     # ---- evaluation ----
     c.evaluate_after_pretrain = True  # run linear and kNN evaluation after pretraining, as the original
     c.linear_eval_protocol = "fast"  # fast (cached features) | original (augmented crops every epoch, spec §2.5)
-    c.finetune_epochs = 100  # linear-evaluation epochs
+    c.finetune_epochs = 100  # linear-evaluation epochs (0 = no linear head, kNN only)
     c.finetune_learning_rate = 0.1  # linear-eval lr (x B/256)
     c.finetune_weight_decay = 0.0  # linear-eval weight decay
     c.finetune_optimiser = "sgd"  # sgd | lars
     c.finetune_batch_size = 512  # linear-eval batch size
     c.knn_k = 200  # neighbours of the kNN classifier
     c.knn_temperature = 0.07  # kNN vote temperature (InstDisc protocol, as solo-learn)
+    c.knn_every_epochs = 0  # during pretraining, kNN top-1 on valid (test without one) every N epochs; 0 = off
     c.eval_random_init_baseline = False  # also evaluate the same encoder at random initialisation
     c.eval_metric_weighting = "sample"  # sample | batch (as written, B-17: unweighted mean over batches)
     c.load_checkpoint_dir = ""  # checkpoint directory for linear_eval / knn_eval

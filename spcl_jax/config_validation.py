@@ -4,6 +4,8 @@ Every problem becomes a `ConfigError` whose single line names the key, the bad v
 would be valid (big_vision's explicit contracts). `resolve_method` maps the original's method
 flags onto `config.method`.
 """
+import math
+
 from spcl_jax.errors import ConfigError
 
 CHOICES = {
@@ -40,7 +42,8 @@ POSITIVE = ("learning_rate", "n_epochs", "batch_size", "temperature", "image_siz
             "knn_temperature", "log_every_steps", "keep_checkpoints", "visual_freq", "lars_eta")
 NON_NEGATIVE = ("warmup_epochs", "weight_decay", "finetune_weight_decay", "finetune_epochs",
                 "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim",
-                "num_workers", "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight")
+                "num_workers", "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight",
+                "knn_every_epochs")
 PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "hflip_p", "momentum")
 PAIR_METHODS = ("spcl", "metric")  # train on pairs of images with the siamese metric loss
 PROTOTYPE_CLASSIFIER_METHODS = ("spcl", "cluster")  # train a per-epoch prototype classifier
@@ -93,6 +96,10 @@ def resolve_method(config):
 
 
 def check_values(config, device_count):
+    for key, value in config.items():
+        numbers = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            _fail(key, value, "finite numbers")
     for key, valid in CHOICES.items():
         if config[key] not in valid:
             _fail(key, config[key], " | ".join(valid))

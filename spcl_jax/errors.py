@@ -18,3 +18,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint directory that is missing, empty, damaged or incompatible."""
+
+
+class WorkdirError(UserError):
+    """A workdir that cannot be written, or that another run is using."""

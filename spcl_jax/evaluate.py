@@ -2,10 +2,13 @@
 checkpoint. Accuracies are weighted by sample (B-17); top-k uses k = min(ceil(C/2), 5) as the original.
 
 Protocols: `fast` trains the linear head on features computed once (seconds); `original` (spec §2.5)
-passes random-resized-crop + flip views through the frozen encoder every epoch.
+passes random-resized-crop + flip views through the frozen encoder every epoch. With a valid split
+the head is also scored on it after every epoch and the best-valid epoch's head is reported beside the
+last one. `Evaluator.knn_monitor` is the cheap kNN-only check run during pretraining (`knn_every_epochs`).
 """
+import functools
 import math
-import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,39 +19,45 @@ from flax import nnx
 
 from spcl_jax import augment, checkpoint, config_validation, data, features, models, network, optim, sharding
 from spcl_jax.metrics import MetricWriter
+from spcl_jax.workdir import claim_workdir
 
 
 def top_k(num_classes):
     return min(math.ceil(num_classes / 2), 5)
 
 
-def accuracies(logits, labels, k, batch_size=None):
-    """(top-1, top-k) fractions over samples, or, given `batch_size`, the unweighted mean of per-batch
-    accuracies as the original reports them (B-17: a smaller last batch counts as much as a full one)."""
-    ranked = np.argsort(-np.asarray(logits), axis=1)[:, :k]
-    labels = np.asarray(labels)
-    top1, topk = ranked[:, 0] == labels, (ranked == labels[:, None]).any(1)
+def weighted_mean(hits, batch_size=None):
+    """Mean of per-sample hits or, given `batch_size`, the unweighted mean of per-batch means as the
+    original reports accuracies (B-17: a smaller last batch counts as much as a full one)."""
+    hits = np.asarray(hits, np.float64)
     if batch_size is None:
-        return float(np.mean(top1)), float(np.mean(topk))
-    starts = range(0, len(labels), batch_size)
-    return (float(np.mean([top1[i:i + batch_size].mean() for i in starts])),
-            float(np.mean([topk[i:i + batch_size].mean() for i in starts])))
+        return float(np.mean(hits))
+    return float(np.mean([hits[i:i + batch_size].mean() for i in range(0, len(hits), batch_size)]))
+
+
+def accuracies(logits, labels, k, batch_size=None):
+    """(top-1, top-k) fractions, weighted as `weighted_mean`; ties rank the lower class first (argmax)."""
+    ranked = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
+    labels = np.asarray(labels)
+    return (weighted_mean(ranked[:, 0] == labels, batch_size),
+            weighted_mean((ranked == labels[:, None]).any(1), batch_size))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "k"))
+def _knn_votes(train_x, train_y, block, temperature, *, num_classes, k):
+    top_sim, top_idx = jax.lax.top_k(block @ train_x.T, k)
+    return (jax.nn.one_hot(train_y[top_idx], num_classes) * jnp.exp(top_sim / temperature)[..., None]).sum(1)
 
 
 def knn_predict(train_x, train_y, x, num_classes, k, temperature, chunk=1024):
     """Weighted kNN votes (cosine similarity, weights exp(sim/T)) -> (n, C) scores."""
     train_x = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    train_x, train_y = jnp.asarray(train_x, jnp.float32), jnp.asarray(train_y)
     k = min(k, len(train_x))
-
-    @jax.jit
-    def scores(block):
-        sim = block @ train_x.T
-        top_sim, top_idx = jax.lax.top_k(sim, k)
-        votes = jax.nn.one_hot(jnp.asarray(train_y)[top_idx], num_classes) * jnp.exp(top_sim / temperature)[..., None]
-        return votes.sum(1)
-
-    return np.concatenate([np.asarray(scores(x[i:i + chunk])) for i in range(0, len(x), chunk)])
+    return np.concatenate([np.asarray(_knn_votes(train_x, train_y, jnp.asarray(x[i:i + chunk], jnp.float32),
+                                                 temperature, num_classes=num_classes, k=k))
+                           for i in range(0, len(x), chunk)])
 
 
 def _head_optimizer(config, steps_per_epoch, params):
@@ -60,8 +69,9 @@ def _head_optimizer(config, steps_per_epoch, params):
                                  momentum=config.momentum)
 
 
-def train_linear_head(config, embed, train_x, train_y, num_classes, key):
-    """SGD/LARS on a Linear D->C head, `finetune_epochs` epochs, cosine per epoch; returns the head.
+def linear_head_epochs(config, embed, train_x, train_y, num_classes, key):
+    """SGD/LARS on a Linear D->C head, `finetune_epochs` epochs, cosine per epoch; yields the head
+    after every epoch (nothing when finetune_epochs=0).
 
     `embed(batch_x, key)` maps a batch of the stored training inputs (cached features, or images for
     the original protocol) to features.
@@ -92,7 +102,45 @@ def train_linear_head(config, embed, train_x, train_y, num_classes, key):
             idx = order[i * batch:(i + 1) * batch]
             params, opt_state = step(params, opt_state, train_x[idx], train_y[idx],
                                      jax.random.fold_in(key, epoch * steps + i))
-    return nnx.merge(graphdef, params)
+        yield nnx.merge(graphdef, params)
+
+
+class HeadChoice(NamedTuple):
+    """The last head, the head of the best-scoring epoch (0-based `best_epoch`) and every epoch's score."""
+    last: object
+    best: object
+    best_epoch: int
+    scores: list
+
+
+def choose_heads(heads, score=None):
+    """The last of `heads` and, given `score(head) -> float`, the first one of the highest score."""
+    last, best, best_epoch, scores = None, None, -1, []
+    for epoch, head in enumerate(heads):
+        last = head
+        if score is not None:
+            scores.append(score(head))
+            if scores[-1] > max(scores[:-1], default=-np.inf):
+                best, best_epoch = head, epoch
+    return HeadChoice(last, best, best_epoch, scores)
+
+
+@nnx.jit
+def _logits(head, x):
+    return head(x)
+
+
+def top1_scorer(x, labels, batch_size=None):
+    """score(head) -> top-1 of `head` on fixed features `x` (put on the device once), weighted as
+    `accuracies` and from the same jitted logits, so that the best-scoring head reports that score."""
+    x, labels = jnp.asarray(x), np.asarray(labels)
+    return lambda head: weighted_mean(np.argmax(np.asarray(_logits(head, x)), axis=1) == labels, batch_size)
+
+
+def eval_sets(splits):
+    """(name, source) of the non-empty evaluation splits: valid (if any), then test."""
+    return [(name, source) for name, source in (("valid", splits.valid), ("test", splits.test))
+            if source is not None and len(source)]
 
 
 class Evaluator:
@@ -103,39 +151,64 @@ class Evaluator:
         self.aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
         self.encode = features.make_encode(graphdef, self.aug, mesh, "eval")
         self.graphdef = graphdef
+        self.per_batch = config.finetune_batch_size if config.eval_metric_weighting == "batch" else None
 
     def _features(self, params, batch_stats, source):
         batch = self.config.finetune_batch_size
         fn = lambda images: self.encode(params, batch_stats, images, jax.random.key(0))  # noqa: E731
         return features.features_in_order(fn, source, batch, self.mesh)
 
-    def run(self, params, batch_stats, prefix=""):
-        """{'linear_eval/<split>_top1', ..._top<k>, 'knn/<split>_top1', ...} for valid and test."""
-        config, splits = self.config, self.splits
-        num_classes, k = splits.num_classes, top_k(splits.num_classes)
+    def _knn(self, train_x, x, labels, k):
+        config = self.config
+        return accuracies(knn_predict(train_x, self.splits.train.labels, x, self.splits.num_classes, config.knn_k,
+                                      config.knn_temperature), labels, k, self.per_batch)
+
+    def run(self, params, batch_stats, prefix="", linear=True):
+        """{'linear_eval/<split>_top1', ..._top<k>, 'knn/<split>_top1', ...} for valid and test.
+
+        With a valid split the head is scored on valid after every finetune epoch and the head of the
+        best valid top-1 is reported too: 'linear_eval/best_valid_<split>_top1', ..._top<k> and
+        'linear_eval/best_valid_epoch' (1..finetune_epochs); the plain keys are the last epoch's.
+        """
+        k = top_k(self.splits.num_classes)
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
-        train_x = self._features(params, batch_stats, splits.train)
-        train_y = splits.train.labels
+        train_x = self._features(params, batch_stats, self.splits.train)
+        sets = [(name, self._features(params, batch_stats, source), source.labels)
+                for name, source in eval_sets(self.splits)]
+        results = {}
+        choice = self._linear_heads(params, batch_stats, train_x, sets) if linear else HeadChoice(None, None, -1, [])
+        for tag, head in (("", choice.last), ("best_valid_", choice.best)):
+            for name, x, labels in sets:
+                if head is not None:
+                    top1, topk = accuracies(np.asarray(_logits(head, jnp.asarray(x))), labels, k, self.per_batch)
+                    results[f"linear_eval/{prefix}{tag}{name}_top1"] = top1
+                    results[f"linear_eval/{prefix}{tag}{name}_top{k}"] = topk
+        if choice.best is not None:
+            results[f"linear_eval/{prefix}best_valid_epoch"] = choice.best_epoch + 1
+        for name, x, labels in sets:
+            results[f"knn/{prefix}{name}_top1"], results[f"knn/{prefix}{name}_top{k}"] = self._knn(
+                train_x, x, labels, k)
+        return results
+
+    def _linear_heads(self, params, batch_stats, train_x, sets):
+        """The linear heads of the configured protocol, scored on the cached valid features if any."""
+        config, splits = self.config, self.splits
         key = jax.random.key(config.seed)
         if config.linear_eval_protocol == "fast":
-            head = train_linear_head(config, lambda x, _: x, train_x, train_y, num_classes, key)
+            heads = linear_head_epochs(config, lambda x, _: x, train_x, splits.train.labels, splits.num_classes, key)
         else:
-            head = train_linear_head(config, self._augmented_embed(params, batch_stats),
-                                     _all_images(splits.train), train_y, num_classes, key)
-        results = {}
-        for name, source in (("valid", splits.valid), ("test", splits.test)):
-            if source is None or len(source) == 0:
-                continue
-            x = self._features(params, batch_stats, source)
-            per_batch = config.finetune_batch_size if config.eval_metric_weighting == "batch" else None
-            top1, topk = accuracies(np.asarray(head(jnp.asarray(x))), source.labels, k, per_batch)
-            results[f"linear_eval/{prefix}{name}_top1"] = top1
-            results[f"linear_eval/{prefix}{name}_top{k}"] = topk
-            knn1, knnk = accuracies(knn_predict(train_x, train_y, x, num_classes, config.knn_k,
-                                                config.knn_temperature), source.labels, k, per_batch)
-            results[f"knn/{prefix}{name}_top1"] = knn1
-            results[f"knn/{prefix}{name}_top{k}"] = knnk
-        return results
+            heads = linear_head_epochs(config, self._augmented_embed(params, batch_stats), _all_images(splits.train),
+                                       splits.train.labels, splits.num_classes, key)
+        valid = [top1_scorer(x, labels, self.per_batch) for name, x, labels in sets if name == "valid"]
+        return choose_heads(heads, valid[0] if valid else None)
+
+    def knn_monitor(self, params, batch_stats):
+        """{'knn_monitor/<split>_top1'}: kNN top-1 of the current encoder on valid (test without one)."""
+        params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
+        name, source = eval_sets(self.splits)[0]
+        top1, _ = self._knn(self._features(params, batch_stats, self.splits.train),
+                            self._features(params, batch_stats, source), source.labels, 1)
+        return {f"knn_monitor/{name}_top1": top1}
 
     def _augmented_embed(self, params, batch_stats):
         net = nnx.merge(self.graphdef, params, batch_stats, copy=True)
@@ -178,7 +251,9 @@ def report(results, writer, step, epoch):
     writer.write(step, epoch, results)
     if jax.process_index() == 0 and results:
         width = max(len(k) for k in results)
-        lines = [f"{'metric':<{width}}  value"] + [f"{k:<{width}}  {100 * v:6.2f}%" for k, v in results.items()]
+        lines = [f"{'metric':<{width}}  value"] + [
+            f"{k:<{width}}  {v:6d}" if isinstance(v, int) else f"{k:<{width}}  {100 * v:6.2f}%"
+            for k, v in results.items()]
         print("\n".join(lines), flush=True)
 
 
@@ -204,20 +279,19 @@ def evaluate_checkpoint(config, workdir):
     what = f"checkpoint step {step} in {config.load_checkpoint_dir}"
     params = checkpoint.fill(params, saved["params"], what=what)
     batch_stats = checkpoint.fill(batch_stats, saved["batch_stats"], what=what)
-    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        claim_workdir(workdir)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     logging.info("evaluating the encoder of step %d from %s", step, config.load_checkpoint_dir)
     evaluator = Evaluator(config, splits, graphdef, mesh)
     if config.eval_disent:
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
         sets = {name: (evaluator._features(params, batch_stats, source), source.labels)
-                for name, source in (("valid", splits.valid), ("test", splits.test)) if len(source)}
+                for name, source in eval_sets(splits)}
         results = disentanglement_probe(config, evaluator._features(params, batch_stats, splits.train),
                                         splits.train.labels, sets)
     else:
-        results = evaluator.run(params, batch_stats)
-    if config.mode == "knn_eval":
-        results = {k: v for k, v in results.items() if k.startswith("knn/")}
+        results = evaluator.run(params, batch_stats, linear=config.mode != "knn_eval")
     report(results, writer, step, 0)
     writer.close()
     return results

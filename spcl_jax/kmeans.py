@@ -25,8 +25,9 @@ DATA_AXIS = "data"
 INITS = ("random", "kmeans++")
 SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation when an empty cluster takes half of another
 EIGEN_FLOOR = 1e-5  # eigenvalues below this fraction of the largest one are raised to it before ^-1/2
-# Default distance block per chunk: a CPU's cache-sized block, a big one for GPUs (on an H200,
-# K=3000: 32k-row chunks ran 9% faster than 4k-row ones; on the 2-core CPU sizes made no clear odds).
+# Default distance block per chunk: a CPU's cache-sized block (on the 2-core CPU, K=512, 2k-row chunks
+# beat 1k, 4k and 8k rows; BENCHMARKS.md), a big one for GPUs (on an H200, K=3000: 32k-row chunks
+# ran 9% faster than 4k-row ones).
 CHUNK_BYTES = {"cpu": 4 << 20, "accelerator": 256 << 20}
 
 
@@ -211,21 +212,37 @@ def _scan_rows(fn, carry, x, valid, chunk_size):
     return carry, ys
 
 
-def _nearest(xc, centroids, c_sqnorm, precision):
-    """Nearest centroid and squared distance per row, via ‖x‖² − 2x·c + ‖c‖² (one matmul)."""
-    d = c_sqnorm - 2.0 * jnp.dot(xc, centroids.T, precision=precision)
-    assign = jnp.argmin(d, axis=1).astype(jnp.int32)
-    dmin = jnp.take_along_axis(d, assign[:, None], axis=1)[:, 0]
+def _augment(centroids):
+    """[−2c | ‖c‖²] (K, D+1): against rows [x | 1] one matmul gives ‖c‖² − 2x·c, no extra pass."""
+    return jnp.concatenate([-2.0 * centroids, jnp.sum(centroids * centroids, axis=1)[:, None]], 1)
+
+
+def _nearest(xc, c_aug, precision):
+    """Nearest centroid (the lowest index on ties) and squared distance per row.
+
+    The distances ‖c‖² − 2x·c (‖x‖² is the same for every centroid) are laid out (K, chunk), and
+    the argmin is two single-operand min reductions over K: the minimum, then the lowest index that
+    reaches it. On XLA's CPU backend that is about half the cost of its variadic (value, index)
+    argmin over rows (BENCHMARKS.md, k-means). A row whose distances are NaN gets index K - 1.
+    """
+    k = c_aug.shape[0]
+    xa = jnp.concatenate([xc, jnp.ones((xc.shape[0], 1), xc.dtype)], axis=1)
+    d = jnp.dot(c_aug, xa.T, precision=precision)
+    # The min with row 0 changes nothing; it stops XLA's CPU backend from writing out a (K, chunk)
+    # broadcast of the row minima with the reduction (about 10% of a Lloyd step at K=1,000).
+    dmin = jnp.minimum(jnp.min(d, axis=0), d[0])
+    index = lax.broadcasted_iota(jnp.int32, d.shape, 0)
+    assign = jnp.minimum(jnp.min(jnp.where(d <= dmin, index, k), axis=0), k - 1)
     return assign, jnp.maximum(dmin + jnp.sum(xc * xc, axis=1), 0.0)
 
 
 def _cluster_sums(x, valid, centroids, chunk_size, precision):
     """E-step + M-step statistics: per-cluster row sums (K, D) and counts (K,), over all devices."""
     k = centroids.shape[0]
-    c_sqnorm = jnp.sum(centroids * centroids, axis=1)
+    c_aug = _augment(centroids)
 
     def fn(carry, xc, vc):
-        assign, _ = _nearest(xc, centroids, c_sqnorm, precision)
+        assign, _ = _nearest(xc, c_aug, precision)
         assign = jnp.where(vc, assign, k)  # out of range: dropped by segment_sum
         sums, counts = carry
         return (sums + jax.ops.segment_sum(xc, assign, k),
@@ -238,9 +255,9 @@ def _cluster_sums(x, valid, centroids, chunk_size, precision):
 
 def _assign(x, valid, centroids, chunk_size, precision):
     """Nearest centroid and squared distance of every local row."""
-    c_sqnorm = jnp.sum(centroids * centroids, axis=1)
+    c_aug = _augment(centroids)
     _, (assign, dist) = _scan_rows(
-        lambda carry, xc, vc: (carry, _nearest(xc, centroids, c_sqnorm, precision)),
+        lambda carry, xc, vc: (carry, _nearest(xc, c_aug, precision)),
         None, x, valid, chunk_size)
     return assign, dist
 

@@ -33,6 +33,20 @@ def to_global(local_arrays, sharding):
                         local_arrays)
 
 
+def connect_processes():
+    """Right after the processes connect, one collective over every device and one across processes.
+
+    On CPU, gloo sets up each group of devices at its first collective and waits 30 s at most for the
+    peers to join that rendezvous. Later the processes drift apart (process 0 loads big programs from the
+    compilation cache, which only it writes, while the others spend tens of seconds compiling them); a
+    2-process test run once failed this way at its first train step. Here they all arrive together."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("spcl_jax: processes connected")
+    ones = to_global(np.ones(jax.local_device_count(), np.float32), batch_sharding(data_mesh()))
+    jax.block_until_ready(jax.jit(lambda x: x.sum())(ones))
+
+
 def to_host(x):
     """A (possibly multi-host) global array as one numpy array on every process."""
     if jax.process_count() == 1:

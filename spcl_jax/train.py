@@ -25,6 +25,7 @@ from spcl_jax.errors import ConfigError, UserError
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.config_validation import CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS
 from spcl_jax.network import prototype_classifier_width
+from spcl_jax.workdir import claim_workdir
 
 
 class NonFiniteLossError(UserError):
@@ -304,6 +305,8 @@ def train_and_evaluate(config, workdir):
     config_validation.check_pretrain_size(config, len(splits.pretrain))
     setup, state = build(config, method, splits, mesh)
     is_main = jax.process_index() == 0
+    if is_main:  # the processes of one run share its workdir
+        claim_workdir(workdir)
     manager = checkpoint.Manager(workdir, config, method)
     state, pseudo = manager.restore_or(state, len(splits.pretrain))
     if is_main:
@@ -319,6 +322,7 @@ def train_and_evaluate(config, workdir):
     base_key = jax.random.key(config.seed)
     start_step = int(state["step"])
     patience = Patience()
+    monitor = evaluate.Evaluator(config, splits, setup.graphdef, mesh) if config.knn_every_epochs else None
     for epoch in range(start_step // setup.steps_per_epoch, config.n_epochs):
         first_step = max(start_step - epoch * setup.steps_per_epoch, 0)
         if first_step == 0:
@@ -328,15 +332,17 @@ def train_and_evaluate(config, workdir):
         manager.save(state, pseudo, epoch_end=True)
         patience.update(epoch_means["train/loss"])
         summary = {"train/epoch_loss": epoch_means["train/loss"], "train/epochs_without_improvement": patience.count}
+        if monitor and (epoch + 1) % config.knn_every_epochs == 0:
+            summary.update(monitor.knn_monitor(state["params"], state["batch_stats"]))
         writer.write(int(state["step"]), epoch, summary)
-        logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)",
+        logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)%s",
                      epoch + 1, config.n_epochs, epoch_means["train/loss"],
                      ", ".join(f"{k[11:]} {v:.4f}" for k, v in epoch_means.items() if k.startswith("train/loss_")),
-                     epoch_means["train/lr"], time.time() - began, patience.count, config.patience)
-    manager.wait()
+                     epoch_means["train/lr"], time.time() - began, patience.count, config.patience,
+                     "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("knn_monitor/")))
+    manager.close()  # last save complete; Ctrl-C and SIGTERM act at once again during evaluation
     results = evaluate.after_pretraining(setup, state, writer) if config.evaluate_after_pretrain else {}
     writer.close()
-    manager.close()
     return state, results
 
 
@@ -385,7 +391,8 @@ def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager
             count += 1
             bar.update(1)
             last = i == setup.steps_per_epoch - 1
-            if (step + 1) % config.log_every_steps == 0 or last:
+            logged = (step + 1) % config.log_every_steps == 0 or last
+            if logged:
                 sums = {k: float(v) for k, v in totals.items()}
                 epoch_sums = {k: epoch_sums.get(k, 0.0) + v for k, v in sums.items()}
                 epoch_count += count
@@ -401,11 +408,10 @@ def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager
                 totals, count, last_time, last_step = {}, 0, now, step + 1
             if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not last:
                 manager.save(state, pseudo, epoch_end=False)
-            if manager.stop_requested():
+            if manager.stop_requested(agree=logged):  # multi-process runs stop at the next logged step
                 manager.save(state, pseudo, epoch_end=False)
-                manager.wait()
-                raise checkpoint.Preempted(f"stopped by signal at step {step + 1}; checkpoint saved, run the same "
-                                           "command to resume")
+                manager.close()
+                raise checkpoint.Preempted(manager.stop_signal, step + 1)
     epoch_means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
     epoch_means["train/lr"] = float(setup.schedule(jnp.int32(epoch * setup.steps_per_epoch)))
     return state, epoch_means

@@ -1,8 +1,10 @@
-"""Evaluation helpers against independent references: weighted kNN (scikit-learn neighbours) and the
-two accuracy weightings (B-17)."""
+"""Evaluation helpers against independent references: weighted kNN (scikit-learn neighbours), the
+two accuracy weightings (B-17), and the best-valid linear head (a float64 numpy evaluation per epoch)."""
+import jax
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
+from configs import default
 from spcl_jax import evaluate
 
 
@@ -28,3 +30,50 @@ def test_accuracies_weight_by_sample_or_by_batch_as_written():
     top1, _ = evaluate.accuracies(logits, labels, 1, batch_size=3)  # batches [3 right], [1 of 2 right]
     assert top1 == (1.0 + 0.5) / 2
     assert evaluate.top_k(10) == 5 and evaluate.top_k(3) == 2
+
+
+def _blobs(rng, centres, n):
+    labels = rng.integers(0, len(centres), n)
+    return (centres[labels] + rng.normal(size=(n, centres.shape[1]))).astype(np.float32), labels
+
+
+def test_best_valid_head_is_the_epoch_of_highest_valid_top1():
+    config = default.get_config()
+    config.finetune_epochs, config.finetune_batch_size, config.finetune_learning_rate = 8, 16, 2.0
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 6))
+    train_x, train_y = _blobs(rng, centres, 48)
+    valid_x, valid_y = _blobs(rng, centres, 60)
+
+    def heads():
+        return evaluate.linear_head_epochs(config, lambda x, _: x, train_x, train_y, 3, jax.random.key(0))
+
+    weights = [(np.asarray(h.fc.kernel[...], np.float64), np.asarray(h.fc.bias[...], np.float64)) for h in heads()]
+    expected = [np.mean(np.argmax(valid_x @ w + b, axis=1) == valid_y) for w, b in weights]  # float64 reference
+    best = int(np.argmax(expected))
+    assert best < len(expected) - 1 and expected[best] > expected[-1], expected  # a real choice to make
+
+    choice = evaluate.choose_heads(heads(), evaluate.top1_scorer(valid_x, valid_y))
+    np.testing.assert_allclose(choice.scores, expected, rtol=1e-12)
+    assert choice.best_epoch == best
+    np.testing.assert_array_equal(choice.best.fc.kernel[...], weights[best][0].astype(np.float32))
+    np.testing.assert_array_equal(choice.last.fc.kernel[...], weights[-1][0].astype(np.float32))
+    without_valid = evaluate.choose_heads(heads())
+    assert without_valid.best is None and without_valid.best_epoch == -1
+    np.testing.assert_array_equal(without_valid.last.fc.kernel[...], weights[-1][0].astype(np.float32))
+
+
+def test_choose_heads_keeps_the_first_of_equal_best_scores():
+    scores = {"a": 0.5, "b": 0.7, "c": 0.7, "d": 0.6}
+    choice = evaluate.choose_heads(iter("abcd"), scores.get)
+    assert (choice.last, choice.best, choice.best_epoch, choice.scores) == ("d", "b", 1, [0.5, 0.7, 0.7, 0.6])
+    assert evaluate.choose_heads(iter(()), scores.get) == (None, None, -1, [])
+
+
+def test_monitor_and_reports_use_valid_then_test():
+    class Splits:
+        valid, test = np.zeros(0), np.zeros(4)
+
+    assert [name for name, _ in evaluate.eval_sets(Splits)] == ["test"]
+    Splits.valid = np.zeros(2)
+    assert [name for name, _ in evaluate.eval_sets(Splits)] == ["valid", "test"]

@@ -2,6 +2,7 @@
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -52,6 +53,18 @@ def test_one_iteration_matches_sklearn():
     assert np.abs(np.asarray(ours.centroids) - ref.cluster_centers_).max() <= 1e-5
     np.testing.assert_array_equal(np.asarray(ours.assignments), ref.labels_)
     assert float(ours.inertia) == pytest.approx(ref.inertia_, rel=1e-5)
+
+
+def test_nearest_takes_the_lowest_index_on_ties():
+    """Exact ties (duplicated centroids) go to the first one, as np.argmin; NaN rows stay in range."""
+    x = _blobs(n=300, seed=10)
+    c = x[[5, 6, 7, 5, 8, 6]]  # centroids 3 and 5 duplicate 0 and 1
+    x[0] = np.nan
+    assign, dist = km._nearest(jnp.asarray(x), km._augment(jnp.asarray(c)), jax.lax.Precision.HIGHEST)
+    d = ((x[1:, None].astype(np.float64) - c[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(assign)[1:], d.argmin(axis=1))
+    assert set(np.asarray(assign)[1:]) == {0, 1, 2, 4} and 0 <= int(assign[0]) < 6
+    np.testing.assert_allclose(np.asarray(dist)[1:], d.min(axis=1), rtol=1e-4, atol=1e-4)
 
 
 def test_twenty_iterations_reach_sklearn_inertia():

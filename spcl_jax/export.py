@@ -1,0 +1,158 @@
+"""Export a checkpoint's encoder as a torchvision ResNet `state_dict` in a numpy .npz, for PyTorch users.
+
+    python -m spcl_jax.export --checkpoint <workdir>/checkpoints --out encoder.npz [--step N]
+
+Names and layouts are torchvision's: `conv1.weight` (O, I, kh, kw) from our (kh, kw, I, O) kernels,
+`bn1.weight/bias/running_mean/running_var/num_batches_tracked`, `layer1.0.conv1.weight`,
+`layer1.0.downsample.0.weight`, `layer1.0.downsample.1.*`, ...; no `fc`. Load the backbone with
+
+    model.fc = torch.nn.Identity()  # the npz has no fc: the model then returns the pooled features
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load("encoder.npz").items()})
+
+`encoder.json` beside the npz says which stem and widths the weights need: a CIFAR-stem encoder
+(3x3 stride-1 conv1, no max-pool) loads into torchvision's ResNet after
+`model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False); model.maxpool = nn.Identity()`; a
+`width_multiplier` other than 1 needs a ResNet built with those stage widths. The running variance
+was averaged from biased batch variances (flax's convention; torch averages unbiased ones), which
+changes nothing in eval mode. `num_batches_tracked` holds the checkpoint's training step.
+Bad input stops with one line `export: error: ...` and exit status 2; the output appears atomically.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from spcl_jax import checkpoint
+from spcl_jax.errors import CheckpointError, UserError
+from spcl_jax.models.resnet import _ARCHITECTURES
+
+# Our module name -> torchvision's, in torchvision's registration (= state_dict) order.
+_BLOCK_MODULES = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"), ("conv3", "conv3"),
+                  ("bn3", "bn3"), ("downsample_conv", "downsample.0"), ("downsample_bn", "downsample.1"))
+_STEMS = {3: "cifar", 7: "imagenet"}
+
+
+def _array(node):
+    """A leaf of a target-less orbax restore (nnx Variables come back as {'value': array})."""
+    return np.asarray(node["value"] if isinstance(node, dict) else node)
+
+
+def _stages(encoder):
+    """[[block dicts of layer1], ..., [of layer4]] in block order."""
+    return [[encoder[f"layer{s}"][i] for i in sorted(encoder[f"layer{s}"], key=int)] for s in range(1, 5)]
+
+
+def _module(name, params, stats, step):
+    """torchvision tensors of one conv (kernel) or BatchNorm (scale, bias + running statistics)."""
+    if "kernel" in params:
+        return {f"{name}.weight": np.transpose(_array(params["kernel"]), (3, 2, 0, 1))}
+    return {f"{name}.weight": _array(params["scale"]), f"{name}.bias": _array(params["bias"]),
+            f"{name}.running_mean": _array(stats["mean"]), f"{name}.running_var": _array(stats["var"]),
+            f"{name}.num_batches_tracked": np.asarray(step, np.int64)}
+
+
+def torchvision_state_dict(params, batch_stats, step):
+    """{torchvision name: numpy array} of the encoder in nested-dict `params`/`batch_stats` (the
+    `encoder` subtrees of a restored checkpoint), in torchvision's state_dict order."""
+    out = {}
+    out.update(_module("conv1", params["stem_conv"], None, step))
+    out.update(_module("bn1", params["stem_bn"], batch_stats["stem_bn"], step))
+    for s, (blocks, stat_blocks) in enumerate(zip(_stages(params), _stages(batch_stats)), start=1):
+        for i, (block, block_stats) in enumerate(zip(blocks, stat_blocks)):
+            for ours, theirs in _BLOCK_MODULES:
+                if ours in block:
+                    out.update(_module(f"layer{s}.{i}.{theirs}", block[ours], block_stats.get(ours), step))
+    return out
+
+
+def describe(params):
+    """Architecture of encoder `params` read off the weights: model, stem and stage widths."""
+    stages = _stages(params)
+    kind = "bottleneck" if "conv3" in stages[0][0] else "basic"
+    blocks = tuple(len(stage) for stage in stages)
+    model = next((f"resnet{d}" for d, arch in _ARCHITECTURES.items() if arch == (kind, blocks)), None)
+    kernel = _array(params["stem_conv"]["kernel"])
+    return {"format": "torchvision ResNet state_dict without fc (numpy .npz)", "model": model, "block": kind,
+            "blocks_per_stage": list(blocks), "stem": _STEMS[kernel.shape[0]], "stem_width": int(kernel.shape[3]),
+            "stage_widths": [int(_array(stage[0]["conv1"]["kernel"]).shape[3]) for stage in stages],
+            "features_dim": int(_array(stages[-1][-1]["bn3" if kind == "bottleneck" else "bn2"]["scale"]).shape[0])}
+
+
+def _write_atomic(path, write):
+    """`write(file)` into a temporary file beside `path`, then rename: readers never see a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _check_out(out):
+    folder = os.path.dirname(os.path.abspath(out))
+    if not out.endswith(".npz"):
+        raise UserError(f"--out {out!r} must end in .npz")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out!r} is a directory; valid: a file path ending in .npz")
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {out!r}: directory {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--out {out!r}: directory {folder} is not writable")
+
+
+def export(directory, out, step=-1):
+    """Writes the encoder of checkpoint `step` (-1 = newest) in `directory` to `out` (.npz) and its
+    description to the .json beside it; returns (description, {name: array})."""
+    if step < -1:
+        raise UserError(f"--step {step}; valid: -1 (newest) or a saved step >= 0")
+    _check_out(out)
+    raw, step = checkpoint.restore_network(directory, step)
+    try:
+        params, stats = raw["params"]["encoder"], raw["batch_stats"]["encoder"]
+        arrays = torchvision_state_dict(params, stats, step)
+        description = dict(describe(params), checkpoint=os.path.abspath(directory), step=int(step))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint step {step} in {directory} has no ResNet encoder ({e!r} missing); "
+                              "pass the <workdir>/checkpoints of a spcl_jax pretraining run") from e
+    try:
+        _write_atomic(out, lambda f: np.savez(f, **arrays))
+        _write_atomic(out[:-len(".npz")] + ".json",
+                      lambda f: f.write(json.dumps(description, indent=2).encode() + b"\n"))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from e
+    return description, arrays
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"export: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    parser = _Parser(prog="python -m spcl_jax.export",
+                     description="Write a checkpoint's encoder with torchvision ResNet names and layouts.")
+    parser.add_argument("--checkpoint", required=True, help="the <workdir>/checkpoints directory of a run")
+    parser.add_argument("--out", required=True, help="output .npz (a .json description is written beside it)")
+    parser.add_argument("--step", type=int, default=-1, help="checkpoint step to export (-1 = newest)")
+    args = parser.parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on opening a checkpoint read-only
+    try:
+        description, arrays = export(args.checkpoint, args.out, args.step)
+    except UserError as e:
+        parser.error(str(e))
+    print(f"export: wrote {len(arrays)} tensors of {description['model']} ({description['stem']} stem, stage widths "
+          f"{description['stage_widths']}) from step {description['step']} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

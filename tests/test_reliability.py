@@ -1,0 +1,576 @@
+"""Reliability (issue 10): a busy or unwritable workdir, a save that fails or is killed, damaged
+checkpoints, Ctrl-C, a fuzzed config validator, and interrupt/resume cycles that end bit-identical.
+
+Cheap cases run in-process on a small fake state; the cases that need a real run use the tiny digits
+run of test_train, in-process where a signal can be sent to this process, else through launch.py.
+"""
+import errno
+import glob
+import hashlib
+import logging as std_logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from absl import logging as absl_logging
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+import launch as launch_py
+from configs import default, digits
+from spcl_jax import checkpoint, config_validation, network, train
+from spcl_jax import workdir as workdir_module
+from spcl_jax.errors import CheckpointError, WorkdirError
+from spcl_jax.metrics import read_metrics
+from spcl_jax.workdir import claim_workdir
+from test_train import ROOT, TINY, launch
+
+# Two epochs of four steps with a checkpoint after every step (the SIGTERM test's run).
+RUN = ["--config.method=spcl", "--config.n_epochs=2", "--config.max_steps_per_epoch=4",
+       "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=20", "--config.evaluate_after_pretrain=False"]
+ON_SIGNAL_ONLY = "--config.checkpoint_every_steps=0"  # then a mid-epoch checkpoint is the signal's save
+STATE_KEYS = ("params", "batch_stats", "opt_state", "classifier_params", "classifier_opt_state", "step")
+
+
+def stop_handlers():
+    return {s: signal.getsignal(s) for s in checkpoint.STOP_SIGNALS}
+
+
+@pytest.fixture
+def own_signals():
+    """The Manager takes SIGTERM and SIGINT; give pytest its own handlers back whatever a test does."""
+    previous = stop_handlers()
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def start(workdir, *overrides, stderr=subprocess.DEVNULL):
+    """launch.py on the tiny digits run, in the background (stderr to a file: a full pipe would block it)."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py",
+                             f"--workdir={workdir}", *TINY, *overrides], cwd=ROOT, stderr=stderr)
+
+
+def trained_steps(workdir):
+    return [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+
+
+def config_of(overrides):
+    """The config launch.py builds from configs/digits.py and these --config.<key>=<value> overrides."""
+    config = digits.get_config()
+    for arg in overrides:
+        key, value = arg.removeprefix("--config.").split("=", 1)
+        config[key] = value == "True" if isinstance(config[key], bool) else type(config[key])(value)
+    return config
+
+
+def finished_steps(workdir):
+    return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def snapshot(directory):
+    """Every file under `directory` with a hash of its bytes: equal snapshots = nothing written."""
+    files = sorted(p for p in glob.glob(os.path.join(directory, "**"), recursive=True) if os.path.isfile(p))
+    return {os.path.relpath(p, directory): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in files}
+
+
+def error_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[-1]
+
+
+# ---------------------------------------------------------------- workdir lock
+
+def hold_workdir(workdir):
+    """Another process that claims `workdir` and sleeps; returns once it holds the lock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from spcl_jax.workdir import claim_workdir; "
+         "claim_workdir(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(workdir)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_busy_workdir_is_refused_naming_the_holder_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    holder = hold_workdir(tmp_path)
+    try:
+        with pytest.raises(WorkdirError) as refused:
+            claim_workdir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(refused.value) == (f"workdir {tmp_path} is in use by another run (pid {holder.pid} on "
+                                  f"{socket.gethostname()}); wait for it to finish or stop it, or pass another --workdir")
+    claim_workdir(tmp_path)  # the SIGKILLed holder's lock went with it
+    claim_workdir(tmp_path)  # a second claim by the same process is a no-op
+    assert open(tmp_path / ".lock").read() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+def test_an_unwritable_workdir_is_one_clear_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(WorkdirError, match=f"cannot write to workdir {tmp_path / 'file' / 'run'} "
+                                           r"\(Not a directory\); pass a writable --workdir"):
+        claim_workdir(tmp_path / "file" / "run")
+
+
+def test_a_filesystem_without_locks_runs_with_a_warning(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    warnings = []
+    monkeypatch.setattr("fcntl.flock", no_locks)
+    # absl's handler setup depends on earlier tests, so read the warning at the call, not from caplog
+    monkeypatch.setattr(workdir_module.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+    claim_workdir(tmp_path)
+    assert warnings == [f"cannot lock workdir {tmp_path} (No locks available); make sure no other run uses it"]
+
+
+@pytest.fixture(scope="module")
+def busy_then_interrupted(tmp_path_factory):
+    """Run A trains; while it is stopped (SIGSTOP) with the lock held, run B starts on the same workdir;
+    then A continues and gets a Ctrl-C (SIGINT) once it has logged a step."""
+    workdir = tmp_path_factory.mktemp("busy")
+    log = tmp_path_factory.mktemp("busy_log") / "stderr"
+    first = start(workdir, *RUN, ON_SIGNAL_ONLY, stderr=log.open("w"))
+    deadline = time.time() + 300
+    while not (workdir / ".lock").exists() or not (workdir / ".lock").read_text():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)
+    before = snapshot(workdir)
+    second = launch(workdir, *RUN)
+    after = snapshot(workdir)
+    first.send_signal(signal.SIGCONT)
+    while not (workdir / "metrics.jsonl").exists() or not trained_steps(workdir):
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.02)
+    first.send_signal(signal.SIGINT)
+    first.wait(timeout=300)
+    return dict(workdir=workdir, first=first, first_stderr=log.read_text(), second=second, before=before, after=after)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_workdir_is_refused_and_the_first_is_untouched(busy_then_interrupted):
+    run = busy_then_interrupted
+    assert run["second"].returncode == 2
+    assert error_line(run["second"].stderr) == (
+        f"launch.py: error: workdir {run['workdir']} is in use by another run (pid {run['first'].pid} on "
+        f"{socket.gethostname()}); wait for it to finish or stop it, or pass another --workdir")
+    assert run["after"] == run["before"]
+    # The first went on training, step after step, until the Ctrl-C of the next test.
+    assert run["first"].returncode == 130
+    assert trained_steps(run["workdir"]) == list(range(1, finished_steps(run["workdir"])[-1] + 1))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(busy_then_interrupted):
+    run = busy_then_interrupted
+    assert run["first"].returncode == 130
+    last = error_line(run["first_stderr"])
+    step = finished_steps(run["workdir"])[-1]
+    assert last == f"launch.py: stopped by SIGINT at step {step}; checkpoint saved, run the same command to resume"
+    assert "SIGINT: saving a checkpoint and stopping after this step (Ctrl-C again stops at once" in run["first_stderr"]
+    assert 1 <= step < 8
+    assert checkpoint.restore_network(str(run["workdir"] / "checkpoints"), -1)[1] == step
+
+
+def test_a_second_ctrl_c_stops_at_once_and_close_gives_the_signals_back(tmp_path, own_signals):
+    previous = stop_handlers()
+    manager = checkpoint.Manager(tmp_path, digits.get_config(), "spcl")
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    assert manager.stop_requested() and manager.stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    manager.close()
+    assert stop_handlers() == previous
+    assert checkpoint.Preempted(signal.SIGINT, 5).exit_status == 130
+    assert checkpoint.Preempted(signal.SIGTERM, 5).exit_status == 143
+
+
+# ---------------------------------------------------------------- saves that fail, checkpoints that are damaged
+
+def fake_state(step):
+    """A small state shaped like the trainer's, its values fixed by `step`."""
+    rng = np.random.default_rng(step)
+    return dict(params={"encoder": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}},
+                batch_stats={"mean": jnp.asarray(rng.normal(size=4), jnp.float32)},
+                opt_state=(jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),), classifier_params={},
+                classifier_opt_state=(), step=jnp.int32(step), first_nonfinite_step=jnp.int32(-1))
+
+
+def save_steps(workdir, steps, config=None):
+    manager = checkpoint.Manager(workdir, config or digits.get_config(), "spcl")
+    manager.restore_or(fake_state(0), 5)
+    for step in steps:
+        manager.save(fake_state(step), None, epoch_end=False)
+    return manager
+
+
+def assert_state_equal(got, want):
+    for key in ("params", "batch_stats", "opt_state", "step"):
+        got_leaves, want_leaves = jax.tree.leaves(jax.device_get(got[key])), jax.tree.leaves(jax.device_get(want[key]))
+        assert len(got_leaves) == len(want_leaves) > 0, key
+        for a, b in zip(got_leaves, want_leaves):
+            np.testing.assert_array_equal(a, b, err_msg=key)
+
+
+@pytest.mark.parametrize("where", ["background write", "save call"])
+def test_a_failed_save_is_one_line_and_the_previous_checkpoint_restores(tmp_path, monkeypatch, own_signals, where):
+    """Disk full while orbax writes in the background (the error surfaces at the next wait), or a
+    directory that refuses the save outright (read-only filesystem)."""
+    pytest_handler = signal.getsignal(signal.SIGINT)
+    manager = save_steps(tmp_path, [1, 2])
+    manager.wait()
+    if where == "background write":
+        async def disk_full(self, item, directory):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "metadata"))
+
+        monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
+        manager.save(fake_state(3), None, epoch_end=False)  # returns: the write fails in the background
+        with pytest.raises(CheckpointError) as failed:
+            manager.close()
+        reason = r"\(OSError: \[Errno 28\] No space left on device: '.*/3.orbax-checkpoint-tmp/config.*/metadata'\)"
+    else:
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "checkpoints"))
+
+        monkeypatch.setattr(manager._manager, "save", read_only)
+        with pytest.raises(CheckpointError) as failed:
+            manager.save(fake_state(3), None, epoch_end=False)
+        reason = r"\(OSError: \[Errno 30\] Read-only file system: '.*/checkpoints'\)"
+    message = str(failed.value)
+    assert re.fullmatch(f"saving the checkpoint of step 3 to {tmp_path / 'checkpoints'} failed {reason}; the "
+                        "checkpoint of step 2 is intact: free disk space or pass a writable --workdir, then run the "
+                        "same command to resume", message), message
+    assert signal.getsignal(signal.SIGINT) == pytest_handler  # handed back after the failure
+    monkeypatch.undo()
+    assert finished_steps(tmp_path) == [1, 2]
+    # (The run that resumes also deletes the partial save: see the kill -9 test. Here this process still
+    # has orbax's threads writing it, so only read.)
+    restored, step = checkpoint.restore_network(str(tmp_path / "checkpoints"), -1)
+    assert step == 2
+    assert_state_equal(restored, fake_state(2))
+
+
+def test_a_state_past_a_non_finite_loss_is_never_saved(tmp_path, own_signals):
+    """(The run that stops: test_train.test_non_finite_loss_stops_naming_step_and_terms.) The last good
+    checkpoint stays the newest, and it restores."""
+    manager = save_steps(tmp_path, [1, 2])
+    manager.save(dict(fake_state(3), first_nonfinite_step=jnp.int32(2)), None, epoch_end=True)
+    manager.close()
+    assert finished_steps(tmp_path) == [1, 2]
+    restored, _ = checkpoint.Manager(tmp_path, digits.get_config(), "spcl").restore_or(fake_state(0), 5)
+    assert_state_equal(restored, fake_state(2))
+
+
+def test_library_errors_show_as_one_line_unless_verbose():
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        exc_info = sys.exc_info()
+    orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+
+    def record(level, pathname):
+        return std_logging.LogRecord("absl", level, pathname, 1, "save failed", (), exc_info)
+
+    error = record(std_logging.ERROR, orbax_file)
+    assert launch_py._LibraryInfoFilter().filter(error) and error.exc_info is None
+    verbose = record(std_logging.ERROR, orbax_file)
+    assert launch_py._LibraryInfoFilter(keep_tracebacks=True).filter(verbose) and verbose.exc_info is exc_info
+    assert not launch_py._LibraryInfoFilter().filter(record(std_logging.INFO, orbax_file))
+    ours = record(std_logging.ERROR, os.path.join(ROOT, "spcl_jax", "train.py"))
+    assert launch_py._LibraryInfoFilter().filter(ours) and ours.exc_info is exc_info
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """A workdir whose checkpoints hold steps 1, 2 and 3 of the fake state."""
+    previous = stop_handlers()
+    workdir = tmp_path_factory.mktemp("three_steps")
+    save_steps(workdir, [1, 2, 3]).close()
+    assert stop_handlers() == previous
+    return workdir
+
+
+def _truncate(*patterns):
+    def damage(step_dir):
+        paths = [p for pattern in patterns for p in glob.glob(os.path.join(step_dir, pattern), recursive=True)
+                 if os.path.isfile(p)]
+        assert paths, patterns
+        for path in paths:
+            os.truncate(path, os.path.getsize(path) // 2)
+    return damage
+
+
+def _delete(pattern):
+    def damage(step_dir):
+        paths = glob.glob(os.path.join(step_dir, pattern))
+        assert paths, pattern
+        for path in paths:
+            os.remove(path) if os.path.isfile(path) else shutil.rmtree(path)
+    return damage
+
+
+# damage to the newest step (3) -> does it also break loading for evaluation (which reads the state only)
+DAMAGE = {
+    "array data truncated": (_truncate("state/d/*"), True),
+    "array data deleted": (_delete("state/d/*"), True),
+    "array index truncated": (_truncate("state/manifest.ocdbt"), True),
+    "tree metadata truncated": (_truncate("state/_METADATA"), True),
+    "saved config truncated": (_truncate("config/metadata"), False),
+    "every file truncated": (_truncate("**"), True),
+    "step emptied": (_delete("*"), True),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_one_clear_line_and_nothing_is_written(three_steps, tmp_path, own_signals, damage):
+    mutate, breaks_load = DAMAGE[damage]
+    shutil.copytree(three_steps, tmp_path, dirs_exist_ok=True)
+    directory = tmp_path / "checkpoints"
+    mutate(str(directory / "3"))
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError) as resume:
+        checkpoint.Manager(tmp_path, digits.get_config(), "spcl").restore_or(fake_state(0), 5)
+    assert str(resume.value).startswith(f"checkpoint step 3 in {directory} cannot be read (")
+    assert str(resume.value).endswith(f"); delete {directory / '3'} to resume from step 2, or pass a new --workdir")
+    if breaks_load:
+        with pytest.raises(CheckpointError) as load:
+            checkpoint.restore_network(str(directory), -1)
+        assert str(load.value).startswith(f"checkpoint step 3 in {directory} cannot be read (")
+        assert str(load.value).endswith("); other saved steps: [2]")  # keep_checkpoints=2
+        assert "\n" not in str(load.value) and "Traceback" not in str(load.value)
+    else:
+        assert_state_equal(checkpoint.restore_network(str(directory), -1)[0], fake_state(3))
+    assert "\n" not in str(resume.value) and "Traceback" not in str(resume.value)
+    assert snapshot(tmp_path) == before
+    # What the message says to do works: without step 3 the run resumes from step 2.
+    shutil.rmtree(directory / "3")
+    restored, _ = checkpoint.Manager(tmp_path, digits.get_config(), "spcl").restore_or(fake_state(0), 5)
+    assert_state_equal(restored, fake_state(2))
+
+
+def test_a_missing_or_empty_checkpoint_directory(three_steps, tmp_path, own_signals, caplog):
+    with pytest.raises(CheckpointError, match=f"^checkpoint directory {tmp_path / 'none'} does not exist; pass the "
+                                              "<workdir>/checkpoints of a pretraining run$"):
+        checkpoint.restore_network(str(tmp_path / "none"), -1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=f"^no checkpoint in {tmp_path / 'empty'}; pass the "
+                                              "<workdir>/checkpoints of a pretraining run$"):
+        checkpoint.restore_network(str(tmp_path / "empty"), -1)
+    with pytest.raises(CheckpointError, match=f"^no checkpoint in {three_steps}; pass {three_steps / 'checkpoints'}$"):
+        checkpoint.restore_network(str(three_steps), -1)
+    with pytest.raises(CheckpointError, match=r"^step 7 is not saved in .*; saved steps: \[2, 3\]$"):
+        checkpoint.restore_network(str(three_steps / "checkpoints"), 7)
+    # Resuming a workdir without checkpoints is a fresh start, and says so.
+    fresh = fake_state(0)
+    caplog.set_level(std_logging.INFO)
+    assert checkpoint.Manager(tmp_path / "empty", digits.get_config(), "spcl").restore_or(fresh, 5) == (fresh, None)
+    assert f"no checkpoint in {tmp_path / 'empty' / 'checkpoints'}: starting at step 0" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tiny_model_saved(tmp_path_factory):
+    """A workdir with one checkpoint (step 4) of the tiny digits network."""
+    previous = stop_handlers()
+    workdir = tmp_path_factory.mktemp("tiny_model")
+    config = config_of(TINY)
+    _, params, batch_stats = network.create(config, "spcl", 10, 0)
+    manager = checkpoint.Manager(workdir, config, "spcl")
+    manager.restore_or(fake_state(0), 5)
+    manager.save(dict(fake_state(4), params=params, batch_stats=batch_stats), None, epoch_end=True)
+    manager.close()
+    assert stop_handlers() == previous
+    return workdir
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"width_multiplier": 0.125}, "encoder/layer1/0/bn1/bias/value has shape (4,) in the checkpoint but (8,) in this "
+                                  "model; check model, width_multiplier and proj_dim"),
+    ({"model": "resnet34"}, "the checkpoint has no encoder/layer1/2/bn1/bias/value; was it written for another "
+                            "model or method?"),
+])
+def test_a_checkpoint_of_another_model_is_refused_for_evaluation(tiny_model_saved, own_signals, change, message):
+    """(Resuming with another model: test_train.test_resuming_with_another_model_is_refused.)"""
+    before = snapshot(tiny_model_saved)
+    config = config_of(TINY)
+    config.update(change)
+    _, other_params, _ = network.create(config, "spcl", 10, 0)
+    saved, step = checkpoint.restore_network(str(tiny_model_saved / "checkpoints"), -1)
+    what = f"checkpoint step {step} in {tiny_model_saved / 'checkpoints'}"
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.fill(other_params, saved["params"], what=what)
+    assert str(refused.value) == f"{what}: {message}"
+    assert snapshot(tiny_model_saved) == before
+
+
+# ---------------------------------------------------------------- kill -9 during a save, interrupt/resume cycles
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Final state of the run in one go (in-process, like the resumed runs it is compared with)."""
+    previous = stop_handlers()
+    state, _ = train.train_and_evaluate(config_of(TINY + RUN), str(tmp_path_factory.mktemp("uninterrupted")))
+    assert stop_handlers() == previous
+    return jax.device_get({k: state[k] for k in STATE_KEYS})
+
+
+def assert_same_run(state, reference):
+    got = jax.device_get({k: state[k] for k in STATE_KEYS})
+    assert int(got["step"]) == 8
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(reference)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def kill_during_a_save(workdir):
+    """Starts the run and SIGKILLs it while a save's temporary directory exists after a finished one;
+    True if the kill left that save unfinished (a few tries: the window is a fraction of a second)."""
+    process = start(workdir, *RUN)
+    directory = workdir / "checkpoints"
+    while process.poll() is None:
+        names = os.listdir(directory) if directory.is_dir() else []
+        if "1" in names and any("orbax-checkpoint-tmp" in n for n in names):
+            process.kill()
+            break
+        time.sleep(0.002)
+    process.wait()
+    return process.returncode == -signal.SIGKILL and any("orbax-checkpoint-tmp" in n for n in os.listdir(directory))
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_save_then_the_previous_checkpoint_resumes_to_the_same_end(tmp_path, uninterrupted, own_signals):
+    for attempt in range(4):
+        workdir = tmp_path / f"try{attempt}"
+        if kill_during_a_save(workdir):
+            break
+    else:
+        pytest.fail("the kill never landed during a save in 4 runs")
+    steps = finished_steps(workdir)
+    assert steps and steps[-1] < 8
+    _, restored_step = checkpoint.restore_network(str(workdir / "checkpoints"), -1)
+    assert restored_step == steps[-1]
+    state, _ = train.train_and_evaluate(config_of(TINY + RUN), str(workdir))
+    assert_same_run(state, uninterrupted)
+    assert not glob.glob(str(workdir / "checkpoints" / "*tmp*"))
+    assert finished_steps(workdir) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_three_sigterm_resume_cycles_end_with_the_uninterrupted_parameters(tmp_path, monkeypatch, uninterrupted,
+                                                                          own_signals):
+    """SIGTERM after step 2 (mid-epoch), 4 (an epoch end, before re-clustering) and 7, each saved by the
+    signal (no periodic checkpoints) and resumed. The four runs share the first one's jitted step (one
+    config, so the same function): tracing it again would double this test's time."""
+    stops = [2, 4, 7]
+    make_train_step, built = train.make_train_step, []
+
+    def signalling_step(*args, **kwargs):
+        built.append(built[0] if built else make_train_step(*args, **kwargs))
+
+        def step(state, batch, key):
+            state, metrics = built[0](state, batch, key)
+            if stops and int(state["step"]) == stops[0]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return state, metrics
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", signalling_step)
+    config = config_of(TINY + RUN + [ON_SIGNAL_ONLY])
+    previous = stop_handlers()
+    for stop in list(stops):
+        with pytest.raises(checkpoint.Preempted, match=f"^stopped by SIGTERM at step {stop}; checkpoint saved"):
+            train.train_and_evaluate(config, str(tmp_path))
+        stops.pop(0)
+        assert finished_steps(tmp_path)[-1] == stop and stop_handlers() == previous
+    state, _ = train.train_and_evaluate(config, str(tmp_path))
+    assert_same_run(state, uninterrupted)
+    assert finished_steps(tmp_path) == [2, 4, 7, 8] and len(built) == 4
+    assert trained_steps(tmp_path) == list(range(1, 9))
+
+
+# ---------------------------------------------------------------- config fuzz
+
+def _fuzz_value(rng, key, reference):
+    """A random, often wrong, value for `key` as a command-line string."""
+    want = reference[key]
+    pool = ["", "0", "-1", "1", "2", "7", "-0.5", "0.5", "1e6", "-1e6", "1e308", "1e309", "nan", "inf", "-inf",
+            "True", "False", "None", "abc", "'x'", "()", "(1,)", "(0.5, 0.1)", "(0.1, 0.5)", "(1, 2, 3)", "[1, 2]",
+            "(nan, 1)", "99999999999999999999999", "0x10", "1_000", "{}", "é", " 8", "8 "]
+    if isinstance(want, str) and rng.random() < 0.4:
+        pool = list(config_validation.CHOICES.get(key, ())) or pool
+    if isinstance(want, (int, float)) and not isinstance(want, bool) and rng.random() < 0.4:
+        nearby = [want * 10.0 ** int(rng.integers(-3, 4)), -want, want + 1, 0]
+        return str(type(want)(nearby[int(rng.integers(len(nearby)))]))
+    return str(rng.choice(pool))
+
+
+@pytest.fixture
+def in_process_launch(monkeypatch, tmp_path):
+    """launch.py's own flag parsing and `main` in this process, stopping where training would start."""
+    started = []
+    monkeypatch.setattr(train, "run", lambda config, workdir: started.append((workdir, config)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    handler = absl_logging.get_absl_handler()
+    filters, verbosity = list(handler.filters), absl_logging.get_verbosity()
+
+    def run(overrides):
+        argv = ["launch.py", "--config", "configs/digits.py", f"--workdir={tmp_path}", *overrides]
+        monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the overrides from sys.argv
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        started.clear()
+        try:
+            launch_py.main(launch_py._parse_flags(argv))
+        except SystemExit as e:
+            return e.code
+        assert [workdir for workdir, _ in started] == [str(tmp_path)]
+        run.accepted = started[0][1]
+        return 0
+
+    yield run
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+    handler.filters[:] = filters
+    absl_logging.set_verbosity(verbosity)
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
+def test_fuzzed_configs_are_accepted_or_refused_in_one_line(in_process_launch, capsys):
+    """300 random override sets (fixed seed): wrong types, out-of-range, NaN/huge/empty values, unknown
+    keys, tuples of the wrong length. Each must pass validation or end with one line and exit 2."""
+    rng = np.random.default_rng(10)
+    reference = default.get_config()
+    keys = sorted(reference.keys())
+    outcomes = {0: 0, 2: 0}
+    for _ in range(300):
+        overrides = []
+        for _ in range(rng.integers(1, 4)):
+            key = str(rng.choice(keys)) if rng.random() < 0.85 else "".join(rng.choice(list("abcxyz_."), 6))
+            overrides.append(f"--config.{key}={_fuzz_value(rng, key, reference) if key in reference else '1'}")
+        code = in_process_launch(overrides)
+        err = capsys.readouterr().err
+        assert code in outcomes, (overrides, code, err)
+        outcomes[code] += 1
+        lines = [line for line in err.splitlines() if line.strip()]
+        if code == 2:
+            assert len(lines) == 1 and lines[0].startswith("launch.py: error: "), (overrides, err)
+        assert "Traceback" not in err, (overrides, err)
+        if code == 0:
+            numbers = [v for value in in_process_launch.accepted.values()
+                       for v in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(v, float)]
+            assert all(np.isfinite(numbers)), overrides
+    assert min(outcomes.values()) > 20, outcomes  # both outcomes exercised
