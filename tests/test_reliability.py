@@ -362,7 +362,7 @@ def test_a_damaged_checkpoint_is_one_clear_line_and_nothing_is_written(three_ste
     assert_state_equal(restored, fake_state(2))
 
 
-def test_a_missing_or_empty_checkpoint_directory(three_steps, tmp_path, own_signals, caplog):
+def test_a_missing_or_empty_checkpoint_directory(three_steps, tmp_path, own_signals, monkeypatch):
     with pytest.raises(CheckpointError, match=f"^checkpoint directory {tmp_path / 'none'} does not exist; pass the "
                                               "<workdir>/checkpoints of a pretraining run$"):
         checkpoint.restore_network(str(tmp_path / "none"), -1)
@@ -376,9 +376,10 @@ def test_a_missing_or_empty_checkpoint_directory(three_steps, tmp_path, own_sign
         checkpoint.restore_network(str(three_steps / "checkpoints"), 7)
     # Resuming a workdir without checkpoints is a fresh start, and says so.
     fresh = fake_state(0)
-    caplog.set_level(std_logging.INFO)
+    infos = []
+    monkeypatch.setattr(checkpoint.logging, "info", lambda fmt, *args: infos.append(fmt % args))
     assert checkpoint.Manager(tmp_path / "empty", digits.get_config(), "spcl").restore_or(fresh, 5) == (fresh, None)
-    assert f"no checkpoint in {tmp_path / 'empty' / 'checkpoints'}: starting at step 0" in caplog.text
+    assert f"no checkpoint in {tmp_path / 'empty' / 'checkpoints'}: starting at step 0" in infos
 
 
 @pytest.fixture(scope="module")
