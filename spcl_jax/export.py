@@ -22,13 +22,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 from spcl_jax import checkpoint
 from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import _ARCHITECTURES
+from spcl_jax.workdir import write_atomic
 
 # Our module name -> torchvision's, in torchvision's registration (= state_dict) order.
 _BLOCK_MODULES = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"), ("conv3", "conv3"),
@@ -82,21 +82,6 @@ def describe(params):
             "features_dim": int(_array(stages[-1][-1]["bn3" if kind == "bottleneck" else "bn2"]["scale"]).shape[0])}
 
 
-def _write_atomic(path, write):
-    """`write(file)` into a temporary file beside `path`, then rename: readers never see a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def _check_out(out):
     folder = os.path.dirname(os.path.abspath(out))
     if not out.endswith(".npz"):
@@ -124,8 +109,8 @@ def export(directory, out, step=-1):
         raise CheckpointError(f"checkpoint step {step} in {directory} has no ResNet encoder ({e!r} missing); "
                               "pass the <workdir>/checkpoints of a spcl_jax pretraining run") from e
     try:
-        _write_atomic(out, lambda f: np.savez(f, **arrays))
-        _write_atomic(out[:-len(".npz")] + ".json",
+        write_atomic(out, lambda f: np.savez(f, **arrays))
+        write_atomic(out[:-len(".npz")] + ".json",
                       lambda f: f.write(json.dumps(description, indent=2).encode() + b"\n"))
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from e

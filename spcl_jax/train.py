@@ -25,7 +25,7 @@ from spcl_jax.errors import ConfigError, UserError
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.config_validation import CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS
 from spcl_jax.network import prototype_classifier_width
-from spcl_jax.workdir import claim_workdir
+from spcl_jax.workdir import claim_workdir, write_atomic
 
 
 class NonFiniteLossError(UserError):
@@ -292,9 +292,8 @@ def check_finite(state, metrics, step):
 
 
 def write_run_config(config, method, workdir):
-    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-        json.dump(checkpoint.resolved_config(config, method), f, indent=2, sort_keys=True)
-    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    text = json.dumps(checkpoint.resolved_config(config, method), indent=2, sort_keys=True)
+    write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(text.encode()))
 
 
 def train_and_evaluate(config, workdir):

@@ -1,4 +1,5 @@
-"""What a run owns in its workdir: an exclusive claim, so two runs never write the same checkpoints.
+"""What a run owns in its workdir: an exclusive claim, so two runs never write the same checkpoints,
+and files that appear whole or not at all.
 
 `claim_workdir` takes an advisory `fcntl.flock` on `<workdir>/.lock` and holds it for the life of
 the process. The kernel drops the lock when the process ends, however it ends, so a SIGKILLed or
@@ -8,6 +9,7 @@ import errno
 import fcntl
 import os
 import socket
+import tempfile
 
 from absl import logging
 
@@ -46,3 +48,18 @@ def claim_workdir(workdir):
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     _held[path] = fd
+
+
+def write_atomic(path, write):
+    """`write(file)` into a temporary file beside `path`, then rename: readers never see a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -16,6 +16,7 @@ from flax import nnx
 from configs import digits
 from spcl_jax import checkpoint, export, network
 from spcl_jax.models.resnet import ResNet
+from spcl_jax.workdir import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_PLANES = (64, 128, 256, 512)
@@ -271,5 +272,5 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        export._write_atomic(str(path), fail)
+        write_atomic(str(path), fail)
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["encoder.npz"]
