@@ -94,6 +94,9 @@ def _start_runtime(config):
     logging.get_absl_handler().addFilter(_LibraryInfoFilter(keep_tracebacks=config.verbose))
     import jax
 
+    if config.compilation_cache_dir:  # a restart or resume loads its programs instead of compiling them again
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+
     if _COORDINATOR.value and not config.no_distributed:
         _connect(jax, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                  process_id=_PROCESS_ID.value)

@@ -122,6 +122,27 @@ def time_interleaved(steps, count):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def machine_note():
+    """One line: CPU model, usable cores, load average and the versions of the libraries timed."""
+    import importlib.metadata
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    versions = []
+    for package in ("jax", "jaxlib", "flax", "optax", "numpy", "pillow", "simplejpeg", "grain", "torch", "faiss-cpu"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return (f"machine: {model}, {len(os.sched_getaffinity(0))} usable cores, load average "
+            f"{os.getloadavg()[0]:.2f}; {', '.join(versions)}")
+
+
 def load_note():
     """The 1-minute load average against the CPU count: timings on a shared CPU are upper bounds."""
     return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"

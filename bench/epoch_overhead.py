@@ -66,11 +66,13 @@ def for_row(setup, images, labels, n, k):
                                steps_per_epoch=n // config.batch_size)
 
 
-def feature_pass(setup, state, key):
+def feature_pass(setup, state, seed):
     """What `train.cluster` runs first: the frozen encoder over the pretrain set in dataset order."""
-    encode = lambda images: setup.encode(state["params"], state["batch_stats"], images, key)  # noqa: E731
+    encode = lambda batch: setup.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
     source = setup.splits.pretrain
-    return features.extract_features(encode, source, np.arange(len(source)), setup.config.batch_size, setup.mesh)
+    maker = features.feature_pass(source, np.arange(len(source)), setup.config.batch_size,
+                                  train.FEATURE_VIEWS[setup.config.cluster_feature_view], setup.recipe, seed)
+    return features.extract_features(encode, maker, setup.mesh)
 
 
 def pca_kmeans(setup, feats, position, key):
@@ -82,12 +84,12 @@ def pca_kmeans(setup, feats, position, key):
     return kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, key, init=config.kmeans_init, valid=valid)
 
 
-def real_epoch(setup, state, pseudo, key):
+def real_epoch(setup, state, pseudo):
     """(state, seconds) of `train.run_epoch`, after one step that compiled the train step."""
-    warm_up = train.load_batch(setup, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
-    state = jax.block_until_ready(setup.train_step(state, warm_up, key)[0])
+    warm_up = train.load_batch(setup, 0, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
+    state = jax.block_until_ready(setup.train_step(state, warm_up)[0])
     no_checkpoints = types.SimpleNamespace(stop_requested=lambda **_: False)  # checkpoint_every_steps is 0
-    (state, _), seconds = timed(lambda: train.run_epoch(setup, state, pseudo, 0, 0, key,
+    (state, _), seconds = timed(lambda: train.run_epoch(setup, state, pseudo, 0, 0,
                                                         MetricWriter("", enabled=False), no_checkpoints))
     return state, seconds
 
@@ -95,9 +97,9 @@ def real_epoch(setup, state, pseudo, key):
 def measure(setup, state, images, labels, n, k, key, first):
     """(the row's setup, its pseudo labels, its table row without the step columns) of (n, k)."""
     setup = for_row(setup, images, labels, n, k)
-    feature_key, kmeans_key, cluster_key = jax.random.split(key, 3)
-    feature_pass(setup, state, feature_key)  # compiles the encoder (first row) and the buffer writes (new N)
-    (feats, position), features_s = min((timed(lambda: feature_pass(setup, state, feature_key)) for _ in range(2)),
+    kmeans_key, cluster_key = jax.random.split(key)
+    feature_pass(setup, state, (n, k))  # compiles the encoder (first row) and the buffer writes (new N)
+    (feats, position), features_s = min((timed(lambda: feature_pass(setup, state, (n, k))) for _ in range(2)),
                                         key=lambda out: out[1])
     _, first_s = timed(lambda: pca_kmeans(setup, feats, position, kmeans_key))
     _, kmeans_s = timed(lambda: pca_kmeans(setup, feats, position, kmeans_key))
@@ -176,14 +178,14 @@ def main(argv=None):
     row = dataclasses.replace(PRESETS[args.preset]["row"], batch=args.batch)
     setup, state, _ = build_step(row, args.width, args.k0, mesh)
     pool = synthetic_splits(setup.config, max(n for n, _ in args.points), seed=2).pretrain
-    images, labels = pool.get(np.arange(len(pool))), pool.labels
+    images, labels = pool.load(np.arange(len(pool))).pixels, pool.labels
     key = jax.random.key(0)
     rows, reference, seconds_per_step = [], None, None
     for n, k in args.points:
         row_setup, pseudo, result = measure(setup, state, images, labels, n, k, jax.random.fold_in(key, n * k),
                                             first=reference is None)
         if reference is None:
-            state, steps_s = real_epoch(row_setup, state, pseudo, key)
+            state, steps_s = real_epoch(row_setup, state, pseudo)
             seconds_per_step = steps_s / row_setup.steps_per_epoch
             reference = result = with_steps(result, steps_s, "run_epoch")
         else:

@@ -1,126 +1,207 @@
-"""Input-pipeline throughput: host JPEG decoding and on-device augmentation.
+"""Input pipeline: host CPU per image, loader throughput by worker count, and the device-side views.
 
-    python bench/input_pipeline.py [--images 512] [--batch 64] [--threads 1,2] [--aug_batch 64]
+    python bench/input_pipeline.py [--images 256] [--batch 32] [--workers 1,2] [--repeats 5] [--json]
 
-Host: ImageNet-size JPEGs (500x375, smooth content plus noise, quality 90) written to a temp dir get
-the header check that opening an image folder does, then are decoded by `FileSource` and fitted to
-the 256 load size of a 224 crop, directly and through `HostLoader`.
-Device: `pretrain_view` (the ImageNet recipe with blur at 224 from 256, the CIFAR recipe at 32) on
-whatever backend JAX picks, timed after compilation; reported per 1,000 images.
+Writes ImageNet-like JPEGs (500x375 and 375x500 windows of scikit-learn's two bundled photos, quality
+90) to a temporary folder and measures, in one run:
+
+* host CPU ms per image, per format (the JPEG files; the records `python -m spcl_jax.data.prepare` writes
+  of them: shorter side 256, quality 90): the CPU time (this process) of `BatchMaker` making
+  SimCLR-style batches (each image decoded whole into its canvas, plus the boxes and uniforms of its two
+  views), the formats taking turns over `--repeats` rounds (median and range);
+* loader throughput: `pipeline.Loader` over the same batches, repeated to `--loader_images`, with each
+  worker count (images/s after the first batch, in steady state; the workers' start-up separately), and
+  what one worker process costs per image (its decoding, plus shared memory and hand-over), 1 / its rate;
+* the cores one accelerator needs to be fed 1,750 images/s (an H100 at 3,500 views/s of ResNet-50) at
+  those costs;
+* the device side (`augment.views`: crops, colours, blur from the 256x384 canvas to 224) on whatever
+  backend JAX picks, per 1,000 views.
+
+`--json` ends the output with one JSON object holding every number (`folder_cpu_ms_per_image`, ...).
 """
 import argparse
+import dataclasses
+import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_sample_images
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from spcl_jax import augment  # noqa: E402
-from spcl_jax.data.datasets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from spcl_jax.data.imagefolder import SCAN_THREADS, check_images  # noqa: E402
-from spcl_jax.data.loader import HostLoader  # noqa: E402
+from spcl_jax.data import crops, pipeline, records  # noqa: E402
+from spcl_jax.data.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from spcl_jax.data.imagefolder import check_images  # noqa: E402
 from spcl_jax.data.sources import FileSource  # noqa: E402
 
-COLUMNS = [("stage", "stage", "{}"), ("rate", "throughput", "{:,.1f}"), ("unit", "unit", "{}"), ("note", "note", "{}")]
+COLUMNS = [("stage", "stage", "{}"), ("value", "value", "{}"), ("unit", "unit", "{}"), ("note", "note", "{}")]
+SPECS = (("a", "pretrain"), ("a", "pretrain"))  # two views per image, as SimCLR; a pair step holds two images
+RECIPE = pipeline.Recipe(crop_scale=(0.008, 1.0), eval_crop=196)
+LOAD_SIZE = 256  # the shorter side images are capped at for 224 crops
+FEED_RATE = 1750  # images/s one H100 consumes at 3,500 views/s
 
 
-def write_jpegs(folder, count, size=(500, 375)):
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
-    noise = rng.normal(0, 12, (size[1], size[0], 3)).astype(np.float32)
+def write_jpegs(folder, count, seed=0):
+    """`count` 500x375 (a third of them 375x500) JPEG windows of the bundled photos, quality 90."""
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
-        phase = rng.random(3) * 6.28
-        base = 127 + 100 * np.sin(xx[..., None] / (20 + i % 30) + yy[..., None] / 35 + phase)
-        image = np.clip(base + np.roll(noise, 7 * i, axis=1), 0, 255).astype(np.uint8)
+        photo = photos[i % len(photos)]
+        top, left = rng.integers(0, photo.shape[0] - 375 + 1), rng.integers(0, photo.shape[1] - 500 + 1)
+        image = Image.fromarray(photo[top:top + 375, left:left + 500])
+        if i % 3 == 2:
+            image = image.transpose(Image.Transpose.ROTATE_90)
         path = os.path.join(folder, f"{i:05d}.jpg")
-        Image.fromarray(image).save(path, quality=90)
+        image.save(path, quality=90)
         paths.append(path)
     return paths
 
 
-def host_rows(paths, batch, threads):
-    start = time.perf_counter()
+def sources(folder, count):
+    """{format: source} of the same images: the JPEG files, and the records `prepare` writes of them."""
+    paths = write_jpegs(folder, count)
     check_images(paths, np.zeros(len(paths)), skip_bad=False, hint="")
-    rate = len(paths) / (time.perf_counter() - start)
-    rows = [dict(stage=f"header check at open ({SCAN_THREADS} threads)", rate=rate, unit="files/s",
-                 note="once per run, before training")]
-    plan = np.arange(len(paths) // batch * batch).reshape(-1, batch)
-    for t in threads:
-        src = FileSource(paths, np.zeros(len(paths)), 256, threads=t)
-        src.get(plan[0])  # warm the thread pool and the page cache
-        start = time.perf_counter()
-        for idx in plan:
-            src.get(idx)
-        rate = plan.size / (time.perf_counter() - start)
-        rows.append(dict(stage=f"FileSource.get, {t} thread(s)", rate=rate, unit="img/s",
-                         note=f"{rate / max(t, 1):.0f} img/s/worker"))
-    workers = max(threads)
-    src = FileSource(paths, np.zeros(len(paths)), 256, threads=1)
+    labels = np.zeros(len(paths), np.int64)
+    out = os.path.join(folder, "records")
+    records.prepare("imagefolder", folder, {"train": (paths, labels), "test": (paths[:1], labels[:1])}, ["all"], out,
+                    max_side=LOAD_SIZE, log=lambda _: None)
+    return {"folder": FileSource(paths, labels, LOAD_SIZE), "prepared": records.open_split(out, "train", LOAD_SIZE)[0]}
+
+
+def makers(formats, batch):
+    """{format: BatchMaker of one pass over every image in order}."""
+    out = {}
+    for name, source in formats.items():
+        steps = len(source) // batch
+        out[name] = pipeline.make_pass(source, {"a": np.arange(steps * batch).reshape(steps, batch)}, SPECS, RECIPE,
+                                       seed=(0,))
+    return out
+
+
+def host_cpu_ms(passes, repeats):
+    """{format: [CPU ms per image of each round]}, the formats taking turns."""
+    times = {name: [] for name in passes}
+    for _ in range(repeats):
+        for name, maker in passes.items():
+            start = time.process_time()
+            for step in range(maker.num_steps):
+                maker(step)
+            times[name].append((time.process_time() - start) / (maker.num_steps * maker.batch_size) * 1e3)
+    return times
+
+
+def loader_rate(maker, workers, images):
+    """(images/s after the first batch, seconds to the first batch) of a Loader with `workers` processes
+    over `maker`'s plan repeated to at least `images` images."""
+    repeats = -(-images // (maker.num_steps * maker.batch_size))
+    maker = dataclasses.replace(maker, sets={name: np.tile(plan, (repeats, 1)) for name, plan in maker.sets.items()})
+    began = time.perf_counter()
+    with pipeline.Loader(maker, num_workers=workers) as loader:
+        next(loader)
+        first = time.perf_counter()
+        for _ in loader:
+            pass
+    end = time.perf_counter()
+    return (maker.num_steps - 1) * maker.batch_size / max(end - first, 1e-9), first - began
+
+
+def device_ms_per_1000_views(batch, reps):
+    """(ms per 1,000 views of the ImageNet recipe, compile s) of augment.views on the default JAX backend."""
+    import jax
+
+    from spcl_jax import augment
+
+    params = augment.AugmentParams(224, IMAGENET_MEAN, IMAGENET_STD, blur=True)
+    rng = np.random.default_rng(0)
+    canvas = (LOAD_SIZE, LOAD_SIZE * 3 // 2)
+    host = {"pixels_a": rng.integers(0, 256, (batch, *canvas, 3), dtype=np.uint8),
+            "frame_a": np.tile(np.asarray([[256, 341, 0, 256 / 375]], np.float32), (batch, 1)),
+            "boxes": np.tile(np.asarray([[[20, 30, 180, 200]]], np.float32), (batch, len(SPECS), 1)),
+            "draws": rng.random((batch, len(SPECS), crops.VIEW_DRAWS),
+                                dtype=np.float32)}
+    fn = jax.jit(lambda b: augment.views(b, SPECS, params))
+    data = jax.device_put(host)
     start = time.perf_counter()
-    for _ in HostLoader(src, plan, num_workers=workers, prefetch=2 * workers):
-        pass
-    rate = plan.size / (time.perf_counter() - start)
-    rows.append(dict(stage=f"HostLoader, {workers} worker(s) x 1 decode thread", rate=rate, unit="img/s",
-                     note=f"{rate / workers:.0f} img/s/worker"))
-    return rows
+    fn(data).block_until_ready()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = fn(data)
+    out.block_until_ready()
+    return (time.perf_counter() - start) / (reps * batch * len(SPECS)) * 1e6, compile_s
 
 
-def device_rows(batch, reps):
-    recipes = (
-        ("pretrain_view 256->224 (imagenet, blur)", 256,
-         augment.AugmentParams(224, IMAGENET_MEAN, IMAGENET_STD, crop_scale=(0.008, 1.0), blur=True)),
-        ("pretrain_view 32->32 (cifar)", 32, augment.AugmentParams(32, CIFAR_MEAN, CIFAR_STD)),
-        ("eval_view 256->224", 256, augment.AugmentParams(224, IMAGENET_MEAN, IMAGENET_STD)),
-    )
-    rows = []
-    for name, load, params in recipes:
-        images = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, load, load, 3), dtype=np.uint8))
-        if name.startswith("eval"):
-            fn = jax.jit(augment.eval_view, static_argnums=1)
-            run = lambda i: fn(images, params)
-        else:
-            fn = jax.jit(augment.pretrain_view, static_argnums=2)
-            run = lambda i: fn(jax.random.key(i), images, params)
-        start = time.perf_counter()
-        run(0).block_until_ready()
-        compile_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for i in range(reps):
-            out = run(i + 1)
-        out.block_until_ready()
-        ms_per_1000 = (time.perf_counter() - start) / (reps * batch) * 1e6
-        rows.append(dict(stage=name, rate=ms_per_1000, unit="ms / 1,000 img",
-                         note=f"compile {compile_s:.1f} s, batch {batch}"))
-    return rows
+def spread(values):
+    return f"{statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f}, n={len(values)})"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=common.positive(int), default=512)
-    parser.add_argument("--batch", type=common.positive(int), default=64)
-    parser.add_argument("--threads", type=common.positive_ints, default="1,2",
-                        help="decode thread counts to time, comma-separated")
-    parser.add_argument("--aug_batch", type=common.positive(int), default=64)
-    parser.add_argument("--reps", type=common.positive(int), default=3)
+    parser.add_argument("--images", type=common.positive(int), default=256)
+    parser.add_argument("--batch", type=common.positive(int), default=32)
+    parser.add_argument("--workers", type=common.positive_ints, default="1,2",
+                        help="worker process counts to time the loader with, comma-separated")
+    parser.add_argument("--repeats", type=common.positive(int), default=5)
+    parser.add_argument("--loader_images", type=common.positive(int), default=8192,
+                        help="images each loader run loads (the images repeated): long enough for a steady state")
+    parser.add_argument("--aug_batch", type=common.positive(int), default=16)
+    parser.add_argument("--json", action="store_true", help="end with one JSON object of every number")
     args = parser.parse_args(argv)
-    if args.images < args.batch:
-        parser.error(f"--images {args.images} is below --batch {args.batch}: no batch to time")
-    threads = args.threads
+    if args.images < 2 * args.batch:
+        parser.error(f"--images {args.images} is below 2 x --batch {args.batch}: the loader needs two batches")
+    print(common.machine_note())
+    rows, numbers = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        paths = write_jpegs(folder, args.images)
-        print(f"wrote {len(paths)} JPEGs 500x375 in {time.perf_counter() - start:.1f} s; {common.load_note()}; "
-              f"JAX backend {jax.default_backend()} ({jax.devices()[0].device_kind})")
-        rows = host_rows(paths, args.batch, threads)
-    rows += device_rows(args.aug_batch, args.reps)
+        passes = makers(sources(folder, args.images), args.batch)
+        load_before = os.getloadavg()[0]
+        for name, values in host_cpu_ms(passes, args.repeats).items():
+            median = statistics.median(values)
+            numbers[f"{name}_cpu_ms_per_image"] = median
+            numbers[f"{name}_cpu_ms_per_image_range"] = [min(values), max(values)]
+            rows.append(dict(stage=f"host CPU per image, {name}", value=spread(values), unit="ms",
+                             note="decode into the canvas + both views' boxes and uniforms"))
+            rows.append(dict(stage=f"cores per accelerator at {FEED_RATE:,} img/s, {name}",
+                             value=f"{FEED_RATE * median / 1e3:.2f}", unit="cores", note="at the median CPU cost"))
+        folder_ms, prepared_ms = numbers["folder_cpu_ms_per_image"], numbers["prepared_cpu_ms_per_image"]
+        numbers["prepared_over_folder"] = prepared_ms / folder_ms
+        rows.append(dict(stage="host CPU per image, prepared / folder", value=f"{prepared_ms / folder_ms:.2f}",
+                         unit="ratio", note="of the medians"))
+        for name, maker in passes.items():
+            rates = {}
+            for workers in args.workers:
+                rate, startup = loader_rate(maker, workers, args.loader_images)
+                rates[workers] = rate
+                numbers[f"{name}_loader_images_per_s_{workers}_workers"] = rate
+                rows.append(dict(stage=f"loader, {name}, {workers} worker process(es)", value=f"{rate:,.0f}",
+                                 unit="img/s", note=f"steady state; start-up {startup:.1f} s"))
+            if 1 in rates:
+                worker_ms = 1e3 / rates[1]
+                numbers[f"{name}_worker_ms_per_image"] = worker_ms
+                rows.append(dict(stage=f"one worker process per image, {name}", value=f"{worker_ms:.3f}", unit="ms",
+                                 note=f"{FEED_RATE * worker_ms / 1e3:.2f} cores per accelerator at this cost"))
+            if 1 in rates and len(rates) > 1:
+                top = max(rates)
+                numbers[f"{name}_loader_speedup_{top}_over_1"] = rates[top] / rates[1]
+                rows[-1]["note"] += f"; {top} workers: {rates[top] / rates[1]:.2f}x one"
+        load_after = os.getloadavg()[0]
+    ms, compile_s = device_ms_per_1000_views(args.aug_batch, args.repeats)
+    numbers["device_ms_per_1000_views"] = ms
+    import jax
+
+    rows.append(dict(stage="device views 256x384 canvas -> 224 (colours, blur, crop)", value=f"{ms:,.1f}",
+                     unit="ms / 1,000 views", note=f"{jax.devices()[0].device_kind}; compile {compile_s:.1f} s"))
+    numbers.update(load_before=load_before, load_after=load_after)
+    print(f"load average before {load_before:.2f}, after {load_after:.2f}")
     print(common.markdown(rows, COLUMNS))
+    if args.json:
+        print(json.dumps(numbers))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from configs import cifar10, imagenet  # noqa: E402
 from spcl_jax import sharding, train  # noqa: E402
 from spcl_jax.data import ArraySource  # noqa: E402
 from spcl_jax.data.datasets import load_size  # noqa: E402
+from spcl_jax.data.decode import canvas_shape  # noqa: E402
 
 CONFIGS = {"resnet18": cifar10, "resnet50": imagenet}
 COMBINED = common.COLUMNS[:4] + [
@@ -57,10 +58,11 @@ def config_for(row, width, num_prototypes=common.NUM_PROTOTYPES):
 
 
 def synthetic_splits(config, n, seed=0):
-    """Fake splits whose pretrain set holds n random uint8 images (at the stored size) with random labels."""
+    """Fake splits whose pretrain set holds n random uint8 images with random labels, in the canvas that
+    images of the dataset arrive in (ImageNet: a 256 x 384 canvas, each image filling it)."""
     rng = np.random.default_rng(seed)
-    size = load_size(config) if config.dataset == "imagenet" else config.image_size
-    pretrain = ArraySource(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+    canvas = canvas_shape(load_size(config)) if config.dataset == "imagenet" else (config.image_size,) * 2
+    pretrain = ArraySource(rng.integers(0, 256, (n, *canvas, 3), dtype=np.uint8),
                            rng.integers(0, config.n_classes, n))
     return types.SimpleNamespace(pretrain=pretrain, num_classes=config.n_classes, mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -70,14 +72,10 @@ def _build(row, width, num_prototypes, mesh):
     config = config_for(row, width, num_prototypes)
     splits = synthetic_splits(config, config.batch_size)
     rng = np.random.default_rng(1)
-    n, pretrain = config.batch_size, splits.pretrain
-    b = rng.permutation(n)
-    batch = dict(images_a=pretrain.get(np.arange(n)), images_b=pretrain.get(b),
-                 labels_a=rng.integers(0, num_prototypes, n).astype(np.int32),
-                 labels_b=rng.integers(0, num_prototypes, n).astype(np.int32),
-                 similarity=rng.integers(0, 2, n).astype(np.float32))
+    n = config.batch_size
+    plan = {"a": np.arange(n)[None], "b": rng.permutation(n)[None], "similarity": rng.integers(0, 2, (1, n))}
     setup, state = train.build(config, "spcl", splits, mesh)
-    return setup, state, sharding.to_global(batch, sharding.batch_sharding(mesh))
+    return setup, state, train.load_batch(setup, 0, plan, 0, rng.integers(0, num_prototypes, n))
 
 
 def build_step(row, width, num_prototypes, mesh):
@@ -101,20 +99,18 @@ def prepare(row, width, num_prototypes, compiler_options=None):
     start = time.perf_counter()
     mesh = sharding.data_mesh()
     setup, state, batch = build_step(row, width, num_prototypes, mesh)
-    keys = list(jax.random.split(jax.random.key(0), 16))  # uncommitted, like run_epoch's: the same compiled step
     step = setup.train_step
     if compiler_options is not None:
-        step = step.lower(state, batch, keys[0]).compile(compiler_options=compiler_options)
+        step = step.lower(state, batch).compile(compiler_options=compiler_options)
 
     def run():
         nonlocal state
-        keys.append(keys.pop(0))
-        state, metrics = step(state, batch, keys[0])
+        state, metrics = step(state, batch)
         jax.block_until_ready((state, metrics))
 
     run()  # compiles
     run()
-    compiled = step if compiler_options is not None else step.lower(state, batch, keys[0]).compile()  # (cached)
+    compiled = step if compiler_options is not None else step.lower(state, batch).compile()  # (cached)
     return run, time.perf_counter() - start, xla_flops(compiled)
 
 

@@ -38,7 +38,7 @@ def get_config():
     c.imagenet100_classes = "cmc"  # cmc (the CMC paper's list) | first100 (as written: first 100 wnids, B-14)
     c.pretrain_sampling = "permutation"  # permutation (no replacement) | weighted_replacement (as written, B-15)
     c.skip_bad_images = False  # skip undecodable files in image folders with a warning instead of stopping
-    c.num_workers = 2  # host loader threads that decode and gather batches ahead of the step (0 = in the main thread)
+    c.num_workers = -1  # input worker processes decoding images ahead of the step; -1 = usable cores - 1; 0 = none
 
     # ---- augmentation (spec §4.3) ----
     c.jitter_d = 1.0  # colour-jitter strength d: (0.8d, 0.8d, 0.8d, 0.2d)
@@ -59,6 +59,7 @@ def get_config():
     c.width_multiplier = 1.0  # channel width multiplier (narrow networks for CPU runs)
     c.proj_dim = 128  # projection head output width
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters and BatchNorm statistics stay float32)
+    c.remat = "none"  # none | block: recompute each residual block in the backward pass (bigger batches fit)
     c.dip_proj = False  # original flag for the dead DIP head (spec §2.9); not ported, must stay False
     c.dip_weight = 1e-2  # original flag for the dead DIP loss; unused
     c.encoder_bn_mode = "train"  # train | frozen_init_stats (as written, B-4: encoder BN stuck at init stats)
@@ -127,5 +128,7 @@ def get_config():
     c.overwrite_checkpoints = False  # start fresh in a workdir whose checkpoints belong to another config
     c.no_distributed = False  # original flag: never call jax.distributed.initialize
     c.gpu_id = ""  # original flag: sets CUDA_VISIBLE_DEVICES before JAX starts ("" = leave as is)
+    c.compilation_cache_dir = "~/.cache/spcl_jax/xla"  # JAX's persistent compilation cache ("" = off)
+    c.listing_cache_dir = "~/.cache/spcl_jax/listings"  # image-folder listings by (path, mtime, count) ("" = off)
     c.max_steps_per_epoch = -1  # cap on train steps per epoch (tests and smoke runs); -1 = full epoch
     return c

@@ -1,50 +1,53 @@
-"""On-device image augmentation (spec §4.3) in pure JAX.
+"""On-device image augmentation (spec §4.3) in pure JAX, from host-drawn boxes and uniforms.
 
-The host ships uint8 batches; the random crops, colour ops and normalisation run jitted on the
-accelerator, on the sharded batch. Every image gets its own key (`jax.random.split` + `vmap`), so
-the result does not depend on how the batch is sharded.
+The host (`spcl_jax.data.pipeline`) ships each image whole in a canvas (`spcl_jax.data.decode`) with
+its `frame`, and per view a crop box and a vector of uniforms (`spcl_jax.data.crops`); everything
+here is a deterministic function of them, jitted on the sharded batch, so a view does not depend on
+how the batch is sharded. Recipes, in the original's order:
 
-Differences from the original's torchvision/PIL pipeline, all deliberate:
+* pretrain (colour_first, the original): colour jitter (p) -> grey (p) -> blur (p, if enabled) on the
+  whole image, then the crop box resized to S -> flip; crop_first (SimCLR): crop -> flip -> colours.
+* train (linear evaluation, original protocol): crop box resized to S -> flip.
+* eval: the centre box resized to S (CenterCrop(0.875 S) -> Resize(S) on the original file).
+
+The crop is resampled like PIL's bilinear `resize` of the cropped image (what torchvision's
+RandomResizedCrop does): a triangle filter widened by the scale factor when shrinking, over the
+box's pixels only. Deliberate differences from the torchvision/PIL pipeline:
 
 * Images are float32 in [0, 1] between ops; PIL rounds to uint8 after every op.
 * Colour jitter applies brightness, contrast, saturation and hue in a random order drawn per image,
-  like torchvision's ColorJitter (under `vmap` all four ops are computed at each of the 4 positions
-  and the drawn one selected, so shapes stay static).
-* Gaussian blur is an exact separable Gaussian (taps to 3 sigma_max, edge padding, sigma in pixels of
-  the image it is applied to); PIL approximates the Gaussian with box blurs.
-* The random resized crop resamples the crop box straight from the full image with
-  `jax.image.scale_and_translate` (bilinear, antialiased when shrinking, like PIL), so pixels just
-  outside the box can contribute to the border samples; PIL crops first.
+  like torchvision's ColorJitter (all four ops are computed at each of the 4 positions and the drawn
+  one selected, so shapes stay static).
+* Gaussian blur is an exact Gaussian (taps to 3 sigma_max, edge padding, sigma in pixels of the
+  original file); PIL approximates it with box blurs.
 """
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from spcl_jax.data.crops import FLIP_DRAW, JITTER_DRAWS
 from spcl_jax.errors import ConfigError
 
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its centre-crop fallback
-EVAL_CROP_FRACTION = 0.875
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL convert("L") and torchvision
 AUG_ORDERS = ("colour_first", "crop_first")
-# Each image draws one vector of uniforms (one threefry call: cheap to compile), sliced per op.
-CROP_DRAWS = 2 * CROP_ATTEMPTS + 2  # areas, log-ratios, top, left
-GEOMETRY_DRAWS = CROP_DRAWS + 1  # + flip
-JITTER_DRAWS = 8  # order (argsort of 4), brightness, contrast, saturation, hue
-PHOTOMETRIC_DRAWS = JITTER_DRAWS + 4  # + jitter coin, grey coin, blur sigma, blur coin
+VIEW_KINDS = ("pretrain", "train", "eval")
+# The frame of an image in its canvas, float32 (4,): valid height and width in the canvas (after any
+# transposition), 1 if the canvas holds it transposed, and stored/original size (blur sigmas are in
+# pixels of the original file).
+FRAME_HEIGHT, FRAME_WIDTH, FRAME_TRANSPOSED, FRAME_SCALE = range(4)
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentParams:
-    """Static augmentation settings; frozen and hashable so jitted functions can take it as static."""
+    """Static device-side augmentation settings; frozen and hashable so jitted functions can take them."""
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = CROP_RATIO
     jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     grey_p: float = 0.2
@@ -57,9 +60,6 @@ class AugmentParams:
     def __post_init__(self):
         if self.aug_order not in AUG_ORDERS:
             raise ConfigError(f"aug_order={self.aug_order!r} is not one of {AUG_ORDERS}: pass --config.aug_order=colour_first")
-        lo, hi = self.crop_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1: pass e.g. --config.crop_scale='(0.08, 1.0)'")
 
     @classmethod
     def from_config(cls, config, mean, std):
@@ -69,7 +69,6 @@ class AugmentParams:
             image_size=int(config.image_size),
             mean=tuple(float(m) for m in mean),
             std=tuple(float(s) for s in std),
-            crop_scale=tuple(float(s) for s in config.crop_scale),
             jitter=(0.8 * d, 0.8 * d, 0.8 * d, 0.2 * d),
             jitter_p=float(config.jitter_p),
             grey_p=float(config.grey_p),
@@ -106,9 +105,10 @@ def adjust_brightness(x, factor):
     return jnp.clip(x * factor, 0.0, 1.0)
 
 
-def adjust_contrast(x, factor):
-    """Blend with the mean grey level of the whole image, as torchvision."""
-    return jnp.clip(factor * x + (1.0 - factor) * jnp.mean(luma(x)), 0.0, 1.0)
+def adjust_contrast(x, factor, grey_mean=None):
+    """Blend with the mean grey level of the whole image (given, or over all of x), as torchvision."""
+    grey_mean = jnp.mean(luma(x)) if grey_mean is None else grey_mean
+    return jnp.clip(factor * x + (1.0 - factor) * grey_mean, 0.0, 1.0)
 
 
 def adjust_saturation(x, factor):
@@ -142,8 +142,11 @@ def adjust_hue(x, shift):
     return hsv_to_rgb(hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + shift, 1.0)))
 
 
-def color_jitter(u, x, strengths):
-    """torchvision ColorJitter from JITTER_DRAWS uniforms: one factor per op, the ops in a random order."""
+def color_jitter(u, x, strengths, valid):
+    """torchvision ColorJitter from JITTER_DRAWS uniforms: one factor per op, the ops in a random order.
+
+    `valid` = (h, w): the image is x[:h, :w] (the rest is canvas padding, left out of the contrast mean).
+    """
     b, c, s, h = strengths
     order = jnp.argsort(u[:4])
     fb = max(0.0, 1.0 - b) + u[4] * (1.0 + b - max(0.0, 1.0 - b))
@@ -152,73 +155,60 @@ def color_jitter(u, x, strengths):
     fh = h * (2.0 * u[7] - 1.0)
     ops = (
         lambda y: adjust_brightness(y, fb),
-        lambda y: adjust_contrast(y, fc),
+        lambda y: adjust_contrast(y, fc, masked_mean(luma(y), valid)),
         lambda y: adjust_saturation(y, fs),
         lambda y: adjust_hue(y, fh),
     )
     return jax.lax.fori_loop(0, 4, lambda i, y: jax.lax.switch(order[i], ops, y), x)
 
 
-def blur_matrix(n, sigma, radius):
-    """(n, n) matrix of a 1-D Gaussian blur (taps -radius..radius) with edge padding.
+def masked_mean(grey, valid):
+    """Mean of grey[:h, :w] for a traced `valid` = (h, w)."""
+    inside = (jnp.arange(grey.shape[0])[:, None] < valid[0]) & (jnp.arange(grey.shape[1])[None, :] < valid[1])
+    return jnp.sum(jnp.where(inside, grey, 0.0)) / jnp.maximum(valid[0] * valid[1], 1.0)
 
-    Taps that fall off either end land on the edge pixel, so each row sums to 1.
+
+def _blur_axis(x, axis, weights, length):
+    """1-D blur along `axis` with taps -r..r; samples beyond [0, length) take the edge pixel."""
+    radius = (weights.shape[0] - 1) // 2
+    positions = jnp.arange(x.shape[axis])
+    out = jnp.zeros_like(x)
+    for t in range(-radius, radius + 1):  # unrolled: one fused gather-and-add per tap
+        source = jnp.clip(positions + t, 0, jnp.maximum(length, 1).astype(positions.dtype) - 1)
+        out = out + weights[t + radius] * jnp.take(x, source, axis=axis)
+    return out
+
+
+def gaussian_blur(x, sigma, radius, valid=None):
+    """Separable Gaussian blur of the image x[:h, :w] (valid = (h, w), default all of x), traced sigma,
+    static radius, edge padding."""
+    valid = x.shape[:2] if valid is None else valid
+    weights = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / sigma) ** 2)
+    weights = weights / jnp.sum(weights)
+    return _blur_axis(_blur_axis(x, 0, weights, valid[0]), 1, weights, valid[1])
+
+
+def resample_weights(start, length, out_size, in_size):
+    """(out_size, in_size) weights of PIL's bilinear resize of pixels [start, start + length) to out_size.
+
+    Output pixel i samples at start + (i + 0.5) * scale with a triangle filter whose support widens
+    with scale = length / out_size when shrinking (antialiasing); input pixels whose centre lies
+    outside the box get no weight, and each row sums to 1. `start`, `length` may be traced floats.
     """
-    w = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / sigma) ** 2)
-    w = w / jnp.sum(w)
-    cum = jnp.cumsum(w)
-    i = jnp.arange(n)
-    d = i[None, :] - i[:, None]
-    m = jnp.where(jnp.abs(d) <= radius, w[jnp.clip(d + radius, 0, 2 * radius)], 0.0)
-    low = jnp.where(i < radius, cum[jnp.clip(radius - i - 1, 0, 2 * radius)], 0.0)
-    high = jnp.where(n - 1 - i < radius, 1.0 - cum[jnp.clip(n - i + radius - 1, 0, 2 * radius)], 0.0)
-    return m.at[:, 0].add(low).at[:, n - 1].add(high)
-
-
-def gaussian_blur(x, sigma, radius):
-    """Separable Gaussian blur of an (H, W, C) image, as two small matmuls (traced sigma, static radius)."""
-    rows = blur_matrix(x.shape[0], sigma, radius)
-    cols = blur_matrix(x.shape[1], sigma, radius)
-    hi = jax.lax.Precision.HIGHEST
-    x = jnp.einsum("ij,jwc->iwc", rows, x, precision=hi)
-    return jnp.einsum("vw,iwc->ivc", cols, x, precision=hi)
-
-
-def sample_crop_box(u, height, width, scale, ratio=CROP_RATIO):
-    """torchvision RandomResizedCrop.get_params from CROP_DRAWS uniforms: (top, left, h, w) int32 scalars.
-
-    Draws CROP_ATTEMPTS boxes with area fraction ~ U(scale) and log-uniform aspect ratio, keeps the
-    first that fits, else falls back to the largest centred box with the ratio clamped to `ratio`.
-    """
-    area_u, ratio_u, top_u, left_u = u[:CROP_ATTEMPTS], u[CROP_ATTEMPTS : 2 * CROP_ATTEMPTS], u[-2], u[-1]
-    target = height * width * (scale[0] + area_u * (scale[1] - scale[0]))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = jnp.exp(log_lo + ratio_u * (log_hi - log_lo))
-    ws = jnp.round(jnp.sqrt(target * aspect)).astype(jnp.int32)
-    hs = jnp.round(jnp.sqrt(target / aspect)).astype(jnp.int32)
-    fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
-    first = jnp.argmax(fits)
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fallback_h, fallback_w = int(round(width / ratio[0])), width
-    elif in_ratio > ratio[1]:
-        fallback_h, fallback_w = height, int(round(height * ratio[1]))
-    else:
-        fallback_h, fallback_w = height, width
-    found = jnp.any(fits)
-    h = jnp.where(found, hs[first], fallback_h)
-    w = jnp.where(found, ws[first], fallback_w)
-    top = jnp.where(found, jnp.minimum(jnp.floor(top_u * (height - h + 1)).astype(jnp.int32), height - h), (height - h) // 2)
-    left = jnp.where(found, jnp.minimum(jnp.floor(left_u * (width - w + 1)).astype(jnp.int32), width - w), (width - w) // 2)
-    return top, left, h, w
+    scale = length / out_size
+    centre = start + (jnp.arange(out_size) + 0.5) * scale
+    pixel = jnp.arange(in_size) + 0.5
+    w = jnp.maximum(0.0, 1.0 - jnp.abs(pixel[None, :] - centre[:, None]) / jnp.maximum(scale, 1.0))
+    w = jnp.where((pixel >= start) & (pixel <= start + length), w, 0.0)
+    return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-12)
 
 
 def resized_crop(x, box, size):
-    """Bilinear resample of the box (top, left, h, w) to (size, size)."""
-    top, left, h, w = (v.astype(jnp.float32) for v in box)
-    scale = jnp.stack([size / h, size / w])
-    translation = jnp.stack([-top * size / h, -left * size / w])
-    return jax.image.scale_and_translate(x, (size, size, x.shape[-1]), (0, 1), scale, translation, method="linear", antialias=True)
+    """The box (top, left, h, w) of x (H, W, C) resampled to (size, size, C)."""
+    rows = resample_weights(box[0], box[2], size, x.shape[0])
+    cols = resample_weights(box[1], box[3], size, x.shape[1])
+    x = jnp.einsum("sh,hwc->swc", rows, x, precision=_HIGHEST)
+    return jnp.einsum("tw,swc->stc", cols, x, precision=_HIGHEST)
 
 
 def hflip(x, flip):
@@ -228,67 +218,56 @@ def hflip(x, flip):
 # ---------------------------------------------------------------- one image
 
 
-def _crop_flip(u, x, params):
-    box = sample_crop_box(u[:CROP_DRAWS], x.shape[0], x.shape[1], params.crop_scale, params.crop_ratio)
-    return hflip(resized_crop(x, box, params.image_size), u[CROP_DRAWS] < params.hflip_p)
-
-
-def _photometric(u, x, params):
+def _photometric(u, x, valid, sigma_scale, params):
+    """Jitter -> grey -> blur of x[:h, :w] from PHOTOMETRIC_DRAWS uniforms; blur sigmas are scaled by sigma_scale."""
     jitter_u, (jitter_p, grey_p, sigma_u, blur_p) = u[:JITTER_DRAWS], u[JITTER_DRAWS:]
-    x = jnp.where(jitter_p < params.jitter_p, color_jitter(jitter_u, x, params.jitter), x)
+    x = jnp.where(jitter_p < params.jitter_p, color_jitter(jitter_u, x, params.jitter, valid), x)
     x = jnp.where(grey_p < params.grey_p, grayscale(x), x)
     if params.blur:
         lo, hi = params.blur_sigma
-        blurred = gaussian_blur(x, lo + sigma_u * (hi - lo), math.ceil(3.0 * hi))
+        blurred = gaussian_blur(x, (lo + sigma_u * (hi - lo)) * sigma_scale, math.ceil(3.0 * hi), valid)
         x = jnp.where(blur_p < params.blur_p, blurred, x)
     return x
 
 
-def _pretrain_one(key, image, params):
-    u = jax.random.uniform(key, (GEOMETRY_DRAWS + PHOTOMETRIC_DRAWS,))
-    geometry, photometric = u[:GEOMETRY_DRAWS], u[GEOMETRY_DRAWS:]
-    x = to_unit(image)
-    if params.aug_order == "colour_first":
-        x = _crop_flip(geometry, _photometric(photometric, x, params), params)
-    else:
-        x = _photometric(photometric, _crop_flip(geometry, x, params), params)
-    return normalise(x, params.mean, params.std)
+def view(pixels, frame, box, u, params, kind):
+    """One normalised (S, S, 3) view of the image in `pixels` (a uint8 canvas) described by `frame`.
 
-
-def _train_one(key, image, params):
-    u = jax.random.uniform(key, (GEOMETRY_DRAWS,))
-    return normalise(_crop_flip(u, to_unit(image), params), params.mean, params.std)
+    `box` (top, left, h, w) is in canvas pixels; `u` holds the view's VIEW_DRAWS uniforms (unused by
+    "eval"). kind: "pretrain" | "train" | "eval" (see the module docstring).
+    """
+    size = params.image_size
+    x = to_unit(pixels)
+    valid = frame[FRAME_HEIGHT:FRAME_WIDTH + 1]
+    photometric = u[FLIP_DRAW + 1:]
+    if kind == "pretrain" and params.aug_order == "colour_first":
+        x = _photometric(photometric, x, valid, frame[FRAME_SCALE], params)
+    y = resized_crop(x, box, size)
+    y = jnp.where(frame[FRAME_TRANSPOSED] > 0, y.transpose(1, 0, 2), y)
+    if kind != "eval":
+        y = hflip(y, u[FLIP_DRAW] < params.hflip_p)
+    if kind == "pretrain" and params.aug_order == "crop_first":
+        y = _photometric(photometric, y, jnp.asarray([size, size], jnp.float32), 1.0, params)
+    return normalise(y, params.mean, params.std)
 
 
 # ---------------------------------------------------------------- batches
 
 
-def pretrain_view(key, images, params):
-    """One augmented pretraining view of a batch: uint8 (n, H, W, 3) -> normalised float32 (n, S, S, 3).
-
-    colour_first (the original): jitter(p) -> grey(p) -> blur(p, only if params.blur) -> RRC -> flip;
-    crop_first (SimCLR): RRC -> flip -> jitter -> grey -> blur. Call twice with different keys for two views.
-    """
-    keys = jax.random.split(key, images.shape[0])
-    return jax.vmap(_pretrain_one, in_axes=(0, 0, None))(keys, images, params)
-
-
-def train_view(key, images, params):
-    """Linear-evaluation training view: RRC(crop_scale) -> flip -> normalise, no colour ops."""
-    keys = jax.random.split(key, images.shape[0])
-    return jax.vmap(_train_one, in_axes=(0, 0, None))(keys, images, params)
-
-
-def eval_view(images, params):
-    """Deterministic view: centre crop int(0.875 H) (torchvision offsets) -> bilinear resize to S -> normalise.
-
-    With images stored at load size S/0.875 (ImageNet-size folders) this is the usual resize-256/crop-224;
-    with images stored at S (CIFAR) it is the original's CenterCrop(28) -> Resize(32).
-    """
-    n, height, width, channels = images.shape
-    ch, cw = int(EVAL_CROP_FRACTION * height), int(EVAL_CROP_FRACTION * width)
-    top, left = int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
-    x = to_unit(images[:, top : top + ch, left : left + cw])
-    size = params.image_size
-    x = jax.image.resize(x, (n, size, size, channels), method="linear", antialias=True)
-    return normalise(x, params.mean, params.std)
+def views(batch, specs, params):
+    """(V, n, S, S, 3) views of a host batch (`spcl_jax.data.pipeline`): view v of every image of set
+    specs[v][0] ("a" or "b") with recipe specs[v][1]. Views of one recipe are computed in one vmap."""
+    out = [None] * len(specs)
+    for kind in VIEW_KINDS:
+        chosen = [v for v, (_, k) in enumerate(specs) if k == kind]
+        if not chosen:
+            continue
+        pixels = jnp.stack([batch[f"pixels_{specs[v][0]}"] for v in chosen])
+        frames = jnp.stack([batch[f"frame_{specs[v][0]}"] for v in chosen])
+        boxes = jnp.moveaxis(batch["boxes"][:, jnp.asarray(chosen)], 1, 0)
+        draws = jnp.moveaxis(batch["draws"][:, jnp.asarray(chosen)], 1, 0)
+        one = functools.partial(view, params=params, kind=kind)
+        made = jax.vmap(jax.vmap(one))(pixels, frames, boxes, draws)
+        for i, v in enumerate(chosen):
+            out[v] = made[i]
+    return jnp.stack(out)

@@ -19,6 +19,7 @@ CHOICES = {
     "model": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
     "stem": ("auto", "cifar", "imagenet"),
     "dtype": ("float32", "bfloat16"),
+    "remat": ("none", "block"),
     "encoder_bn_mode": ("train", "frozen_init_stats"),
     "cluster_loss": ("CE", "SCE"),
     "metric_loss": ("BCE", "L1", "L2"),
@@ -42,7 +43,7 @@ POSITIVE = ("learning_rate", "n_epochs", "batch_size", "temperature", "image_siz
             "knn_temperature", "log_every_steps", "keep_checkpoints", "visual_freq", "lars_eta")
 NON_NEGATIVE = ("warmup_epochs", "weight_decay", "finetune_weight_decay", "finetune_epochs",
                 "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim",
-                "num_workers", "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight",
+                "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight",
                 "knn_every_epochs")
 PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "hflip_p", "momentum")
 PAIR_METHODS = ("spcl", "metric")  # train on pairs of images with the siamese metric loss
@@ -128,6 +129,8 @@ def check_values(config, device_count):
         _fail("no_twocrop", True, "False (every pretraining method needs two views)")
     if config.dip_proj:
         _fail("dip_proj", True, "False (the original's DIP head is dead code, spec §2.9; not ported)")
+    if config.num_workers < -1:
+        _fail("num_workers", config.num_workers, "-1 (usable cores - 1), 0 (the main process) or a count")
     if config.max_steps_per_epoch == 0 or config.max_steps_per_epoch < -1:
         _fail("max_steps_per_epoch", config.max_steps_per_epoch, "-1 (full epochs) or >= 1")
     if config.checkpoint_step < -1:

@@ -18,8 +18,12 @@ from absl import logging
 from flax import nnx
 
 from spcl_jax import augment, checkpoint, config_validation, data, features, models, network, optim, sharding
+from spcl_jax.data import pipeline
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.workdir import claim_workdir
+
+
+STREAM_LINEAR_EVAL = 4  # seed word of the original protocol's training views (per finetune epoch)
 
 
 def top_k(num_classes):
@@ -69,22 +73,31 @@ def _head_optimizer(config, steps_per_epoch, params):
                                  momentum=config.momentum)
 
 
-def linear_head_epochs(config, embed, train_x, train_y, num_classes, key):
+def epoch_orders(config, num_examples, granularity=1):
+    """The linear head's global batch size and, per epoch, its (steps, batch) plan of a fresh permutation.
+
+    The batch is `finetune_batch_size`, or the largest multiple of `granularity` that fits a smaller set.
+    """
+    batch = min(config.finetune_batch_size, num_examples // granularity * granularity)
+    steps = num_examples // batch
+    rng = np.random.default_rng(config.seed)
+    return batch, (rng.permutation(num_examples)[:steps * batch].reshape(steps, batch)
+                   for _ in range(config.finetune_epochs))
+
+
+def linear_head_epochs(config, embed, epoch_batches, steps_per_epoch, dim, num_classes, key):
     """SGD/LARS on a Linear D->C head, `finetune_epochs` epochs, cosine per epoch; yields the head
     after every epoch (nothing when finetune_epochs=0).
 
-    `embed(batch_x, key)` maps a batch of the stored training inputs (cached features, or images for
-    the original protocol) to features.
+    `epoch_batches` yields, per epoch, that epoch's (inputs, labels) batches; `embed(inputs)` maps
+    inputs (cached features, or image batches for the original protocol) to features.
     """
-    batch = min(config.finetune_batch_size, len(train_y))
-    steps = len(train_y) // batch
-    dim = embed(train_x[:1], key).shape[1]
     graphdef, params = nnx.split(models.LinearHead(dim, num_classes, rngs=nnx.Rngs(key)))
-    tx = _head_optimizer(config, steps, params)
+    tx = _head_optimizer(config, steps_per_epoch, params)
 
     @jax.jit
-    def step(params, opt_state, x, y, key):
-        feats = embed(x, key)
+    def step(params, opt_state, inputs, y):
+        feats = embed(inputs)
 
         def loss_fn(p):
             logits = nnx.merge(graphdef, p)(feats)
@@ -95,13 +108,9 @@ def linear_head_epochs(config, embed, train_x, train_y, num_classes, key):
         return optax.apply_updates(params, updates), opt_state
 
     opt_state = tx.init(params)
-    rng = np.random.default_rng(config.seed)
-    for epoch in range(config.finetune_epochs):
-        order = rng.permutation(len(train_y))
-        for i in range(steps):
-            idx = order[i * batch:(i + 1) * batch]
-            params, opt_state = step(params, opt_state, train_x[idx], train_y[idx],
-                                     jax.random.fold_in(key, epoch * steps + i))
+    for batches in epoch_batches:
+        for inputs, labels in batches:
+            params, opt_state = step(params, opt_state, inputs, labels)
         yield nnx.merge(graphdef, params)
 
 
@@ -149,14 +158,15 @@ class Evaluator:
     def __init__(self, config, splits, graphdef, mesh):
         self.config, self.splits, self.mesh = config, splits, mesh
         self.aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
+        self.recipe = pipeline.Recipe.from_config(config)
         self.encode = features.make_encode(graphdef, self.aug, mesh, "eval")
         self.graphdef = graphdef
         self.per_batch = config.finetune_batch_size if config.eval_metric_weighting == "batch" else None
 
     def _features(self, params, batch_stats, source):
-        batch = self.config.finetune_batch_size
-        fn = lambda images: self.encode(params, batch_stats, images, jax.random.key(0))  # noqa: E731
-        return features.features_in_order(fn, source, batch, self.mesh)
+        fn = lambda batch: self.encode(params, batch_stats, batch)  # noqa: E731
+        return features.features_in_order(fn, source, self.config.finetune_batch_size, self.mesh, self.recipe,
+                                          self.config.num_workers)
 
     def _knn(self, train_x, x, labels, k):
         config = self.config
@@ -194,11 +204,17 @@ class Evaluator:
         """The linear heads of the configured protocol, scored on the cached valid features if any."""
         config, splits = self.config, self.splits
         key = jax.random.key(config.seed)
+        labels = splits.train.labels
         if config.linear_eval_protocol == "fast":
-            heads = linear_head_epochs(config, lambda x, _: x, train_x, splits.train.labels, splits.num_classes, key)
+            batch, orders = epoch_orders(config, len(labels))
+            epochs = (((train_x[idx], labels[idx]) for idx in order) for order in orders)
+            heads = linear_head_epochs(config, lambda x: x, epochs, len(labels) // batch, train_x.shape[1],
+                                       splits.num_classes, key)
         else:
-            heads = linear_head_epochs(config, self._augmented_embed(params, batch_stats), _all_images(splits.train),
-                                       splits.train.labels, splits.num_classes, key)
+            batch, orders = epoch_orders(config, len(labels), jax.device_count())
+            heads = linear_head_epochs(config, self._augmented_embed(params, batch_stats),
+                                       self._augmented_epochs(orders), len(labels) // batch, train_x.shape[1],
+                                       splits.num_classes, key)
         valid = [top1_scorer(x, labels, self.per_batch) for name, x, labels in sets if name == "valid"]
         return choose_heads(heads, valid[0] if valid else None)
 
@@ -215,14 +231,21 @@ class Evaluator:
         net.encoder.eval()
         aug = self.aug
 
-        def embed(images, key):
-            return jax.lax.stop_gradient(net.encoder(augment.train_view(key, images, aug)))
+        def embed(batch):
+            return jax.lax.stop_gradient(net.encoder(augment.views(batch, (("a", "train"),), aug)[0]))
 
         return embed
 
-
-def _all_images(source):
-    return source.get(np.arange(len(source)))
+    def _augmented_epochs(self, orders):
+        """Per epoch, its (global batch of train views, labels) through the input pipeline."""
+        train, batch_sh = self.splits.train, sharding.batch_sharding(self.mesh)
+        for epoch, order in enumerate(orders):
+            maker = pipeline.make_pass(train, {"a": order}, (("a", "train"),), self.recipe,
+                                       (self.config.seed, STREAM_LINEAR_EVAL, epoch), jax.process_index(),
+                                       jax.process_count())
+            with pipeline.Loader(maker, num_workers=self.config.num_workers) as loader:
+                yield (sharding.to_global((host_batch, train.labels[indices].astype(np.int32)), batch_sh)
+                       for host_batch, indices in zip(loader, maker.sets["a"]))
 
 
 def disentanglement_probe(config, train_x, train_y, sets, runs=10):

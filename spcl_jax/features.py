@@ -1,9 +1,10 @@
 """The feature pass: the frozen encoder over a whole split, every example exactly once (spec §1.3, B-3).
 
 Examples are visited in the given order (dataset order by default) in global batches padded to a
-fixed size; the padded rows are masked. The (N, D) result stays on the devices, sharded by rows: each
-batch's output is written into a donated (batches, B, D) buffer sharded along B, which is then viewed
-as rows without moving data, so the row order is a known permutation of the visiting order.
+fixed size, loaded ahead by the input pipeline like training batches; the padded rows are masked.
+The (N, D) result stays on the devices, sharded by rows: each batch's output is written into a
+donated (batches, B, D) buffer sharded along B, which is then viewed as rows without moving data,
+so the row order is a known permutation of the visiting order.
 """
 import functools
 
@@ -14,6 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spcl_jax import augment, sharding
+from spcl_jax.data import pipeline
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -28,26 +30,34 @@ def _rows_of_buffer(num_batches, batch_size, num_devices):
     return grid.transpose(1, 0, 2).reshape(-1)
 
 
-def extract_features(encode, source, order, batch_size, mesh):
-    """Runs `encode(images_uint8) -> (b, D)` over `source` in `order`.
-
-    Returns (features (R, D) sharded P('data'), position (R,) int64 numpy): row r holds the encoding
-    of example `order[position[r]]` when `position[r] < len(order)` (padding otherwise).
-    """
+def feature_pass(source, order, batch_size, kind, recipe, seed):
+    """This host's `BatchMaker` of one view (`kind`) of `source[order]` in global batches of `batch_size`,
+    the last one padded with order[0]."""
     order = np.asarray(order)
-    num_devices = mesh.devices.size
     num_batches = -(-len(order) // batch_size)
     padded = np.concatenate([order, np.full(num_batches * batch_size - len(order), order[0])])
+    return pipeline.make_pass(source, {"a": padded.reshape(num_batches, batch_size)}, (("a", kind),), recipe, seed,
+                              jax.process_index(), jax.process_count())
+
+
+def extract_features(encode, maker, mesh, num_workers=0):
+    """Runs `encode(batch) -> (b, D)` over every step of the feature pass `maker`.
+
+    Returns (features (R, D) sharded P('data'), position (R,) int64 numpy): row r holds the encoding
+    of the pass's example `position[r]` (visiting order; padding when >= the number of examples).
+    """
+    num_devices = mesh.devices.size
+    num_batches = maker.num_steps
+    batch_size = maker.global_batch
     batch_sh = sharding.batch_sharding(mesh)
     buffer = None
-    for b in range(num_batches):
-        rows = padded[b * batch_size:(b + 1) * batch_size]
-        images = sharding.to_global(source.get(sharding.host_slice(rows)), batch_sh)
-        out = encode(images)
-        if buffer is None:
-            buffer = jax.jit(lambda: jnp.zeros((num_batches,) + out.shape, out.dtype),
-                             out_shardings=NamedSharding(mesh, P(None, "data")))()
-        buffer = _write(buffer, out, b)
+    with pipeline.Loader(maker, num_workers=num_workers) as loader:
+        for b, host_batch in enumerate(loader):
+            out = encode(sharding.to_global(host_batch, batch_sh))
+            if buffer is None:
+                buffer = jax.jit(lambda: jnp.zeros((num_batches,) + out.shape, out.dtype),
+                                 out_shardings=NamedSharding(mesh, P(None, "data")))()
+            buffer = _write(buffer, out, b)
     dim = buffer.shape[-1]
     per_device = batch_size // num_devices
     features = jax.jit(
@@ -56,24 +66,24 @@ def extract_features(encode, source, order, batch_size, mesh):
     return features, _rows_of_buffer(num_batches, batch_size, num_devices)
 
 
-def make_encode(graphdef, aug, mesh, view="eval"):
-    """Jitted frozen-encoder features (BatchNorm in eval mode) of the clean eval view or, as written
-    for SPCL's clustering (B-8), of an augmented view: (params, batch_stats, images, key) -> (b, D)."""
+def make_encode(graphdef, aug, mesh, kind="eval"):
+    """Jitted frozen-encoder features (BatchNorm in eval mode) of one view of a host batch: the clean eval
+    view or, as written for SPCL's clustering (B-8), a pretraining view: (params, batch_stats, batch) -> (b, D)."""
 
-    def encode(params, batch_stats, images, key):
+    def encode(params, batch_stats, batch):
         net = nnx.merge(graphdef, params, batch_stats, copy=True)
         net.encoder.eval()
-        x = augment.pretrain_view(key, images, aug) if view == "augmented" else augment.eval_view(images, aug)
-        return net.encoder(x)
+        return net.encoder(augment.views(batch, (("a", kind),), aug)[0])
 
     replicated = sharding.replicated(mesh)
-    return jax.jit(encode, in_shardings=(replicated, replicated, sharding.batch_sharding(mesh), replicated),
+    return jax.jit(encode, in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.batch_sharding(mesh))
 
 
-def features_in_order(encode, source, batch_size, mesh):
-    """(N, D) numpy features of `source` in dataset order on every host (evaluation sets)."""
-    feats, position = extract_features(encode, source, np.arange(len(source)), batch_size, mesh)
+def features_in_order(encode, source, batch_size, mesh, recipe, num_workers=0):
+    """(N, D) numpy features of the eval view of `source` in dataset order on every host (evaluation sets)."""
+    maker = feature_pass(source, np.arange(len(source)), batch_size, "eval", recipe, seed=(0,))
+    feats, position = extract_features(encode, maker, mesh, num_workers)
     valid = position < len(source)
     out = np.empty((len(source), feats.shape[1]), np.float32)
     out[position[valid]] = sharding.to_host(feats)[valid]

@@ -24,6 +24,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 INITS = ("random", "kmeans++")
 SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation when an empty cluster takes half of another
+# Exact M-step sums: rows as FIXED_POINT_BITS-bit fixed point in LIMBS limbs of LIMB_BITS bits, summed as
+# int32: exact for up to 2^31 / 2^LIMB_BITS = 8.4M rows (MAX_EXACT_ROWS).
+FIXED_POINT_BITS = 22
+LIMB_BITS = 8
+LIMBS = 3
+MAX_EXACT_ROWS = 2 ** (31 - LIMB_BITS)
 EIGEN_FLOOR = 1e-5  # eigenvalues below this fraction of the largest one are raised to it before ^-1/2
 # Default distance block per chunk: a CPU's cache-sized block (on the 2-core CPU, K=512, 2k-row chunks
 # beat 1k, 4k and 8k rows; BENCHMARKS.md), a big one for GPUs (on an H200, K=3000: 32k-row chunks
@@ -57,8 +63,8 @@ def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, v
     -1. `chunk_size`: rows per distance block, memory O(chunk_size x K); None = a 4 MiB block on
     CPUs, 256 MiB on accelerators. `precision` goes to the distance matmul ("highest" keeps
     float32 accuracy on GPUs too; "default" lets them use TF32).
-    The result depends only on `key` and the data, not on how the rows are sharded (up to float
-    summation order). Multi-host: the assignments are a global array; fetch them with
+    The centroids' sums are exact (fixed point, `_cluster_means`), so they do not depend on the
+    order in which devices and processes add them up. Multi-host: the assignments are a global array; fetch them with
     `jax.experimental.multihost_utils.process_allgather`.
     """
     x = jnp.asarray(x)
@@ -82,6 +88,8 @@ def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, v
     if num_valid < num_clusters:
         raise ValueError(f"k-means needs at least num_clusters={num_clusters} valid rows, got "
                          f"{num_valid}")
+    if x.shape[0] > MAX_EXACT_ROWS:
+        raise ValueError(f"k-means sums exactly over at most {MAX_EXACT_ROWS:,} rows, got {x.shape[0]:,}")
     if chunk_size is None:
         kind = "cpu" if mesh.devices.flat[0].platform == "cpu" else "accelerator"
         chunk_size = max(256, CHUNK_BYTES[kind] // (4 * num_clusters))
@@ -169,6 +177,7 @@ def _kmeans_shard(x, valid, key, init_centroids, num_iters, *, num_clusters, ini
     valid = jnp.ones(n_local, bool) if valid is None else valid
     gidx = lax.axis_index(DATA_AXIS) * n_local + jnp.arange(n_local)
     init_key, split_key = jax.random.split(key)
+    scale = lax.pmax(jnp.max(jnp.where(valid[:, None], jnp.abs(x), 0.0)), DATA_AXIS)
     if init == "given":
         centroids = init_centroids
     elif init == "random":
@@ -177,8 +186,8 @@ def _kmeans_shard(x, valid, key, init_centroids, num_iters, *, num_clusters, ini
         centroids = _init_kmeanspp(x, valid, gidx, init_key, num_clusters)
 
     def lloyd_step(it, centroids):
-        sums, counts = _cluster_sums(x, valid, centroids, chunk_size, precision)
-        means = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centroids)
+        means, counts = _cluster_means(x, valid, centroids, scale, chunk_size, precision)
+        means = jnp.where(counts[:, None] > 0, means, centroids)
         return _split_empty(means, counts, jax.random.fold_in(split_key, it))
 
     centroids = lax.fori_loop(0, num_iters, lloyd_step, centroids)
@@ -236,21 +245,38 @@ def _nearest(xc, c_aug, precision):
     return assign, jnp.maximum(dmin + jnp.sum(xc * xc, axis=1), 0.0)
 
 
-def _cluster_sums(x, valid, centroids, chunk_size, precision):
-    """E-step + M-step statistics: per-cluster row sums (K, D) and counts (K,), over all devices."""
+def _cluster_means(x, valid, centroids, scale, chunk_size, precision):
+    """E-step + M-step: per-cluster means (K, D) and counts (K,) over all devices.
+
+    The sums are exact: each row is rounded to a fixed-point integer (FIXED_POINT_BITS bits for the
+    largest |x| over all rows, `scale`), cut into 8-bit limbs, and the limbs are summed as int32 within
+    and across devices. Integer sums do not depend on the order of addition, so the centroids are the
+    same bits however the rows are spread over devices and processes (float sums in another order
+    would move a borderline row to another cluster).
+    """
     k = centroids.shape[0]
     c_aug = _augment(centroids)
 
     def fn(carry, xc, vc):
         assign, _ = _nearest(xc, c_aug, precision)
         assign = jnp.where(vc, assign, k)  # out of range: dropped by segment_sum
-        sums, counts = carry
-        return (sums + jax.ops.segment_sum(xc, assign, k),
+        limbs, counts = carry
+        return (limbs + jax.ops.segment_sum(_fixed_point_limbs(xc, scale), assign, k),
                 counts + jax.ops.segment_sum(jnp.ones_like(assign), assign, k)), None
 
-    zeros = lax.pcast((jnp.zeros_like(centroids), jnp.zeros(k, jnp.int32)), DATA_AXIS, to="varying")
-    (sums, counts), _ = _scan_rows(fn, zeros, x, valid, chunk_size)
-    return _psum(sums), _psum(counts)
+    zeros = lax.pcast((jnp.zeros((k, centroids.shape[1], LIMBS), jnp.int32), jnp.zeros(k, jnp.int32)),
+                      DATA_AXIS, to="varying")
+    (limbs, counts), _ = _scan_rows(fn, zeros, x, valid, chunk_size)
+    limbs, counts = _psum(limbs), _psum(counts)
+    per_row = limbs.astype(jnp.float32) / jnp.maximum(counts, 1).astype(jnp.float32)[:, None, None]
+    fixed = jnp.sum(per_row * (2.0 ** (LIMB_BITS * jnp.arange(LIMBS))), axis=-1) - 2.0 ** FIXED_POINT_BITS
+    return fixed * (scale / 2.0 ** FIXED_POINT_BITS), counts
+
+
+def _fixed_point_limbs(x, scale):
+    """(rows, D, LIMBS) int32 limbs of round(x / scale * 2^bits) + 2^bits, a number in [0, 2^(bits + 1)]."""
+    q = jnp.round(x / jnp.maximum(scale, 1e-30) * 2.0 ** FIXED_POINT_BITS).astype(jnp.int32) + 2 ** FIXED_POINT_BITS
+    return jnp.stack([(q >> (LIMB_BITS * i)) & (2 ** LIMB_BITS - 1) for i in range(LIMBS)], axis=-1)
 
 
 def _assign(x, valid, centroids, chunk_size, precision):

@@ -6,7 +6,7 @@ batch holds exactly B/2 same-prototype pairs (B-9; the original's i.i.d. fair co
 "bernoulli"); empty clusters are never drawn. Kept as the original: prototypes are drawn uniformly
 over clusters (not ∝ size) and members uniformly with replacement, so a positive pair may repeat an
 image. A plan is a pure function of (labels, seed, epoch), so every host derives the same global
-plan and takes its own columns with `host_slice`.
+plan and takes its own columns with `spcl_jax.data.pipeline.host_columns`.
 """
 from typing import NamedTuple
 
@@ -87,18 +87,6 @@ def pair_plan(pseudo_labels, num_clusters, *, num_steps, batch_size, seed, epoch
     idx_a[~is_pos] = draw_member(nonempty_clusters[first])
     idx_b[~is_pos] = draw_member(nonempty_clusters[other])
     return PairPlan(idx_a, idx_b, is_pos.astype(np.float32))
-
-
-def host_slice(plan_array, process_index, process_count):
-    """This host's columns [p·B/P, (p+1)·B/P) of every step of a global (S, B) plan array."""
-    plan_array = np.asarray(plan_array)
-    batch = plan_array.shape[1]
-    if batch % process_count:
-        raise ValueError(f"global batch {batch} is not divisible by process_count={process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    width = batch // process_count
-    return plan_array[:, process_index * width:(process_index + 1) * width]
 
 
 def clustering_stats(assignments, num_clusters, inertia, true_labels=None):

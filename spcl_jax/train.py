@@ -20,12 +20,20 @@ from tqdm import tqdm
 
 from spcl_jax import augment, checkpoint, config_validation, data, evaluate, features, kmeans, losses
 from spcl_jax import models, network, optim, prototypes, sharding, visual
-from spcl_jax.data.loader import HostLoader
+from spcl_jax.data import pipeline
 from spcl_jax.errors import ConfigError, UserError
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.config_validation import CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS
 from spcl_jax.network import prototype_classifier_width
 from spcl_jax.workdir import claim_workdir, write_atomic
+
+
+# Seed words of the random streams of a run (numpy Generators on the host, jax keys on the device).
+STREAM_CLUSTERING = 1  # the feature pass's views and k-means, per epoch
+STREAM_CLASSIFIER = 2  # the prototype classifier's initialisation, per epoch
+STREAM_STEPS = 3  # the training views, per epoch and step
+FEATURE_VIEWS = {"eval": "eval", "augmented": "pretrain"}  # cluster_feature_view -> the view's recipe
+WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than this share of the time
 
 
 class NonFiniteLossError(UserError):
@@ -46,24 +54,22 @@ class Setup:
     tx: object
     classifier_tx: object
     aug: object
+    recipe: object
+    specs: tuple
     schedule: object
     train_step: object
     encode: object
+    warned_waiting: bool = False
 
 
-def _views(method, config, aug, key, batch):
-    """The augmented views stacked (V, B, S, S, 3): A1, A2, B1, B2 for pair methods, two views of one
-    image for simclr/cluster (the first one clean when `asymmetric_first_view`, B-7), one for supervised."""
+def view_specs(method, config):
+    """(image set, recipe) of each view: A1, A2, B1, B2 for pair methods, two views of one image for
+    simclr/cluster (the first one clean when `asymmetric_first_view`, B-7), one for supervised."""
     if method == "supervised":
-        return augment.train_view(key, batch["images_a"], aug)[None]
+        return (("a", "train"),)
     if method in PAIR_METHODS:
-        images = jnp.stack([batch["images_a"], batch["images_a"], batch["images_b"], batch["images_b"]])
-    else:
-        images = jnp.stack([batch["images_a"], batch["images_a"]])
-    views = jax.vmap(lambda k, x: augment.pretrain_view(k, x, aug))(jax.random.split(key, len(images)), images)
-    if config.asymmetric_first_view and method not in PAIR_METHODS:
-        views = views.at[0].set(augment.eval_view(batch["images_a"], aug))
-    return views
+        return (("a", "pretrain"), ("a", "pretrain"), ("b", "pretrain"), ("b", "pretrain"))
+    return (("a", "eval" if config.asymmetric_first_view else "pretrain"), ("a", "pretrain"))
 
 
 def encode_views(graphdef, params, batch_stats, views, *, project, frozen_bn):
@@ -81,11 +87,11 @@ def encode_views(graphdef, params, batch_stats, views, *, project, frozen_bn):
     return nnx.state(net, nnx.BatchStat), (h, z)
 
 
-def make_loss_fn(config, method, graphdef, classifier_graphdef, aug):
-    """loss(params, classifier_params, batch_stats, batch, key) -> (total, (terms, batch_stats, diagnostics))."""
+def make_loss_fn(config, method, graphdef, classifier_graphdef, aug, specs):
+    """loss(params, classifier_params, batch_stats, batch) -> (total, (terms, batch_stats, diagnostics))."""
 
-    def loss_fn(params, classifier_params, batch_stats, batch, key):
-        views = _views(method, config, aug, key, batch)
+    def loss_fn(params, classifier_params, batch_stats, batch):
+        views = augment.views(batch, specs, aug)
         batch_stats, (h, z) = encode_views(graphdef, params, batch_stats, views, project=method != "supervised",
                                            frozen_bn=config.encoder_bn_mode == "frozen_init_stats")
         if method == "supervised":
@@ -114,14 +120,14 @@ def make_loss_fn(config, method, graphdef, classifier_graphdef, aug):
     return loss_fn
 
 
-def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx, aug, mesh):
+def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx, aug, specs, mesh):
     """One jitted, donated step: state (replicated) x batch (sharded by rows) -> state, metrics."""
-    loss_fn = make_loss_fn(config, method, graphdef, classifier_graphdef, aug)
+    loss_fn = make_loss_fn(config, method, graphdef, classifier_graphdef, aug, specs)
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
-    def step(state, batch, key):
+    def step(state, batch):
         (total, (terms, batch_stats, diagnostics)), (grads, classifier_grads) = grad_fn(
-            state["params"], state["classifier_params"], state["batch_stats"], batch, key)
+            state["params"], state["classifier_params"], state["batch_stats"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         classifier_updates, classifier_opt_state = classifier_tx.update(
@@ -140,8 +146,8 @@ def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifie
 
     replicated = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(replicated, batch_sh, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return jax.jit(step, in_shardings=(replicated, batch_sh), out_shardings=(replicated, replicated),
+                   donate_argnums=0)
 
 
 def _classifier(config, num_classes, key):
@@ -174,12 +180,13 @@ def build(config, method, splits, mesh):
         _classifier(config, splits.num_classes, network.init_key(config.seed))
         if method in PROTOTYPE_CLASSIFIER_METHODS else (None, {}))
     aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
+    specs = view_specs(method, config)
     setup = Setup(config=config, method=method, splits=splits, source=source, mesh=mesh, steps_per_epoch=steps_per_epoch,
                   graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
-                  aug=aug, schedule=schedule,
+                  aug=aug, recipe=pipeline.Recipe.from_config(config), specs=specs, schedule=schedule,
                   train_step=make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx,
-                                             aug, mesh),
-                  encode=features.make_encode(graphdef, aug, mesh, config.cluster_feature_view))
+                                             aug, specs, mesh),
+                  encode=features.make_encode(graphdef, aug, mesh, FEATURE_VIEWS[config.cluster_feature_view]))
     state = dict(params=params, batch_stats=batch_stats, opt_state=tx.init(params), step=jnp.int32(0),
                  first_nonfinite_step=jnp.int32(-1), classifier_params=classifier_params,
                  classifier_opt_state=classifier_tx.init(classifier_params))
@@ -201,14 +208,15 @@ def cluster(setup, state, epoch, key, *, projection=False):
         order = np.random.default_rng([config.seed, epoch]).integers(0, num, num)
     else:
         order = np.arange(num)
-    view_key, kmeans_key = jax.random.split(key)
-    encode = lambda images: setup.encode(state["params"], state["batch_stats"], images, view_key)  # noqa: E731
-    feats, position = features.extract_features(encode, setup.splits.pretrain, order, config.batch_size,
-                                                setup.mesh)
+    maker = features.feature_pass(setup.splits.pretrain, order, config.batch_size,
+                                  FEATURE_VIEWS[config.cluster_feature_view], setup.recipe,
+                                  (config.seed, STREAM_CLUSTERING, epoch))
+    encode = lambda batch: setup.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
+    feats, position = features.extract_features(encode, maker, setup.mesh, config.num_workers)
     valid = position < num
     valid_device = sharding.to_global(sharding.host_slice(valid), sharding.batch_sharding(setup.mesh))
     x = kmeans.preprocess_features(feats, config.pca_dim, valid=valid_device)
-    result = kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, kmeans_key,
+    result = kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, key,
                            init=config.kmeans_init, valid=valid_device)
     # Label of visit position p goes to example p: with order = arange (the default) that is the
     # visited example; with the as-written sampler order (B-3) it is a different, random one.
@@ -243,33 +251,29 @@ def epoch_plan(setup, epoch, pseudo):
     return {"a": order.reshape(steps, batch)}
 
 
-def local_plan(plan):
-    """This host's columns of every step of a global plan: no pair is loaded twice or lost."""
-    return {k: prototypes.host_slice(v, jax.process_index(), jax.process_count()) for k, v in plan.items()}
+def epoch_pass(setup, epoch, plan):
+    """This host's `BatchMaker` of an epoch's training steps (its columns of the global plan)."""
+    sets = {name: plan[name] for name in ("a", "b") if name in plan}
+    return pipeline.make_pass(setup.source, sets, setup.specs, setup.recipe,
+                              (setup.config.seed, STREAM_STEPS, epoch), jax.process_index(), jax.process_count())
 
 
-def image_indices(local):
-    """Per step, the source positions of this host's images: A images, then B images for pairs."""
-    return np.concatenate([local["a"], local["b"]], axis=1) if "b" in local else local["a"]
-
-
-def make_batch(setup, local, step_in_epoch, images, pseudo):
-    """Global arrays sharded by rows from this host's images and labels of one step."""
+def make_batch(setup, plan, maker, step_in_epoch, host_batch, pseudo):
+    """Global arrays sharded by rows from this host's loaded batch and the labels of one step."""
     labels = pseudo if setup.method in CLUSTERING_METHODS else setup.source.labels
-    idx_a = local["a"][step_in_epoch]
-    batch = {"images_a": images[:len(idx_a)], "labels_a": labels[idx_a].astype(np.int32)}
-    if "b" in local:
-        idx_b = local["b"][step_in_epoch]
-        batch.update(images_b=images[len(idx_a):], labels_b=labels[idx_b].astype(np.int32),
-                     similarity=local["similarity"][step_in_epoch].astype(np.float32))
+    batch = dict(host_batch)
+    for name, indices in maker.sets.items():
+        batch[f"labels_{name}"] = labels[indices[step_in_epoch]].astype(np.int32)
+    if "similarity" in plan:
+        similarity = pipeline.host_columns(plan["similarity"], jax.process_index(), jax.process_count())
+        batch["similarity"] = similarity[step_in_epoch].astype(np.float32)
     return sharding.to_global(batch, sharding.batch_sharding(setup.mesh))
 
 
-def load_batch(setup, plan, step_in_epoch, pseudo):
-    """One step's batch, loaded synchronously (tests and tools; the trainer prefetches)."""
-    local = local_plan(plan)
-    images = setup.source.get(image_indices(local)[step_in_epoch])
-    return make_batch(setup, local, step_in_epoch, images, pseudo)
+def load_batch(setup, epoch, plan, step_in_epoch, pseudo):
+    """One step's batch, loaded synchronously (tests and tools; the trainer loads ahead)."""
+    maker = epoch_pass(setup, epoch, plan)
+    return make_batch(setup, plan, maker, step_in_epoch, maker(step_in_epoch), pseudo)
 
 
 class Patience:
@@ -317,6 +321,7 @@ def train_and_evaluate(config, workdir):
                  method, config.dataset, len(splits.pretrain), config.batch_size,
                  config.batch_size // jax.process_count(), jax.process_count(),
                  config.batch_size // jax.device_count(), jax.device_count(), setup.steps_per_epoch)
+    logging.info("input: %s", pipeline.describe_workers(config.num_workers, setup.source))
     writer = MetricWriter(workdir, enabled=is_main)
     base_key = jax.random.key(config.seed)
     start_step = int(state["step"])
@@ -327,7 +332,7 @@ def train_and_evaluate(config, workdir):
         if first_step == 0:
             state, pseudo = start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir)
         began = time.time()
-        state, epoch_means = run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager)
+        state, epoch_means = run_epoch(setup, state, pseudo, epoch, first_step, writer, manager)
         manager.save(state, pseudo, epoch_end=True)
         patience.update(epoch_means["train/loss"])
         summary = {"train/epoch_loss": epoch_means["train/loss"], "train/epochs_without_improvement": patience.count}
@@ -353,7 +358,8 @@ def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
         began = time.time()
         draw = config.visual_cls and epoch % config.visual_freq == 0
         pseudo, stats, points = cluster(setup, state, epoch,
-                                        jax.random.fold_in(jax.random.fold_in(base_key, 1), epoch), projection=draw)
+                                        jax.random.fold_in(jax.random.fold_in(base_key, STREAM_CLUSTERING), epoch),
+                                        projection=draw)
         stats = {f"kmeans/{k}": v for k, v in stats.items()}
         stats["kmeans/seconds"] = time.time() - began
         writer.write(step, epoch, stats)
@@ -364,28 +370,25 @@ def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
             visual.save_png(image, os.path.join(workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
             writer.write_image(step, "prototypes/pca_by_pseudo_label", image)
     if setup.method in PROTOTYPE_CLASSIFIER_METHODS and epoch % config.classifier_init_freq == 0:
-        params, opt_state = new_classifier(setup, network.init_key(config.seed, 2, epoch))
+        params, opt_state = new_classifier(setup, network.init_key(config.seed, STREAM_CLASSIFIER, epoch))
         state = dict(state, **jax.device_put(dict(classifier_params=params, classifier_opt_state=opt_state),
                                             sharding.replicated(setup.mesh)))
         writer.write(step, epoch, {"prototypes/classifier_reinitialised": 1})
     return state, pseudo
 
 
-def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager):
+def run_epoch(setup, state, pseudo, epoch, first_step, writer, manager):
     config = setup.config
-    local = local_plan(epoch_plan(setup, epoch, pseudo))
-    views_per_item = 4 if setup.method in PAIR_METHODS else (1 if setup.method == "supervised" else 2)
-    step_key = jax.random.fold_in(base_key, 3)
-    totals, count, last_time, last_step = {}, 0, time.time(), int(state["step"])
+    plan = epoch_plan(setup, epoch, pseudo)
+    maker = epoch_pass(setup, epoch, plan)
+    totals, count, last_time, last_step, last_wait = {}, 0, time.time(), int(state["step"]), 0.0
     epoch_sums, epoch_count = {}, 0
     bar = tqdm(total=setup.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.n_epochs}",
                unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
-    with bar, HostLoader(setup.source, image_indices(local), num_workers=config.num_workers, prefetch=2,
-                         start=first_step) as loader:
-        for i, images in zip(range(first_step, setup.steps_per_epoch), loader):
+    with bar, pipeline.Loader(maker, num_workers=config.num_workers, start=first_step) as loader:
+        for i, host_batch in zip(range(first_step, setup.steps_per_epoch), loader):
             step = epoch * setup.steps_per_epoch + i
-            batch = make_batch(setup, local, i, images, pseudo)
-            state, metrics = setup.train_step(state, batch, jax.random.fold_in(step_key, step))
+            state, metrics = setup.train_step(state, make_batch(setup, plan, maker, i, host_batch, pseudo))
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
             count += 1
             bar.update(1)
@@ -398,13 +401,15 @@ def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager
                 means = {k: v / count for k, v in sums.items()}
                 now = time.time()
                 means["train/lr"] = float(setup.schedule(jnp.int32(step)))
-                means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * views_per_item
+                means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * len(setup.specs)
                                                  / max(now - last_time, 1e-9))
+                means["data/wait_fraction"] = min((loader.wait_seconds - last_wait) / max(now - last_time, 1e-9), 1.0)
                 check_finite(state, means, step)
                 writer.write(step + 1, epoch, means)
+                warn_if_waiting(setup, means["data/wait_fraction"])
                 bar.set_postfix(loss=f"{means['train/loss']:.4f}", lr=f"{means['train/lr']:.3g}",
                                 img_s=f"{means['train/images_per_sec']:.0f}")
-                totals, count, last_time, last_step = {}, 0, now, step + 1
+                totals, count, last_time, last_step, last_wait = {}, 0, now, step + 1, loader.wait_seconds
             if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not last:
                 manager.save(state, pseudo, epoch_end=False)
             if manager.stop_requested(agree=logged):  # multi-process runs stop at the next logged step
@@ -414,6 +419,16 @@ def run_epoch(setup, state, pseudo, epoch, first_step, base_key, writer, manager
     epoch_means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
     epoch_means["train/lr"] = float(setup.schedule(jnp.int32(epoch * setup.steps_per_epoch)))
     return state, epoch_means
+
+
+def warn_if_waiting(setup, wait_fraction):
+    """Once per run, when the steps spend more than WAIT_WARNING of their time waiting for data."""
+    if wait_fraction > WAIT_WARNING and not setup.warned_waiting:
+        setup.warned_waiting = True
+        logging.warning("the training steps waited for input data %.0f%% of the time: raise --config.num_workers "
+                        "(now %d)%s", 100 * wait_fraction, pipeline.worker_count(setup.config.num_workers, setup.source),
+                        "" if setup.source.in_memory else ", or train from records written by "
+                        "`python -m spcl_jax.data.prepare` (BENCHMARKS.md, input pipeline)")
 
 
 def run(config, workdir):

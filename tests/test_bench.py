@@ -7,6 +7,7 @@ same row, width and K), which build_step keeps, so it is traced and compiled onc
 """
 import importlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import spcl_jax
-from bench import common, cpu_conv, epoch_overhead, input_pipeline, kmeans, train_step
+from bench import common, cpu_conv, epoch_overhead, input_pipeline, kmeans, memory, train_step
 
 TINY = ["--batch", "8", "--width", "0.0625"]  # shared by train_step and epoch_overhead: one compiled step
 TINY_K = "16"
@@ -61,18 +62,31 @@ def test_kmeans_bench(monkeypatch, capsys):
     assert len(inertia) == 2 and all(math.isfinite(v) and v > 0 for v in inertia)
 
 
+@pytest.mark.timeout(300)
 def test_input_pipeline_bench(capsys):
-    input_pipeline.main(["--images", "8", "--batch", "4", "--threads", "1", "--aug_batch", "2", "--reps", "1"])
-    rows = table(capsys.readouterr().out, [title for _, title, _ in input_pipeline.COLUMNS])
-    assert len(rows) == 6  # header check, FileSource x 1 thread count, HostLoader, 3 device recipes
-    assert all(numbers(r["throughput"])[0] > 0 for r in rows)
+    input_pipeline.main(["--images", "8", "--batch", "4", "--workers", "1", "--aug_batch", "2", "--repeats", "1",
+                         "--loader_images", "16", "--json"])
+    out = capsys.readouterr().out
+    rows = table(out, [title for _, title, _ in input_pipeline.COLUMNS])
+    assert [r["stage"] for r in rows] == [
+        "host CPU per image, folder", "cores per accelerator at 1,750 img/s, folder",
+        "host CPU per image, prepared", "cores per accelerator at 1,750 img/s, prepared",
+        "host CPU per image, prepared / folder", "loader, folder, 1 worker process(es)",
+        "one worker process per image, folder", "loader, prepared, 1 worker process(es)",
+        "one worker process per image, prepared", "device views 256x384 canvas -> 224 (colours, blur, crop)"]
+    assert all(numbers(r["value"])[0] > 0 for r in rows)
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("folder_cpu_ms_per_image", "prepared_cpu_ms_per_image", "folder_loader_images_per_s_1_workers",
+                "prepared_loader_images_per_s_1_workers", "device_ms_per_1000_views"):
+        assert result[key] > 0, key
+    assert out.startswith("machine: ")
 
 
-def test_input_pipeline_rejects_fewer_images_than_a_batch(capsys):
+def test_input_pipeline_rejects_fewer_images_than_two_batches(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        input_pipeline.main(["--images", "2", "--batch", "4"])
+        input_pipeline.main(["--images", "6", "--batch", "4"])
     assert exit_info.value.code == 2
-    assert "--images 2 is below --batch 4" in capsys.readouterr().err
+    assert "--images 6 is below 2 x --batch 4" in capsys.readouterr().err
 
 
 def test_cpu_conv_bench(capsys):
@@ -129,6 +143,15 @@ def test_epoch_overhead_bench(capsys):
     assert numbers(row["epoch s"])[0] == pytest.approx(parts, abs=0.02)
     assert 0 < numbers(row["overhead %"])[0] < 100
     assert "reference epoch (N0=64, K0=16):" in out
+
+
+def test_memory_bench(capsys):
+    """XLA's memory analysis of the real train step, here with rematerialised blocks."""
+    memory.main(["--model", "resnet18", "--px", "16", "--width", "0.0625", "--batches", "2,4", "--remat", "block",
+                 "--device-gib", "1"])
+    [row] = table(capsys.readouterr().out, [title for _, title, _ in memory.COLUMNS] + ["max pairs / 1 GiB device"])
+    assert row["remat"] == "block" and numbers(row["MiB per pair"])[0] > 0
+    assert numbers(row["max pairs / 1 GiB device"])[0] > 10
 
 
 def test_epoch_overhead_growth_and_shares():

@@ -24,8 +24,8 @@ def _config(**overrides):
 
 
 def _class_of(images):
-    """Nearest class colour of each (flat-coloured) image."""
-    mean = images.reshape(len(images), -1, 3).mean(1)
+    """Nearest class colour of each (flat-coloured) image of an `Images` batch."""
+    mean = np.stack([images.upright(i).reshape(-1, 3).mean(0) for i in range(len(images.pixels))])
     return np.argmin(((mean[:, None] - COLOURS[None]) ** 2).sum(-1), axis=1)
 
 
@@ -47,7 +47,7 @@ def _check_aligned(splits):
     for name in ("pretrain", "train", "valid", "test"):
         src = getattr(splits, name)
         if len(src):
-            np.testing.assert_array_equal(_class_of(src.get(np.arange(len(src)))), src.labels, err_msg=name)
+            np.testing.assert_array_equal(_class_of(src.load(np.arange(len(src)))), src.labels, err_msg=name)
 
 
 # ---------------------------------------------------------------- digits (offline)
@@ -62,9 +62,10 @@ def test_digits_default_protocol(size):
     np.testing.assert_array_equal(s.pretrain.index, s.train.index)
     assert not set(s.train.index) & set(s.valid.index)
     for src in (s.pretrain, s.train, s.valid, s.test):
-        assert src.image_shape == (size, size, 3) and src.labels.dtype == np.int64
-        batch = src.get(np.array([0, len(src) - 1]))
-        assert batch.shape == (2, size, size, 3) and batch.dtype == np.uint8
+        assert src.canvas_shape == (size, size) and src.labels.dtype == np.int64
+        batch = src.load(np.array([0, len(src) - 1]))
+        assert batch.pixels.shape == (2, size, size, 3) and batch.pixels.dtype == np.uint8
+        assert batch.size.tolist() == batch.raw_size.tolist() == [[size, size]] * 2 and not batch.transposed.any()
     assert len(s.mean) == 3 and 0.2 < s.mean[0] < 0.4 and 0.2 < s.std[0] < 0.45
 
 
@@ -140,20 +141,29 @@ def test_imagefolder_png_jpeg_labels_aligned(tmp_path):
     _folder(tmp_path, [9, 8, 7])
     _folder(tmp_path, [3, 3, 3], split="val")
     s = load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=28, n_classes=2, pre_classes=3, val_sample=2))
-    assert s.train.image_shape == (32, 32, 3)  # stored at round(28 / 0.875)
+    assert s.train.canvas_shape == (32, 48)  # shorter side capped at round(28 / 0.875), canvas 1.5 x wider
     assert (len(s.pretrain), len(s.train), len(s.valid), len(s.test)) == (18, 13, 4, 6)
     _check_aligned(s)
 
 
-def test_imagefolder_resize_keeps_centre(tmp_path):
+def test_imagefolder_images_are_stored_whole(tmp_path):
+    """Shorter side capped at the load size, the longer one at 1.5 x it; portraits stored transposed."""
     image = np.zeros((30, 60, 3), np.uint8)
-    image[:, 15:45] = 255  # the centre square is white, the sides black
+    image[:, 15:45] = 255  # white centre, black sides: both sides must survive
     for split in ("train", "test"):
         os.makedirs(tmp_path / split / "a")
-        Image.fromarray(image).save(tmp_path / split / "a" / "x.png")
+        Image.fromarray(image).save(tmp_path / split / "a" / "wide.png")
+        Image.fromarray(image[:, 10:40]).save(tmp_path / split / "a" / "square.png")
+        Image.fromarray(image.transpose(1, 0, 2)[:40]).save(tmp_path / split / "a" / "tall.png")
     s = load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=1, pre_classes=1, val_sample=0))
-    out = s.test.get([0])[0]
-    assert out.shape == (16, 16, 3) and out[2:-2, 2:-2].min() > 200
+    images = s.test.load([0, 1, 2])  # sorted: square, tall, wide
+    assert images.size.tolist() == [[16, 16], [21, 16], [12, 24]]
+    assert images.raw_size.tolist() == [[30, 30], [40, 30], [30, 60]]
+    assert images.transposed.tolist() == [False, True, False]
+    wide = images.upright(2)
+    assert wide[:, :4].max() < 60 and wide[:, 8:16].min() > 200 and wide[:, -4:].max() < 60
+    np.testing.assert_array_equal(images.pixels[1, :16, :21], images.upright(1).transpose(1, 0, 2))
+    assert not images.pixels[2, 12:].any() and not images.pixels[0, :, 16:].any()  # zero padding
 
 
 def test_imagefolder_corrupt_and_non_image_files(tmp_path, caplog):
@@ -185,11 +195,11 @@ def test_imagefolder_truncated_file_fails_at_decode(tmp_path, caplog):
     config = _config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=1, pre_classes=1, val_sample=0)
     s = load_splits(config)
     with pytest.raises(DataError, match="0.jpg cannot be decoded"):
-        s.test.get([0, 1])
+        s.test.load([0, 1])
     config.skip_bad_images = True
     with caplog.at_level(logging.WARNING):
-        images = load_splits(config).test.get([0, 1])
-    assert images[0].max() == 0 and images[1].max() > 0 and "0.jpg" in caplog.text
+        images = load_splits(config).test.load([0, 1])
+    assert images.pixels[0].max() == 0 and images.pixels[1].max() > 0 and "0.jpg" in caplog.text
 
 
 def test_imagefolder_layout_errors(tmp_path):
@@ -220,7 +230,7 @@ def test_tinyimagenet_layout(tmp_path):
     (tmp_path / "val" / "val_annotations.txt").write_text("".join(lines))
     config = _config(dataset="tinyimagenet", dataset_path=str(tmp_path), image_size=16, n_classes=3, pre_classes=3, val_sample=1)
     s = load_splits(config)
-    assert s.train.image_shape == (16, 16, 3)
+    assert s.train.canvas_shape == (16, 24)  # 64x64 files capped at the crop size, as the original
     assert (len(s.train), len(s.valid), len(s.test)) == (12, 3, 6)
     assert s.test.labels.tolist() == [2, 0, 1, 1, 0, 2]
     _check_aligned(s)
@@ -258,7 +268,7 @@ def test_cifar10_through_tfds_mock(tmp_path):
     with tfds.testing.mock_data(num_examples=40):
         s = load_splits(config)
     assert len(s.pretrain) == len(s.train) == 40 and len(s.test) == 40 and len(s.valid) == 0
-    assert s.train.image_shape == (32, 32, 3) and s.train.get([0, 1]).dtype == np.uint8
+    assert s.train.canvas_shape == (32, 32) and s.train.load([0, 1]).pixels.dtype == np.uint8
     assert s.mean[0] == pytest.approx(0.4914, abs=1e-4)
     config.n_classes, config.pre_classes = 5, 5
     with tfds.testing.mock_data(num_examples=40):
@@ -272,7 +282,7 @@ def test_stl10_pretrain_includes_unlabelled(tmp_path):
     with tfds.testing.mock_data(num_examples=30):
         s = load_splits(config)
     assert (s.pretrain.labels == UNLABELED).sum() == 30 and set(s.pretrain.labels) == {UNLABELED, 0, 1, 2}
-    assert set(s.train.labels) == {0, 1} and s.train.image_shape == (96, 96, 3)
+    assert set(s.train.labels) == {0, 1} and s.train.canvas_shape == (96, 96)
     assert len(s.pretrain) == 30 + len(s.train) + (s.pretrain.labels == 2).sum()
 
 
@@ -317,32 +327,11 @@ def test_imagenet_through_tfds_array_record(tmp_path):
     config = _config(dataset="imagenet", data_dir=str(tmp_path), image_size=28, n_classes=4, pre_classes=4, val_sample=1)
     s = load_splits(config)
     assert (len(s.train), len(s.valid), len(s.test)) == (26, 4, 10)
-    assert s.train.image_shape == (32, 32, 3)
+    assert s.train.canvas_shape == (32, 48)
     _check_aligned(s)
     cached = list(tmp_path.glob("imagenet2012/5.1.0/spcl_jax_labels_*.npy"))
     assert len(cached) == 2
     np.testing.assert_array_equal(load_splits(config).test.labels, s.test.labels)  # read back from the cache
-
-
-# ---------------------------------------------------------------- host loader
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_host_loader_order_and_resume(tmp_path, workers):
-    from spcl_jax.data.loader import HostLoader
-
-    _folder(tmp_path, [5, 5, 5])
-    _folder(tmp_path, [1, 1, 1], split="val")
-    s = load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=3, pre_classes=3, val_sample=0))
-    plan = np.random.default_rng(0).permutation(15)[:12].reshape(4, 3)
-    with HostLoader(s.train, plan, num_workers=workers, prefetch=2) as loader:
-        first = [next(loader) for _ in range(2)]
-        assert loader.position == 2
-        rest = list(HostLoader(s.train, plan, num_workers=workers, start=loader.position))
-    batches = first + rest
-    assert len(batches) == 4
-    for batch, idx in zip(batches, plan):
-        np.testing.assert_array_equal(_class_of(batch), s.train.labels[idx])
 
 
 # ---------------------------------------------------------------- prepare

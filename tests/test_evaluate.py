@@ -46,7 +46,10 @@ def test_best_valid_head_is_the_epoch_of_highest_valid_top1():
     valid_x, valid_y = _blobs(rng, centres, 60)
 
     def heads():
-        return evaluate.linear_head_epochs(config, lambda x, _: x, train_x, train_y, 3, jax.random.key(0))
+        batch, orders = evaluate.epoch_orders(config, len(train_y))
+        epochs = (((train_x[idx], train_y[idx]) for idx in order) for order in orders)
+        return evaluate.linear_head_epochs(config, lambda x: x, epochs, len(train_y) // batch, 6, 3,
+                                           jax.random.key(0))
 
     weights = [(np.asarray(h.fc.kernel[...], np.float64), np.asarray(h.fc.bias[...], np.float64)) for h in heads()]
     expected = [np.mean(np.argmax(valid_x @ w + b, axis=1) == valid_y) for w, b in weights]  # float64 reference

@@ -31,9 +31,9 @@ def steps():
     results = {}
     for dtype in ("float32", "bfloat16"):
         setup, state = train.build(_config(dtype), "spcl", splits, mesh)
-        batch = train.load_batch(setup, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
+        batch = train.load_batch(setup, 0, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
         before = jax.device_get(state)  # the step donates `state`
-        after, metrics = setup.train_step(state, batch, jax.random.key(0))
+        after, metrics = setup.train_step(state, batch)
         results[dtype] = (setup, before, jax.device_get(after), jax.device_get(metrics), batch)
     return results
 
@@ -90,9 +90,10 @@ def test_convolutions_run_in_the_compute_dtype_and_the_loss_math_in_float32(step
     """The traced loss: every convolution in `dtype`; every exp/log/rsqrt/division (NT-Xent, softmax
     cross-entropy, BCE, BatchNorm normalisation, the augmentation) in float32."""
     setup, before, _, _, batch = steps[dtype]
-    loss_fn = train.make_loss_fn(setup.config, "spcl", setup.graphdef, setup.classifier_graphdef, setup.aug)
+    loss_fn = train.make_loss_fn(setup.config, "spcl", setup.graphdef, setup.classifier_graphdef, setup.aug,
+                                 setup.specs)
     jaxpr = jax.make_jaxpr(jax.grad(lambda *a: loss_fn(*a)[0]))(
-        before["params"], before["classifier_params"], before["batch_stats"], batch, jax.random.key(0))
+        before["params"], before["classifier_params"], before["batch_stats"], batch)
     equations = list(_equations(jaxpr.jaxpr))
     convolutions = [e for e in equations if e.primitive.name == "conv_general_dilated"]
     assert len(convolutions) > 40  # 4 views x 20 convolutions forward, and their backward

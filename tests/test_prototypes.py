@@ -6,6 +6,7 @@ import pytest
 from scipy import stats
 
 from spcl_jax import prototypes
+from spcl_jax.data import pipeline
 
 
 def _labels(num_clusters=12, seed=0):
@@ -113,11 +114,11 @@ def test_odd_batch_size_is_refused_for_exact_half():
 def test_host_slices_are_disjoint_and_cover_the_global_plan():
     plan = prototypes.pair_plan(_labels(), 12, num_steps=6, batch_size=16, seed=0, epoch=0)
     for array in plan:
-        parts = [prototypes.host_slice(array, p, 4) for p in range(4)]
+        parts = [pipeline.host_columns(array, p, 4) for p in range(4)]
         assert all(part.shape == (6, 4) for part in parts)
         np.testing.assert_array_equal(np.concatenate(parts, axis=1), array)
     with pytest.raises(ValueError, match="not divisible"):
-        prototypes.host_slice(plan.idx_a, 0, 3)
+        pipeline.host_columns(plan.idx_a, 0, 3)
 
 
 def test_clustering_stats():

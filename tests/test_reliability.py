@@ -480,8 +480,8 @@ def test_three_sigterm_resume_cycles_end_with_the_uninterrupted_parameters(tmp_p
     def signalling_step(*args, **kwargs):
         built.append(built[0] if built else make_train_step(*args, **kwargs))
 
-        def step(state, batch, key):
-            state, metrics = built[0](state, batch, key)
+        def step(state, batch):
+            state, metrics = built[0](state, batch)
             if stops and int(state["step"]) == stops[0]:
                 os.kill(os.getpid(), signal.SIGTERM)
             return state, metrics

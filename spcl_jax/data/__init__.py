@@ -1,13 +1,24 @@
-"""Datasets, splits and host-side image sources (spec §4).
+"""Datasets, splits and the host input pipeline (spec §4).
 
-`load_splits(config) -> Splits` is the entry point. Each split is a source with `len(src)`,
-`src.labels` (int64 ground truth aligned with positions; UNLABELED = -1 for images without one,
-never None), `src.image_shape` ((H, H, 3), fixed per source), `src.index` (positions in the pool)
-and `src.get(indices) -> uint8 (n, H, H, 3)`. Augmentation runs on the device (`spcl_jax.augment`);
-`loader.HostLoader` prefetches batches on the host; `epoch_order` gives each epoch's order.
+`load_splits(config) -> Splits` is the entry point. Each split is a source (`spcl_jax.data.sources`)
+with `len(src)`, `src.labels` (int64 ground truth aligned with positions; UNLABELED = -1 for images
+without one, never None), `src.canvas_shape` and `src.load(indices) -> Images`, every image whole in a
+fixed-size canvas. `pipeline` turns index plans into host batches, loaded ahead by grain workers;
+augmentation runs on the device (`spcl_jax.augment`); `epoch_order` gives each epoch's order.
+
+The names below are imported on first use, so that the input pipeline's worker processes, which
+unpickle `pipeline` and `sources`, import neither JAX nor the dataset readers.
 """
-from spcl_jax.data.datasets import DATASETS, Splits, load_splits
-from spcl_jax.data.sources import UNLABELED, ArraySource, FileSource, TfdsSource
-from spcl_jax.data.splits import epoch_order
+import importlib
 
-__all__ = ["DATASETS", "Splits", "load_splits", "UNLABELED", "ArraySource", "FileSource", "TfdsSource", "epoch_order"]
+_EXPORTS = {
+    "DATASETS": "datasets", "Splits": "datasets", "load_splits": "datasets", "UNLABELED": "sources",
+    "ArraySource": "sources", "FileSource": "sources", "TfdsSource": "sources", "epoch_order": "splits",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

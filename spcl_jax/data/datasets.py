@@ -8,8 +8,8 @@ import dataclasses
 
 import numpy as np
 
-from spcl_jax.augment import EVAL_CROP_FRACTION
-from spcl_jax.data import digits, imagefolder, tfds_source
+from spcl_jax.data import digits, imagefolder, records, tfds_source
+from spcl_jax.data.crops import EVAL_CROP_FRACTION
 from spcl_jax.data.sources import ArraySource, FileSource, TfdsSource
 from spcl_jax.data.splits import split_indices, test_indices
 from spcl_jax.errors import DataError
@@ -55,7 +55,7 @@ class Pool:
 
 
 def load_size(config):
-    """Side of the square that ImageNet-size images are stored at: crop size / 0.875 (256 for 224)."""
+    """Shorter side that decoded images are capped at: crop size / 0.875 (256 for 224)."""
     return int(round(config.image_size / EVAL_CROP_FRACTION))
 
 
@@ -80,15 +80,38 @@ def _stl10(config):
     return Pool(train, ArraySource(*test), 10, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _files(config, dataset_fn, size, **kwargs):
+def folder_listing(config):
+    """((train paths, labels), (test paths, labels), classes) of the image folder of a folder dataset."""
     if not config.dataset_path:
         raise DataError(f"dataset {config.dataset} reads an image folder: pass --config.dataset_path=DIR")
-    train, test, classes = dataset_fn(config.dataset_path, skip_bad=bool(config.skip_bad_images), **kwargs)
-    make = lambda paths, labels: FileSource(paths, labels, size, threads=int(config.num_workers), skip_bad=bool(config.skip_bad_images))
+    skip_bad, cache_dir = bool(config.skip_bad_images), config.listing_cache_dir
+    if config.dataset == "tinyimagenet":
+        return imagefolder.tinyimagenet_dataset(config.dataset_path, skip_bad=skip_bad, cache_dir=cache_dir)
+    return imagefolder.folder_dataset(config.dataset_path, skip_bad=skip_bad, select=_class_selection(config),
+                                      cache_dir=cache_dir)
+
+
+def _class_selection(config):
+    """ImageNet-100's class list as a function of the available classes; None for every other dataset."""
+    if config.dataset != "imagenet100":
+        return None
+    return lambda available: imagefolder.imagenet100_classes(available, config.imagenet100_classes)
+
+
+def _files(config):
+    """An image folder, or the records `python -m spcl_jax.data.prepare` wrote from one (detected)."""
+    size = int(config.image_size) if config.dataset == "tinyimagenet" else load_size(config)
+    if records.is_prepared(config.dataset_path) or records.was_interrupted(config.dataset_path):
+        train, classes = records.open_split(config.dataset_path, "train", size, _class_selection(config))
+        test, _ = records.open_split(config.dataset_path, "test", size, _class_selection(config))
+        return Pool(train, test, len(classes), IMAGENET_MEAN, IMAGENET_STD)
+    train, test, classes = folder_listing(config)
+    make = lambda paths, labels: FileSource(paths, labels, size, skip_bad=bool(config.skip_bad_images))
     return Pool(make(*train), make(*test), len(classes), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _imagenet_tfds(config, select):
+def _imagenet_tfds(config):
+    select = _class_selection(config)
     names = tfds_source.label_names(config.dataset, config.data_dir)
     classes = names if select is None else select(names)
     remap = np.full(len(names), -1, np.int64)  # tfds label -> our label; -1: class not selected
@@ -98,19 +121,10 @@ def _imagenet_tfds(config, select):
     def source(split):
         labels = remap[tfds_source.record_labels(config.dataset, split, config.data_dir)]
         keep = np.flatnonzero(labels >= 0)
-        data = tfds_source.open_split(config.dataset, split, config.data_dir)
-        return TfdsSource(data, keep, labels[keep], size, threads=int(config.num_workers), name=f"imagenet2012/{split}")
+        data = tfds_source.open_split(config.dataset, split, config.data_dir, encoded_images=True)
+        return TfdsSource(data, keep, labels[keep], size, name=f"imagenet2012/{split}")
 
     return Pool(source("train"), source("validation"), len(classes), IMAGENET_MEAN, IMAGENET_STD)
-
-
-def _imagenet(config):
-    select = None
-    if config.dataset == "imagenet100":
-        select = lambda available: imagefolder.imagenet100_classes(available, config.imagenet100_classes)
-    if config.dataset_path:
-        return _files(config, imagefolder.folder_dataset, load_size(config), select=select)
-    return _imagenet_tfds(config, select)
 
 
 _POOLS = {
@@ -118,11 +132,12 @@ _POOLS = {
     "cifar10": _cifar,
     "cifar100": _cifar,
     "stl10": _stl10,
-    "imagenet": _imagenet,
-    "imagenet100": _imagenet,
-    "tinyimagenet": lambda config: _files(config, imagefolder.tinyimagenet_dataset, int(config.image_size)),
-    "imagefolder": lambda config: _files(config, imagefolder.folder_dataset, load_size(config)),
+    "imagenet": lambda config: _files(config) if config.dataset_path else _imagenet_tfds(config),
+    "imagenet100": lambda config: _files(config) if config.dataset_path else _imagenet_tfds(config),
+    "tinyimagenet": _files,
+    "imagefolder": _files,
 }
+FOLDER_DATASETS = ("imagefolder", "imagenet", "imagenet100", "tinyimagenet")
 
 
 def load_pool(config):

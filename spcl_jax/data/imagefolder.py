@@ -3,8 +3,12 @@
 Files are listed and their headers checked when the dataset is opened (threaded; PIL reads only the
 first bytes), so a non-image or corrupt file stops the run before training starts, naming the file,
 or is dropped with a warning under `skip_bad_images`. Pixels are decoded later, batch by batch.
+The header checks of a split are cached (`listing_cache_dir`) under its class folders' (path,
+modification time, entry count): a resume or a second run lists the folders but opens no file.
 """
 import concurrent.futures
+import hashlib
+import json
 import logging
 import os
 
@@ -57,20 +61,55 @@ def header_error(path):
         return str(e) or type(e).__name__
 
 
-def check_images(paths, labels, *, skip_bad, hint):
-    """Drop (with a warning) or reject (DataError) files that are not readable images."""
+def header_errors(paths):
+    """{path: reason} of the files among `paths` that PIL does not recognise as images."""
     with concurrent.futures.ThreadPoolExecutor(SCAN_THREADS) as pool:
-        errors = list(pool.map(header_error, paths))
-    bad = [i for i, e in enumerate(errors) if e is not None]
+        return {path: error for path, error in zip(paths, pool.map(header_error, paths)) if error is not None}
+
+
+def cached_header_errors(paths, folders, cache_dir):
+    """`header_errors(paths)`, read from `cache_dir` when the `folders` ({folder: number of files listed})
+    holding the paths still have the modification times and file counts they had when it was written
+    (else computed and written)."""
+    stamps = [[os.path.abspath(folder), os.stat(folder).st_mtime_ns, count] for folder, count in folders.items()]
+    cache = None
+    if cache_dir:
+        digest = hashlib.sha256(json.dumps([stamp[0] for stamp in stamps]).encode()).hexdigest()[:32]
+        cache = os.path.join(os.path.expanduser(cache_dir), f"{digest}.json")
+        try:
+            with open(cache) as f:
+                saved = json.load(f)
+            if saved["folders"] == stamps:
+                logging.info("header checks of %d files read from %s", len(paths), cache)
+                return saved["bad"]
+        except (OSError, ValueError, KeyError):
+            pass
+    errors = header_errors(paths)
+    if cache is not None:
+        try:
+            from spcl_jax.workdir import write_atomic
+
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            write_atomic(cache, lambda f: f.write(json.dumps({"folders": stamps, "bad": errors}).encode()))
+        except OSError as e:
+            logging.warning("could not cache the header checks in %s (%s): they are repeated next time", cache, e)
+    return errors
+
+
+def check_images(paths, labels, *, skip_bad, hint, errors=None):
+    """Drop (with a warning) or reject (DataError) files that are not readable images; `errors` are
+    their header errors when known ({path: reason}, e.g. from `cached_header_errors`)."""
+    errors = header_errors(paths) if errors is None else errors
+    bad = [i for i, path in enumerate(paths) if path in errors]
     if bad and not skip_bad:
         i = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise DataError(
-            f"{paths[i]} is not a readable image ({errors[i]}){more}: delete or replace it, "
+            f"{paths[i]} is not a readable image ({errors[paths[i]]}){more}: delete or replace it, "
             f"or pass --config.skip_bad_images=True to skip bad files ({hint})"
         )
     for i in bad:
-        logging.warning("skipping %s: not a readable image (%s)", paths[i], errors[i])
+        logging.warning("skipping %s: not a readable image (%s)", paths[i], errors[paths[i]])
     keep = np.setdiff1d(np.arange(len(paths)), bad)
     return [paths[i] for i in keep], np.asarray(labels, np.int64)[keep]
 
@@ -80,10 +119,10 @@ def require_dir(path, what, layout):
         raise DataError(f"{what} {path} does not exist or is not a directory: expected the layout {layout}")
 
 
-def scan_classes(split_dir, classes, *, skip_bad, layout, subdir=""):
+def scan_classes(split_dir, classes, *, skip_bad, layout, subdir="", cache_dir=""):
     """(paths, labels) of `split_dir/<class>[/subdir]/<file>` for the given class folder names."""
     require_dir(split_dir, "image folder", layout)
-    paths, labels = [], []
+    paths, labels, folders = [], [], {}
     for label, name in enumerate(classes):
         folder = os.path.join(split_dir, name, subdir) if subdir else os.path.join(split_dir, name)
         require_dir(folder, "class folder", layout)
@@ -92,7 +131,9 @@ def scan_classes(split_dir, classes, *, skip_bad, layout, subdir=""):
             raise DataError(f"class folder {folder} is empty: put its images there or remove the folder (layout {layout})")
         paths += [os.path.join(folder, f) for f in files]
         labels += [label] * len(files)
-    paths, labels = check_images(paths, labels, skip_bad=skip_bad, hint=f"layout {layout}")
+        folders[folder] = len(files)
+    paths, labels = check_images(paths, labels, skip_bad=skip_bad, hint=f"layout {layout}",
+                                 errors=cached_header_errors(paths, folders, cache_dir))
     counts = np.bincount(labels, minlength=len(classes))
     if (counts == 0).any():
         folder = os.path.join(split_dir, classes[int(np.argmin(counts))])
@@ -133,7 +174,7 @@ def imagenet100_classes(available, choice):
     raise DataError(f"imagenet100_classes={choice!r} is not one of {IMAGENET100_CHOICES}: pass --config.imagenet100_classes=cmc")
 
 
-def folder_dataset(root, *, skip_bad, select=None):
+def folder_dataset(root, *, skip_bad, select=None, cache_dir=""):
     """((train_paths, train_labels), (test_paths, test_labels), classes) of an image-folder tree.
 
     `select(available_classes) -> classes` narrows the classes (ImageNet-100); labels follow `classes`.
@@ -147,17 +188,18 @@ def folder_dataset(root, *, skip_bad, select=None):
     extra = sorted(set(folder_classes(test_dir, FOLDER_LAYOUT)) - set(classes))
     if extra and select is None:
         raise DataError(f"class folder {os.path.join(test_dir, extra[0])} has no counterpart in {train_dir}: add it to train/ or remove it")
-    train = scan_classes(train_dir, classes, skip_bad=skip_bad, layout=FOLDER_LAYOUT)
-    test = scan_classes(test_dir, classes, skip_bad=skip_bad, layout=FOLDER_LAYOUT)
+    train = scan_classes(train_dir, classes, skip_bad=skip_bad, layout=FOLDER_LAYOUT, cache_dir=cache_dir)
+    test = scan_classes(test_dir, classes, skip_bad=skip_bad, layout=FOLDER_LAYOUT, cache_dir=cache_dir)
     return train, test, classes
 
 
-def tinyimagenet_dataset(root, *, skip_bad):
+def tinyimagenet_dataset(root, *, skip_bad, cache_dir=""):
     """Tiny ImageNet (200 classes, 64x64): train from train/<wnid>/images, test = the labelled val split."""
     require_dir(root, "dataset_path", TINY_LAYOUT)
     train_dir = os.path.join(root, "train")
     classes = folder_classes(train_dir, TINY_LAYOUT)
-    train = scan_classes(train_dir, classes, skip_bad=skip_bad, layout=TINY_LAYOUT, subdir="images")
+    train = scan_classes(train_dir, classes, skip_bad=skip_bad, layout=TINY_LAYOUT, subdir="images",
+                         cache_dir=cache_dir)
     annotations = os.path.join(root, "val", "val_annotations.txt")
     if not os.path.isfile(annotations):
         raise DataError(f"{annotations} is missing: expected the layout {TINY_LAYOUT}")

@@ -1,27 +1,54 @@
-"""Random-access image sources: `len(src)`, `src.labels`, `src.image_shape`, `src.get(indices)`.
+"""Random-access image sources: `len(src)`, `src.labels`, `src.canvas_shape`, `src.load(indices)`.
 
 A source is a view of a pool of images through an index array; `subset` narrows the view and
-always carries the labels along (B-18), so images and labels can never drift apart.
-`get` returns uint8 (n, H, W, 3) with the same H = W for every image of the source.
+always carries the labels along (B-18), so images and labels can never drift apart. `load` returns
+`Images`: every image whole, top-left in a fixed-size canvas (`spcl_jax.data.decode`), with its size,
+so that the device can cut crops from the full field of view as the original's torchvision pipeline
+does. In-memory datasets (digits, CIFAR, STL-10) are their own canvas; sources that decode (image
+files, tfds ImageNet records, prepared records) are picklable and cheap to send to loader workers.
 """
-import concurrent.futures
 import copy
 import logging
-import threading
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
+from spcl_jax.data import decode
 from spcl_jax.errors import DataError
 
 UNLABELED = -1  # label of an image without ground truth (STL-10 'unlabelled')
 
 
+class Images(NamedTuple):
+    """A batch of images in canvases (host numpy arrays)."""
+
+    pixels: np.ndarray  # uint8 (n, Hc, Wc, 3): each image top-left, transposed where `transposed`
+    size: np.ndarray  # int32 (n, 2): (h, w) of each stored image, upright
+    raw_size: np.ndarray  # int32 (n, 2): (h, w) of each original image, upright (eval crops are in its pixels)
+    transposed: np.ndarray  # bool (n,)
+
+    def upright(self, i):
+        """Image i as stored, upright: uint8 (h, w, 3)."""
+        h, w = self.size[i]
+        if self.transposed[i]:
+            return self.pixels[i, :w, :h].transpose(1, 0, 2)
+        return self.pixels[i, :h, :w]
+
+
+def empty_images(count, canvas, pixels=None):
+    """`Images` to fill, with `pixels` (count, Hc, Wc, 3) given (e.g. in shared memory) or allocated."""
+    if pixels is None:
+        pixels = np.empty((count, *canvas, 3), np.uint8)
+    return Images(pixels, np.empty((count, 2), np.int32), np.empty((count, 2), np.int32), np.empty(count, bool))
+
+
 class _View:
-    """Index bookkeeping shared by all sources; subclasses implement `_load(pool_indices)`.
+    """Index bookkeeping shared by all sources; subclasses implement `_load_into(pool_indices, out)`.
 
     `labels` is always an int64 array aligned with the positions, UNLABELED (-1) where an image has none.
     """
+
+    canvas_shape = None  # (Hc, Wc)
 
     def __init__(self, labels, index):
         self._index = np.asarray(index, np.int64)
@@ -37,9 +64,12 @@ class _View:
         """Positions of this source's images in its pool (the training set for pretrain/train/valid)."""
         return self._index
 
-    def get(self, indices):
-        """uint8 (len(indices), H, W, 3) images at positions `indices` of this source."""
-        return self._load(self._index[np.asarray(indices, np.int64)])
+    def load(self, indices, pixels=None):
+        """`Images` at positions `indices` of this source (into `pixels` when given)."""
+        indices = np.asarray(indices, np.int64)
+        out = empty_images(len(indices), self.canvas_shape, pixels)
+        self._load_into(self._index[indices], out)
+        return out
 
     def subset(self, indices):
         """A source over positions `indices` of this one (images and labels together)."""
@@ -51,91 +81,90 @@ class _View:
 
 
 class ArraySource(_View):
-    """A split held in memory as one uint8 (N, H, W, 3) array (digits, CIFAR, STL-10)."""
+    """A split held in memory as one uint8 (N, H, W, 3) array (digits, CIFAR, STL-10): its own canvas."""
+
+    in_memory = True
 
     def __init__(self, images, labels):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
         super().__init__(labels, np.arange(len(images)))
         self._images = images
-        self.image_shape = images.shape[1:]
+        self.canvas_shape = images.shape[1:3]
 
-    def _load(self, pool_indices):
-        return self._images[pool_indices]
+    def _load_into(self, pool_indices, out):
+        np.take(self._images, pool_indices, axis=0, out=out.pixels)
+        out.size[:] = self.canvas_shape
+        out.raw_size[:] = self.canvas_shape
+        out.transposed[:] = False
 
 
-def fit_square(image, size):
-    """PIL image -> uint8 (size, size, 3): shorter side to `size` (bilinear), centre crop.
+class Strings:
+    """Many strings (file paths) as one UTF-8 buffer plus offsets: pickles in one copy, unlike a list."""
 
-    ImageNet-size images are stored at this load size (S / 0.875) so the device can take random
-    crops from a fixed shape; JPEG draft mode decodes at a reduced scale when that is still large enough.
-    """
-    if image.format == "JPEG":
-        image.draft("RGB", (size, size))
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+    def __init__(self, strings):
+        encoded = [s.encode() for s in strings]
+        self._data = np.frombuffer(b"".join(encoded), np.uint8)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self):
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        start = self._ends[i - 1] if i > 0 else 0
+        return self._data[start:self._ends[i]].tobytes().decode()
 
 
 class _DecodingSource(_View):
-    """Decodes on the host at `get` time with `threads` worker threads (PIL releases the GIL).
+    """Decodes on the host, one image at a time, into canvases of shape `decode.canvas_shape(load_size)`.
 
-    Subclasses implement `_open(i) -> PIL image` and `_describe(i) -> str` for pool position i.
+    Subclasses implement `_read(i) -> (bytes, raw_size or None, transposed)` and `_describe(i)` for
+    pool position i.
     """
 
-    def __init__(self, labels, count, load_size, threads, skip_bad):
+    in_memory = False
+
+    def __init__(self, labels, count, load_size, skip_bad):
         super().__init__(labels, np.arange(count))
-        self.image_shape = (load_size, load_size, 3)
-        self.threads = threads
+        self.canvas_shape = decode.canvas_shape(load_size)
         self.skip_bad = skip_bad
-        self._pool_lock = threading.Lock()
-        self._pool = None
 
-    def _one(self, i):
-        try:
-            with self._open(i) as image:
-                return fit_square(image, self.image_shape[0])
-        except (OSError, ValueError, SyntaxError) as e:
-            what = f"{self._describe(i)} cannot be decoded ({e})"
-            if not self.skip_bad:
-                raise DataError(f"{what}: delete or replace it, or pass --config.skip_bad_images=True to skip bad files") from e
-            logging.warning("%s; using a black image in its place (skip_bad_images)", what)
-            return np.zeros(self.image_shape, np.uint8)
-
-    def _load(self, pool_indices):
-        if self.threads <= 1 or len(pool_indices) <= 1:
-            images = [self._one(i) for i in pool_indices]
-        else:
-            with self._pool_lock:
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
-            images = list(self._pool.map(self._one, pool_indices))
-        return np.stack(images) if images else np.zeros((0, *self.image_shape), np.uint8)
+    def _load_into(self, pool_indices, out):
+        for k, i in enumerate(pool_indices):
+            try:
+                data, raw_size, transposed = self._read(i)
+                decoded = decode.decode_into(out.pixels[k], data, raw_size, transposed)
+            except (OSError, decode.DecodeError) as e:
+                what = f"{self._describe(i)} cannot be decoded ({e})"
+                if not self.skip_bad:
+                    raise DataError(f"{what}: delete or replace it, or pass --config.skip_bad_images=True to "
+                                    "skip bad files") from e
+                logging.warning("%s; using a black image in its place (skip_bad_images)", what)
+                side = self.canvas_shape[0]
+                decoded = decode.place(out.pixels[k], np.zeros((side, side, 3), np.uint8))
+            out.size[k], out.raw_size[k], out.transposed[k] = decoded
 
 
 class FileSource(_DecodingSource):
-    """Images as files (image folders, ImageNet); decoded with PIL and fitted to the load size."""
+    """Images as files (image folders, ImageNet)."""
 
-    def __init__(self, paths, labels, load_size, *, threads=0, skip_bad=False):
-        super().__init__(labels, len(paths), load_size, threads, skip_bad)
-        self.paths = np.asarray(paths, dtype=object)
+    def __init__(self, paths, labels, load_size, *, skip_bad=False):
+        super().__init__(labels, len(paths), load_size, skip_bad)
+        self.paths = Strings(paths)
 
     def _describe(self, i):
         return f"image file {self.paths[i]}"
 
-    def _open(self, i):
-        return Image.open(self.paths[i])
+    def _read(self, i):
+        with open(self.paths[i], "rb") as f:
+            return f.read(), None, False
 
 
 class TfdsSource(_DecodingSource):
-    """Records of a tfds array_record data source (imagenet2012), decoded and fitted to the load size."""
+    """Encoded images of a tfds array_record data source (imagenet2012) opened with image decoding skipped."""
 
-    def __init__(self, data_source, record_ids, labels, load_size, *, threads=0, name=""):
-        super().__init__(labels, len(record_ids), load_size, threads, skip_bad=False)
+    def __init__(self, data_source, record_ids, labels, load_size, *, name=""):
+        super().__init__(labels, len(record_ids), load_size, skip_bad=False)
         self._data_source = data_source
         self._record_ids = np.asarray(record_ids, np.int64)
         self._name = name
@@ -143,7 +172,5 @@ class TfdsSource(_DecodingSource):
     def _describe(self, i):
         return f"record {self._record_ids[i]} of {self._name}"
 
-    def _open(self, i):
-        image = self._data_source[int(self._record_ids[i])]["image"]
-        return Image.fromarray(np.asarray(image, np.uint8))
-
+    def _read(self, i):
+        return self._data_source[int(self._record_ids[i])]["image"], None, False

@@ -29,10 +29,12 @@ def prepare_hint(dataset, data_dir):
     return f"run `python -m spcl_jax.data.prepare {dataset} --data_dir {tfds_data_dir(data_dir)}` or pass --config.data_dir=DIR where it is prepared"
 
 
-def open_split(dataset, split, data_dir, decoders=None):
-    """`tfds.data_source` of one split, or DataError with the way to prepare it."""
+def open_split(dataset, split, data_dir, *, encoded_images=False):
+    """`tfds.data_source` of one split (images as encoded bytes with `encoded_images`), or DataError with
+    the way to prepare it."""
     import tensorflow_datasets as tfds
 
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded_images else None
     name = TFDS_NAMES[dataset]
     root = tfds_data_dir(data_dir)
     try:
@@ -73,7 +75,7 @@ def record_labels(dataset, split, data_dir):
     """
     import tensorflow_datasets as tfds
 
-    source = open_split(dataset, split, data_dir, decoders={"image": tfds.decode.SkipDecoding()})
+    source = open_split(dataset, split, data_dir, encoded_images=True)
     cache = os.path.join(str(source.dataset_info.data_dir), LABEL_CACHE.format(split=split))
     if os.path.isfile(cache):
         labels = np.load(cache)
