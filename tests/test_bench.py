@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import spcl_jax
-from bench import common, cpu_conv, epoch_overhead, input_pipeline, kmeans, memory, train_step
+from bench import common, cpu_conv, epoch_overhead, input_pipeline, kmeans, loader_step, memory, train_step
 
 TINY = ["--batch", "8", "--width", "0.0625"]  # shared by train_step and epoch_overhead: one compiled step
 TINY_K = "16"
@@ -143,6 +143,18 @@ def test_epoch_overhead_bench(capsys):
     assert numbers(row["epoch s"])[0] == pytest.approx(parts, abs=0.02)
     assert 0 < numbers(row["overhead %"])[0] < 100
     assert "reference epoch (N0=64, K0=16):" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_loader_step_bench(capsys):
+    """The prepared loader feeding launch.py's ResNet-50 step (configs/imagenet.py at a smoke size)."""
+    loader_step.main(["--preset", "cpu", "--workers", "1", "--json"])
+    out = capsys.readouterr().out
+    [row] = table(out, [title for _, title, _ in loader_step.COLUMNS])
+    assert (row["preset"], row["pairs/step"], row["workers"]) == ("cpu", "16", "1")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["images_per_s_median"] > 0 and 0 <= result["wait_median"] <= 1 and result["cluster_s"] > 0
 
 
 def test_memory_bench(capsys):

@@ -145,6 +145,8 @@ def test_rematerialised_blocks_give_the_same_loss_gradients_and_statistics(model
 
         (value, new_stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, stats)
         results.append((value, grads, new_stats))
+        primitives = {e.primitive.name for e in jax.make_jaxpr(jax.grad(lambda p: loss(p, stats)[0]))(params).eqns}
+        assert ("remat2" in primitives) == (remat == "block"), primitives  # jax.checkpoint's primitive
     (a, grads_a, stats_a), (b, grads_b, stats_b) = results
     np.testing.assert_allclose(b, a, rtol=1e-5)
     for tree_a, tree_b in ((grads_a, grads_b), (stats_a, stats_b)):
