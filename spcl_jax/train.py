@@ -423,12 +423,15 @@ def run_epoch(setup, state, pseudo, epoch, first_step, writer, manager):
 
 def warn_if_waiting(setup, wait_fraction):
     """Once per run, when the steps spend more than WAIT_WARNING of their time waiting for data."""
-    if wait_fraction > WAIT_WARNING and not setup.warned_waiting:
-        setup.warned_waiting = True
-        logging.warning("the training steps waited for input data %.0f%% of the time: raise --config.num_workers "
-                        "(now %d)%s", 100 * wait_fraction, pipeline.worker_count(setup.config.num_workers, setup.source),
-                        "" if setup.source.in_memory else ", or train from records written by "
-                        "`python -m spcl_jax.data.prepare` (BENCHMARKS.md, input pipeline)")
+    if wait_fraction <= WAIT_WARNING or setup.warned_waiting:
+        return
+    setup.warned_waiting = True
+    if setup.source.in_memory:
+        advice = "the data is in memory and gathered in the main process: is the CPU shared with other jobs?"
+    else:
+        advice = (f"raise --config.num_workers (now {pipeline.worker_count(setup.config.num_workers, setup.source)}), "
+                  "or train from records written by `python -m spcl_jax.data.prepare ... --out` (5x cheaper to decode)")
+    logging.warning("the training steps waited for input data %.0f%% of the time: %s", 100 * wait_fraction, advice)
 
 
 def run(config, workdir):

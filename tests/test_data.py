@@ -166,6 +166,30 @@ def test_imagefolder_images_are_stored_whole(tmp_path):
     assert not images.pixels[2, 12:].any() and not images.pixels[0, :, 16:].any()  # zero padding
 
 
+def test_image_folder_header_checks_are_cached_by_folder_mtime_and_count(tmp_path, monkeypatch, caplog):
+    from spcl_jax.data import imagefolder
+
+    _folder(tmp_path / "data", [3, 3])
+    _folder(tmp_path / "data", [1, 1], split="val")
+    (tmp_path / "data" / "train" / "class1" / "notes.txt").write_text("not an image")
+    config = _config(dataset="imagefolder", dataset_path=str(tmp_path / "data"), image_size=14, n_classes=2,
+                     pre_classes=2, val_sample=0, skip_bad_images=True, listing_cache_dir=str(tmp_path / "cache"))
+    first = load_splits(config)
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one per split
+    opened, header_error = [], imagefolder.header_error
+    monkeypatch.setattr(imagefolder, "header_error", lambda path: opened.append(path) or header_error(path))
+    with caplog.at_level(logging.WARNING):
+        again = load_splits(config)
+    assert opened == [] and "skipping" in caplog.text and "notes.txt" in caplog.text  # the cached verdict
+    np.testing.assert_array_equal(again.train.labels, first.train.labels)
+    _write(str(tmp_path / "data" / "train" / "class0" / "9.png"), COLOURS[0], "PNG")  # the folder changed
+    grown = load_splits(config)
+    assert len(grown.train) == len(first.train) + 1 and len(opened) == 8  # train re-checked: 7 images + notes.txt
+    config.listing_cache_dir = ""
+    load_splits(config)
+    assert len(opened) == 8 + 8 + 2  # no cache: both splits checked every time
+
+
 def test_imagefolder_corrupt_and_non_image_files(tmp_path, caplog):
     _folder(tmp_path, [4, 4])
     _folder(tmp_path, [2, 2], split="val")

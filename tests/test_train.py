@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spcl_jax import optim
+from spcl_jax import optim, train
 from spcl_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +30,11 @@ def launch(workdir, *overrides, env=None, timeout=600):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "cluster", "metric", "supervised"])
 def test_every_method_runs_end_to_end(tmp_path, method):
-    result = launch(tmp_path, f"--config.method={method}", "--config.evaluate_after_pretrain=False")
+    cache = tmp_path / "xla_cache"  # one method also checks the compilation cache: a fresh one fills up
+    extra = [f"--config.compilation_cache_dir={cache}"] if method == "simclr" else []
+    result = launch(tmp_path, f"--config.method={method}", "--config.evaluate_after_pretrain=False", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert method != "simclr" or any(name.startswith("jit_step-") for name in os.listdir(cache))  # the train step
     records = read_metrics(tmp_path)
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -141,6 +144,20 @@ def test_three_steps_on_one_device_equal_eight_devices():
     assert len(one) == len(eight) > 10
     for (path, a), (_, b) in zip(one, eight):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3, err_msg=jax.tree_util.keystr(path))
+
+
+def test_waiting_for_data_warns_once_naming_num_workers_and_prepare(monkeypatch):
+    from types import SimpleNamespace
+
+    setup = SimpleNamespace(warned_waiting=False, config=SimpleNamespace(num_workers=3),
+                            source=SimpleNamespace(in_memory=False))
+    warnings = []  # read at the call: absl's handler setup depends on earlier tests
+    monkeypatch.setattr(train.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+    for fraction in (0.05, 0.5, 0.9):
+        train.warn_if_waiting(setup, fraction)
+    assert warnings == ["the training steps waited for input data 50% of the time: raise --config.num_workers "
+                        "(now 3), or train from records written by `python -m spcl_jax.data.prepare ... --out` "
+                        "(5x cheaper to decode)"]
 
 
 def _toy_params():
