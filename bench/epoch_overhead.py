@@ -80,7 +80,7 @@ def pca_kmeans(setup, feats, position, key):
     config = setup.config
     valid = sharding.to_global(sharding.host_slice(position < len(setup.splits.pretrain)),
                                sharding.batch_sharding(setup.mesh))
-    x = kmeans.preprocess_features(feats, config.pca_dim, valid=valid)
+    x = kmeans.preprocess_features(feats, config.pca_dim, valid=valid, eigen_floor=config.pca_eigen_floor).features
     return kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, key, init=config.kmeans_init, valid=valid)
 
 

@@ -35,7 +35,7 @@ def get_config():
     c.pre_classes = 10  # classes whose images form the pretrain set
     c.train_sample = -1  # train/pretrain images per class; -1 = all (standard protocol; the original used 100, B-11)
     c.val_sample = 20  # validation images per class, held out of train
-    c.imagenet100_classes = "cmc"  # cmc (the CMC paper's list) | first100 (as written: first 100 wnids, B-14)
+    c.imagenet100_classes = "first100"  # first100 (the original's: first 100 wnids) | cmc (the CMC paper's list)
     c.pretrain_sampling = "permutation"  # permutation (no replacement) | weighted_replacement (as written, B-15)
     c.skip_bad_images = False  # skip undecodable files in image folders with a warning instead of stopping
     c.num_workers = -1  # input worker processes decoding images ahead of the step; -1 = usable cores - 1; 0 = none
@@ -79,9 +79,10 @@ def get_config():
     c.kmeans_iters = 20  # Lloyd iterations per clustering
     c.kmeans_init = "random"  # random (K distinct points, faiss default) | kmeans++
     c.pca_dim = 256  # PCA-whitening output dim before k-means (min with D); 0 = off
+    c.pca_eigen_floor = 1e-5  # raise eigenvalues below this x the largest before ^-1/2; 0 = none, as faiss
     c.reassign = 1  # re-cluster every `reassign` epochs (the original accepted and ignored it)
     c.classifier_init_freq = 1  # re-initialise the prototype classifier every this many epochs
-    c.cluster_feature_view = "eval"  # eval (clean view) | augmented (as written, B-8)
+    c.cluster_feature_view = "augmented"  # augmented (the original's choice, B-8) | eval (clean view, DeepCluster)
     c.feature_pass_order = "dataset"  # dataset | sampler (as written, B-3: features in sampler order, labels misaligned)
     c.rebuild_member_table = True  # rebuild cluster->members from pseudo labels (False = as written, B-2: ground-truth buckets)
     c.pair_sampling = "exact_half"  # exact_half (B/2 positives per batch) | bernoulli (as written, B-9: coin per pair)
@@ -98,12 +99,13 @@ def get_config():
     c.momentum = 0.9  # momentum of LARS/SGD (Nesterov)
     c.lr_stepping = "epoch"  # epoch (piecewise constant, as the original) | step
     c.epoch0_zero_lr = False  # as written (B-6): epoch 0 runs at lr ~ 1e-13
+    c.no_warmup_peak = "unscaled"  # warmup_epochs=0: cosine from learning_rate | scaled (as written, B-6: lr*B/256)
     c.patience = 100  # original option: logs epochs without train-loss improvement (never stops)
     c.grad_clip_norm = 0.0  # global gradient-norm clip; 0 = off
 
     # ---- evaluation ----
     c.evaluate_after_pretrain = True  # run linear and kNN evaluation after pretraining, as the original
-    c.linear_eval_protocol = "fast"  # fast (cached features) | original (augmented crops every epoch, spec §2.5)
+    c.linear_eval_protocol = "original"  # original (augmented crops every epoch, spec §2.5) | fast (cached features)
     c.finetune_epochs = 100  # linear-evaluation epochs (0 = no linear head, kNN only)
     c.finetune_learning_rate = 0.1  # linear-eval lr (x B/256)
     c.finetune_weight_decay = 0.0  # linear-eval weight decay

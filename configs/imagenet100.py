@@ -1,10 +1,11 @@
-"""SPCL on ImageNet-100 (the CMC paper's 100-class list) with ResNet-50.
+"""SPCL on ImageNet-100 with ResNet-50: the original's 100 classes (the first 100 wnids).
 
     python launch.py --config configs/imagenet100.py --config.dataset_path=/path/to/imagenet
 
 Hardware: 8 GPUs or a TPU slice; bfloat16. Unlike the original (B-14) the pretrain views are
-normalised and the class list is CMC's, not the first 100 wnids (`imagenet100_classes=first100`
-reproduces that). Expected time and top-1: not yet measured.
+normalised. `--config.imagenet100_classes=cmc` takes the CMC paper's list instead, which most published
+ImageNet-100 numbers use. Linear evaluation with the original protocol. Expected time and top-1: not
+yet measured.
 """
 from configs import default
 

@@ -18,4 +18,5 @@ def get_config():
     config.dtype = 'bfloat16'
     config.stem = 'imagenet'
     config.val_sample = 50
+    config.crop_scale = (0.008, 1.0)  # the original's STL-10 crops, as ImageNet's
     return config

@@ -32,6 +32,7 @@ CHOICES = {
     "optimiser": ("lars", "sgd", "adam"),
     "lars_mode": ("simclr", "as_written"),
     "lr_stepping": ("epoch", "step"),
+    "no_warmup_peak": ("unscaled", "scaled"),
     "linear_eval_protocol": ("fast", "original"),
     "finetune_optimiser": ("sgd", "lars"),
     "eval_metric_weighting": ("sample", "batch"),
@@ -42,7 +43,7 @@ POSITIVE = ("learning_rate", "n_epochs", "batch_size", "temperature", "image_siz
             "width_multiplier", "finetune_learning_rate", "finetune_batch_size", "knn_k",
             "knn_temperature", "log_every_steps", "keep_checkpoints", "visual_freq", "lars_eta")
 NON_NEGATIVE = ("warmup_epochs", "weight_decay", "finetune_weight_decay", "finetune_epochs",
-                "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim",
+                "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim", "pca_eigen_floor",
                 "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight",
                 "knn_every_epochs")
 PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "hflip_p", "momentum")

@@ -161,7 +161,8 @@ class Evaluator:
         self.recipe = pipeline.Recipe.from_config(config)
         self.encode = features.make_encode(graphdef, self.aug, mesh, "eval")
         self.graphdef = graphdef
-        self.per_batch = config.finetune_batch_size if config.eval_metric_weighting == "batch" else None
+        # As written (B-17) accuracies are means of per-batch means, over loaders of `batch_size` each.
+        self.per_batch = config.batch_size if config.eval_metric_weighting == "batch" else None
 
     def _features(self, params, batch_stats, source):
         fn = lambda batch: self.encode(params, batch_stats, batch)  # noqa: E731
@@ -270,11 +271,24 @@ def disentanglement_probe(config, train_x, train_y, sets, runs=10):
     return results
 
 
-def report(results, writer, step, epoch):
+PROTOCOLS = {
+    "fast": "fast: a linear head on features of the centre-cropped images computed once",
+    "original": "original: a linear head on random crops and flips through the frozen encoder every epoch",
+}
+
+
+def protocol_line(config):
+    """How the reported accuracies were measured, in one line (every reported accuracy names its protocol)."""
+    return (f"linear evaluation protocol {PROTOCOLS[config.linear_eval_protocol]} ({config.finetune_optimiser}, "
+            f"{config.finetune_epochs} epochs, {config.eval_metric_weighting}-weighted); kNN k={config.knn_k}, "
+            f"T={config.knn_temperature} on L2-normalised features; splits: test = the held-out test set")
+
+
+def report(results, writer, step, epoch, config):
     writer.write(step, epoch, results)
     if jax.process_index() == 0 and results:
         width = max(len(k) for k in results)
-        lines = [f"{'metric':<{width}}  value"] + [
+        lines = [protocol_line(config), f"{'metric':<{width}}  value"] + [
             f"{k:<{width}}  {v:6d}" if isinstance(v, int) else f"{k:<{width}}  {100 * v:6.2f}%"
             for k, v in results.items()]
         print("\n".join(lines), flush=True)
@@ -288,7 +302,7 @@ def after_pretraining(setup, state, writer):
     if config.eval_random_init_baseline:
         _, params, batch_stats = network.create(config, setup.method, setup.splits.num_classes, config.seed)
         results.update(evaluator.run(params, batch_stats, prefix="random_init_"))
-    report(results, writer, int(state["step"]), config.n_epochs)
+    report(results, writer, int(state["step"]), config.n_epochs, config)
     return results
 
 
@@ -315,6 +329,6 @@ def evaluate_checkpoint(config, workdir):
                                         splits.train.labels, sets)
     else:
         results = evaluator.run(params, batch_stats, linear=config.mode != "knn_eval")
-    report(results, writer, step, 0)
+    report(results, writer, step, 0, config)
     writer.close()
     return results

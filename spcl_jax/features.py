@@ -32,12 +32,12 @@ def _rows_of_buffer(num_batches, batch_size, num_devices):
 
 def feature_pass(source, order, batch_size, kind, recipe, seed):
     """This host's `BatchMaker` of one view (`kind`) of `source[order]` in global batches of `batch_size`,
-    the last one padded with order[0]."""
+    the last one padded with order[0]; each image's view is keyed by its index in `source`."""
     order = np.asarray(order)
     num_batches = -(-len(order) // batch_size)
     padded = np.concatenate([order, np.full(num_batches * batch_size - len(order), order[0])])
     return pipeline.make_pass(source, {"a": padded.reshape(num_batches, batch_size)}, (("a", kind),), recipe, seed,
-                              jax.process_index(), jax.process_count())
+                              jax.process_index(), jax.process_count(), key_by="index")
 
 
 def extract_features(encode, maker, mesh, num_workers=0):

@@ -30,7 +30,7 @@ FIXED_POINT_BITS = 22
 LIMB_BITS = 8
 LIMBS = 3
 MAX_EXACT_ROWS = 2 ** (31 - LIMB_BITS)
-EIGEN_FLOOR = 1e-5  # eigenvalues below this fraction of the largest one are raised to it before ^-1/2
+EIGEN_FLOOR = 1e-5  # default: eigenvalues below this fraction of the largest one are raised to it before ^-1/2
 # Default distance block per chunk: a CPU's cache-sized block (on the 2-core CPU, K=512, 2k-row chunks
 # beat 1k, 4k and 8k rows; BENCHMARKS.md), a big one for GPUs (on an H200, K=3000: 32k-row chunks
 # ran 9% faster than 4k-row ones).
@@ -46,7 +46,7 @@ class KMeansResult(NamedTuple):
     cluster_sizes: jax.Array  # (K,) int32, valid rows per cluster
 
 
-def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, valid=None,
+def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, valid=None, ids=None,
            precision="highest"):
     """Lloyd's k-means as faiss runs it for DeepCluster/SPCL, with no cluster left empty.
 
@@ -60,12 +60,15 @@ def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, v
     `init`: "random" (K distinct valid rows, faiss's default and the original's), "kmeans++"
     (D²-weighted seeding, one draw per centroid) or a (K, D) array of initial centroids.
     `valid`: optional (N,) bool; rows where it is False (padding) count nowhere and get assignment
-    -1. `chunk_size`: rows per distance block, memory O(chunk_size x K); None = a 4 MiB block on
-    CPUs, 256 MiB on accelerators. `precision` goes to the distance matmul ("highest" keeps
-    float32 accuracy on GPUs too; "default" lets them use TF32).
+    -1. `ids`: optional (N,) int, what each row is (e.g. its example's index in the dataset); every
+    random choice (initial rows, k-means++ draws) is drawn per id and ties are broken by the lowest
+    id, so rows laid out in another order (the feature pass's row order depends on the device count)
+    give the same clustering. Default: the row index. `chunk_size`: rows per distance block, memory
+    O(chunk_size x K); None = a 4 MiB block on CPUs, 256 MiB on accelerators. `precision` goes to
+    the distance matmul ("highest" keeps float32 accuracy on GPUs too; "default" lets them use TF32).
     The centroids' sums are exact (fixed point, `_cluster_means`), so they do not depend on the
-    order in which devices and processes add them up. Multi-host: the assignments are a global array; fetch them with
-    `jax.experimental.multihost_utils.process_allgather`.
+    order in which devices and processes add them up. Multi-host: the assignments are a global
+    array; fetch them with `jax.experimental.multihost_utils.process_allgather`.
     """
     x = jnp.asarray(x)
     if x.ndim != 2:
@@ -84,6 +87,10 @@ def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, v
         raise ValueError(f"init must be one of {INITS} or a (K, D) array, got {init!r}")
     mesh = _data_mesh(x)
     x, valid = _place_rows(mesh, x, valid)
+    ids = jax.device_put(jnp.arange(x.shape[0], dtype=jnp.int32) if ids is None else jnp.asarray(ids, jnp.int32),
+                         NamedSharding(mesh, P(DATA_AXIS)))
+    if ids.shape != x.shape[:1]:
+        raise ValueError(f"ids must have shape {x.shape[:1]}, got {ids.shape}")
     num_valid = x.shape[0] if valid is None else int(jnp.sum(valid))
     if num_valid < num_clusters:
         raise ValueError(f"k-means needs at least num_clusters={num_clusters} valid rows, got "
@@ -94,26 +101,33 @@ def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, v
         kind = "cpu" if mesh.devices.flat[0].platform == "cpu" else "accelerator"
         chunk_size = max(256, CHUNK_BYTES[kind] // (4 * num_clusters))
     chunk_size = min(chunk_size, x.shape[0] // mesh.shape[DATA_AXIS])  # one compile for all larger
-    return _kmeans_jit(x, valid, key, init_centroids, jnp.int32(num_iters), mesh=mesh,
+    return _kmeans_jit(x, valid, ids, key, init_centroids, jnp.int32(num_iters), mesh=mesh,
                        num_clusters=num_clusters, init=init, chunk_size=chunk_size,
                        precision=lax.Precision(precision))
 
 
-def pca_whiten(x, pca_dim, valid=None):
+class Whitened(NamedTuple):
+    """Outcome of `pca_whiten`."""
+
+    features: jax.Array  # (N, min(pca_dim, D)) float32, sharded like the input rows
+    floored: jax.Array  # () int32, components whose eigenvalue was raised to the floor
+
+
+def pca_whiten(x, pca_dim, valid=None, eigen_floor=EIGEN_FLOOR):
     """PCA-whitening as faiss's PCAMatrix(D, pca_dim, eigen_power=-0.5): Λ^-1/2 Vᵀ (x − μ).
 
     Keeps min(pca_dim, D) components. μ and the covariance (divided by the number of valid rows,
-    as faiss does) are sums over the sharded rows. Eigenvalues are floored at 1e-5 x the largest
-    (faiss adds nothing and would divide by ~0 on rank-deficient features); above the floor the
-    whitened covariance is the identity. Each component's sign is fixed so that its eigenvector's
-    largest-magnitude entry is positive, which makes the output deterministic.
+    as faiss does) are sums over the sharded rows. Eigenvalues below `eigen_floor` x the largest are
+    raised to it (0: none, as faiss, which divides by ~0 on rank-deficient features); above the floor
+    the whitened covariance is the identity. Each component's sign is fixed so that its
+    eigenvector's largest-magnitude entry is positive, which makes the output deterministic.
     """
     x = jnp.asarray(x)
     if pca_dim < 1:
         raise ValueError(f"pca_dim must be >= 1 for pca_whiten, got {pca_dim}")
     mesh = _data_mesh(x)
     x, valid = _place_rows(mesh, x, valid)
-    return _pca_jit(x, valid, mesh=mesh, out_dim=min(pca_dim, x.shape[1]))
+    return Whitened(*_pca_jit(x, valid, jnp.float32(eigen_floor), mesh=mesh, out_dim=min(pca_dim, x.shape[1])))
 
 
 @jax.jit
@@ -124,11 +138,13 @@ def l2_normalize_rows(x):
     return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def preprocess_features(x, pca_dim, valid=None):
-    """The original's preprocessing: PCA-whitening to `pca_dim` (0 = none), then row L2-normalising."""
-    if pca_dim:
-        x = pca_whiten(x, pca_dim, valid)
-    return l2_normalize_rows(x)
+def preprocess_features(x, pca_dim, valid=None, eigen_floor=EIGEN_FLOOR):
+    """The original's preprocessing: PCA-whitening to `pca_dim` (0 = none), then row L2-normalising.
+    Returns a `Whitened` (floored = 0 without PCA)."""
+    if not pca_dim:
+        return Whitened(l2_normalize_rows(x), jnp.int32(0))
+    whitened = pca_whiten(x, pca_dim, valid, eigen_floor)
+    return whitened._replace(features=l2_normalize_rows(whitened.features))
 
 
 def _data_mesh(x):
@@ -160,16 +176,16 @@ def _shard_call(fn, mesh, args, arg_specs, out_specs):
 
 @functools.partial(jax.jit, static_argnames=("mesh", "num_clusters", "init", "chunk_size",
                                              "precision"))
-def _kmeans_jit(x, valid, key, init_centroids, num_iters, *, mesh, num_clusters, init, chunk_size,
+def _kmeans_jit(x, valid, ids, key, init_centroids, num_iters, *, mesh, num_clusters, init, chunk_size,
                 precision):
     fn = functools.partial(_kmeans_shard, num_clusters=num_clusters, init=init,
                            chunk_size=chunk_size, precision=precision)
-    return _shard_call(fn, mesh, (x, valid, key, init_centroids, num_iters),
-                       (P(DATA_AXIS, None), P(DATA_AXIS), P(), P(), P()),
+    return _shard_call(fn, mesh, (x, valid, ids, key, init_centroids, num_iters),
+                       (P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS), P(), P(), P()),
                        KMeansResult(P(), P(DATA_AXIS), P(), P()))
 
 
-def _kmeans_shard(x, valid, key, init_centroids, num_iters, *, num_clusters, init, chunk_size,
+def _kmeans_shard(x, valid, ids, key, init_centroids, num_iters, *, num_clusters, init, chunk_size,
                   precision):
     """The whole k-means, seen from one device holding x's local rows."""
     n_local = x.shape[0]
@@ -181,9 +197,9 @@ def _kmeans_shard(x, valid, key, init_centroids, num_iters, *, num_clusters, ini
     if init == "given":
         centroids = init_centroids
     elif init == "random":
-        centroids = _init_random(x, valid, gidx, init_key, num_clusters)
+        centroids = _init_random(x, valid, gidx, ids, init_key, num_clusters)
     else:
-        centroids = _init_kmeanspp(x, valid, gidx, init_key, num_clusters)
+        centroids = _init_kmeanspp(x, valid, gidx, ids, init_key, num_clusters)
 
     def lloyd_step(it, centroids):
         means, counts = _cluster_means(x, valid, centroids, scale, chunk_size, precision)
@@ -194,7 +210,7 @@ def _kmeans_shard(x, valid, key, init_centroids, num_iters, *, num_clusters, ini
     assign, dist = _assign(x, valid, centroids, chunk_size, precision)
     counts = _psum(jax.ops.segment_sum(valid.astype(jnp.int32),
                                        jnp.where(valid, assign, num_clusters), num_clusters))
-    assign, dist, centroids, counts = _fill_empty(x, valid, gidx, assign, dist, centroids, counts)
+    assign, dist, centroids, counts = _fill_empty(x, valid, gidx, ids, assign, dist, centroids, counts)
     inertia = _psum(jnp.sum(jnp.where(valid, dist, 0.0)))
     return KMeansResult(centroids, jnp.where(valid, assign, -1).astype(jnp.int32), inertia, counts)
 
@@ -313,7 +329,7 @@ def _split_empty(centroids, counts, key):
     return centroids
 
 
-def _fill_empty(x, valid, gidx, assign, dist, centroids, counts):
+def _fill_empty(x, valid, gidx, ids, assign, dist, centroids, counts):
     """Moves the farthest row of the biggest cluster into each empty cluster, which it then centres."""
     def has_empty(state):
         counts = state[3]
@@ -322,7 +338,7 @@ def _fill_empty(x, valid, gidx, assign, dist, centroids, counts):
     def fill(state):
         assign, dist, centroids, counts = state
         empty, donor = jnp.argmax(counts == 0), jnp.argmax(counts)
-        row = _global_argmax(jnp.where(valid & (assign == donor), dist, -jnp.inf), gidx)
+        row = _global_argmax(jnp.where(valid & (assign == donor), dist, -jnp.inf), gidx, ids)
         centroids = centroids.at[empty].set(_take_rows(x, gidx, row[None])[0])
         moved = gidx == row
         return (jnp.where(moved, empty, assign), jnp.where(moved, 0.0, dist), centroids,
@@ -335,11 +351,12 @@ def _all_gather(v):
     return lax.all_gather(v, DATA_AXIS, tiled=True, to="invarying")
 
 
-def _global_argmax(score, gidx):
-    """Global row index of the largest score over all devices (ties: the lowest index)."""
-    i = jnp.argmax(score)
-    best = _all_gather(score[i][None])
-    return _all_gather(gidx[i][None])[jnp.argmax(best)]
+def _global_argmax(score, gidx, ids):
+    """Global row index of the largest score over all devices (ties: the row of the lowest id)."""
+    top = jnp.max(score)
+    i = jnp.argmin(jnp.where(score == top, ids, jnp.iinfo(jnp.int32).max))
+    tops, local_ids, rows = (_all_gather(v[None]) for v in (top, ids[i], gidx[i]))
+    return rows[jnp.argmin(jnp.where(tops == jnp.max(tops), local_ids, jnp.iinfo(jnp.int32).max))]
 
 
 def _take_rows(x, gidx, rows):
@@ -349,29 +366,29 @@ def _take_rows(x, gidx, rows):
     return _psum(jnp.where(mine[:, None], x[jnp.clip(local, 0, x.shape[0] - 1)], 0.0))
 
 
-def _row_uniform(key, gidx):
-    """U[0, 1) per global row index, the same however the rows are sharded."""
-    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(gidx)
+def _row_uniform(key, ids):
+    """U[0, 1) per row id, the same however the rows are laid out and sharded."""
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(ids)
 
 
-def _init_random(x, valid, gidx, key, k):
-    """K distinct valid rows, uniformly: the K largest per-row uniforms over all devices."""
-    score = jnp.where(valid, _row_uniform(key, gidx), -1.0)
+def _init_random(x, valid, gidx, ids, key, k):
+    """K distinct valid rows, uniformly: the K largest per-id uniforms over all devices."""
+    score = jnp.where(valid, _row_uniform(key, ids), -1.0)
     top, pos = lax.top_k(score, min(k, x.shape[0]))
     _, pick = lax.top_k(_all_gather(top), k)
     return _take_rows(x, gidx, _all_gather(gidx[pos])[pick])
 
 
-def _init_kmeanspp(x, valid, gidx, key, k):
+def _init_kmeanspp(x, valid, gidx, ids, key, k):
     """k-means++ seeding: each next centroid is a row drawn ∝ its squared distance to the chosen ones.
 
     One draw per centroid (no greedy trials); the draw is a Gumbel-max over per-row noise, so it is
     the same however the rows are sharded.
     """
     def draw(i, weights):
-        gumbel = -jnp.log(-jnp.log(_row_uniform(jax.random.fold_in(key, i), gidx)))
+        gumbel = -jnp.log(-jnp.log(_row_uniform(jax.random.fold_in(key, i), ids)))
         score = jnp.where(weights > 0, jnp.log(jnp.maximum(weights, 1e-30)) + gumbel, -3e38)
-        row = _global_argmax(jnp.where(valid, score, -jnp.inf), gidx)
+        row = _global_argmax(jnp.where(valid, score, -jnp.inf), gidx, ids)
         return _take_rows(x, gidx, row[None])[0]
 
     def add(i, state):
@@ -387,12 +404,12 @@ def _init_kmeanspp(x, valid, gidx, key, k):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "out_dim"))
-def _pca_jit(x, valid, *, mesh, out_dim):
-    return _shard_call(functools.partial(_pca_shard, out_dim=out_dim), mesh, (x, valid),
-                       (P(DATA_AXIS, None), P(DATA_AXIS)), P(DATA_AXIS, None))
+def _pca_jit(x, valid, eigen_floor, *, mesh, out_dim):
+    return _shard_call(functools.partial(_pca_shard, out_dim=out_dim), mesh, (x, valid, eigen_floor),
+                       (P(DATA_AXIS, None), P(DATA_AXIS), P()), (P(DATA_AXIS, None), P()))
 
 
-def _pca_shard(x, valid, *, out_dim):
+def _pca_shard(x, valid, eigen_floor, *, out_dim):
     """Two passes over the local rows (mean, then centred covariance) with the sums psum'd."""
     x = x.astype(jnp.float32)
     valid = jnp.ones(x.shape[0], bool) if valid is None else valid
@@ -404,5 +421,6 @@ def _pca_shard(x, valid, *, out_dim):
     evals, evecs = evals[::-1][:out_dim], evecs[:, ::-1][:, :out_dim]
     biggest = jnp.argmax(jnp.abs(evecs), axis=0)
     evecs = evecs * jnp.sign(evecs[biggest, jnp.arange(out_dim)])
-    scale = lax.rsqrt(jnp.maximum(evals, EIGEN_FLOOR * evals[0]))
-    return jnp.dot(xc, evecs, precision=lax.Precision.HIGHEST) * scale
+    floor = eigen_floor * evals[0]
+    scale = lax.rsqrt(jnp.maximum(evals, floor))
+    return jnp.dot(xc, evecs, precision=lax.Precision.HIGHEST) * scale, jnp.sum(evals < floor, dtype=jnp.int32)

@@ -79,13 +79,14 @@ def build_optimizer(name, learning_rate, *, weight_decay, params, lars_mode="sim
 
 
 def pretrain_lr_schedule(*, base_lr, batch_size, n_epochs, warmup_epochs, steps_per_epoch,
-                         stepping="epoch", epoch0_zero_lr=False):
+                         stepping="epoch", epoch0_zero_lr=False, no_warmup_peak="unscaled"):
     """lr(step) of spec §1.11: linear warmup to the unscaled peak, then cosine that never reaches 0.
 
     Epoch k (0-indexed), T = E - W:
       k < W:  lr = LR*(k+1)/W  (as written, B-6: epoch 0 runs at LR*1e-12/W and epoch k at LR*k/W)
       k >= W: lr = LR*(1 + cos(pi*(k - W)/T))/2
-    With W = 0 the cosine starts from LR*B/256, as the original. `stepping="step"` evaluates the same
+    With W = 0 the cosine starts from LR, the same peak as with warmup; `no_warmup_peak="scaled"` starts
+    it from LR*B/256, as the original's optimiser is built (B-6). `stepping="step"` evaluates the same
     curve at the fractional epoch of each step instead of holding it constant over the epoch.
     """
     total = max(n_epochs - warmup_epochs, 1)
@@ -96,7 +97,8 @@ def pretrain_lr_schedule(*, base_lr, batch_size, n_epochs, warmup_epochs, steps_
     def schedule(step):
         if warmup_epochs == 0:
             epoch = step // steps_per_epoch if stepping == "epoch" else step / steps_per_epoch
-            return base_lr * batch_size / 256 * 0.5 * (1 + jnp.cos(math.pi * epoch / n_epochs))
+            peak = base_lr * batch_size / 256 if no_warmup_peak == "scaled" else base_lr
+            return peak * 0.5 * (1 + jnp.cos(math.pi * epoch / n_epochs))
         if stepping == "step":
             epoch = (step + 1) / steps_per_epoch
             return jnp.where(epoch < warmup_epochs, base_lr * epoch / warmup_epochs, cosine(epoch))

@@ -62,14 +62,18 @@ class Setup:
     warned_waiting: bool = False
 
 
+ASYMMETRIC_METHODS = ("simclr", "metric")  # the original's `pretrain` and `pretrain_metric` (B-7)
+
+
 def view_specs(method, config):
     """(image set, recipe) of each view: A1, A2, B1, B2 for pair methods, two views of one image for
-    simclr/cluster (the first one clean when `asymmetric_first_view`, B-7), one for supervised."""
+    simclr/cluster, one for supervised. With `asymmetric_first_view` (B-7) the first view of every image
+    is the clean eval view where the original's code leaves it so: simclr and metric."""
     if method == "supervised":
         return (("a", "train"),)
-    if method in PAIR_METHODS:
-        return (("a", "pretrain"), ("a", "pretrain"), ("b", "pretrain"), ("b", "pretrain"))
-    return (("a", "eval" if config.asymmetric_first_view else "pretrain"), ("a", "pretrain"))
+    first = "eval" if config.asymmetric_first_view and method in ASYMMETRIC_METHODS else "pretrain"
+    sets = ("a", "b") if method in PAIR_METHODS else ("a",)
+    return tuple(view for name in sets for view in ((name, first), (name, "pretrain")))
 
 
 def encode_views(graphdef, params, batch_stats, views, *, project, frozen_bn):
@@ -169,7 +173,7 @@ def build(config, method, splits, mesh):
     schedule = optim.pretrain_lr_schedule(
         base_lr=config.learning_rate, batch_size=config.batch_size, n_epochs=config.n_epochs,
         warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch, stepping=config.lr_stepping,
-        epoch0_zero_lr=config.epoch0_zero_lr)
+        epoch0_zero_lr=config.epoch0_zero_lr, no_warmup_peak=config.no_warmup_peak)
     tx = optim.build_optimizer(config.optimiser, schedule, weight_decay=config.weight_decay, params=params,
                                lars_mode=config.lars_mode, lars_eta=config.lars_eta, momentum=config.momentum)
     if config.grad_clip_norm > 0:
@@ -214,10 +218,14 @@ def cluster(setup, state, epoch, key, *, projection=False):
     encode = lambda batch: setup.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
     feats, position = features.extract_features(encode, maker, setup.mesh, config.num_workers)
     valid = position < num
-    valid_device = sharding.to_global(sharding.host_slice(valid), sharding.batch_sharding(setup.mesh))
-    x = kmeans.preprocess_features(feats, config.pca_dim, valid=valid_device)
+    # Each row's example index (-1 on padding): k-means draws by it, so any device count clusters alike.
+    ids = np.where(valid, order[np.minimum(position, num - 1)], -1).astype(np.int32)
+    valid_device, ids_device = (sharding.to_global(sharding.host_slice(v), sharding.batch_sharding(setup.mesh))
+                                for v in (valid, ids))
+    whitened = kmeans.preprocess_features(feats, config.pca_dim, valid=valid_device, eigen_floor=config.pca_eigen_floor)
+    x = whitened.features
     result = kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, key,
-                           init=config.kmeans_init, valid=valid_device)
+                           init=config.kmeans_init, valid=valid_device, ids=ids_device)
     # Label of visit position p goes to example p: with order = arange (the default) that is the
     # visited example; with the as-written sampler order (B-3) it is a different, random one.
     pseudo = np.empty(num, np.int64)
@@ -225,6 +233,7 @@ def cluster(setup, state, epoch, key, *, projection=False):
     labels = setup.splits.pretrain.labels
     labelled = labels >= 0
     stats = prototypes.clustering_stats(pseudo, config.num_prototypes, float(result.inertia))
+    stats["pca_floored"] = int(whitened.floored)
     if labelled.any():
         agreement = prototypes.clustering_stats(pseudo[labelled], config.num_prototypes, 0.0, labels[labelled])
         stats.update(nmi=agreement["nmi"], ari=agreement["ari"])
@@ -240,10 +249,12 @@ def epoch_plan(setup, epoch, pseudo):
     config, source = setup.config, setup.source
     steps, batch = setup.steps_per_epoch, config.batch_size
     if setup.method in PAIR_METHODS:
-        buckets = pseudo if config.rebuild_member_table else source.labels
-        num_buckets = config.num_prototypes if config.rebuild_member_table else int(buckets.max()) + 1
+        # As written (B-2) the pairs come from the ground-truth class buckets while the cluster is drawn
+        # from [0, K): only classes below K are used (the original fails on the others when K > classes).
+        buckets = pseudo if config.rebuild_member_table else np.where(source.labels < config.num_prototypes,
+                                                                      source.labels, -1)
         idx_a, idx_b, similarity = prototypes.pair_plan(
-            buckets, num_buckets, num_steps=steps, batch_size=batch, seed=config.seed, epoch=epoch,
+            buckets, config.num_prototypes, num_steps=steps, batch_size=batch, seed=config.seed, epoch=epoch,
             mode=config.pair_sampling)
         return {"a": idx_a, "b": idx_b, "similarity": similarity}
     rng = np.random.default_rng([config.seed, epoch, 1])
@@ -322,6 +333,10 @@ def train_and_evaluate(config, workdir):
                  config.batch_size // jax.process_count(), jax.process_count(),
                  config.batch_size // jax.device_count(), jax.device_count(), setup.steps_per_epoch)
     logging.info("input: %s", pipeline.describe_workers(config.num_workers, setup.source))
+    peak_epoch = config.warmup_epochs - 1 if config.warmup_epochs else 0
+    logging.info("learning rate: peak %.4g (epoch %d of %d; %d warmup epochs, cosine after), prototype classifier "
+                 "SGD %.4g", float(setup.schedule(jnp.int32(peak_epoch * setup.steps_per_epoch))), peak_epoch + 1,
+                 config.n_epochs, config.warmup_epochs, config.learning_rate * config.batch_size / 256)
     writer = MetricWriter(workdir, enabled=is_main)
     base_key = jax.random.key(config.seed)
     start_step = int(state["step"])

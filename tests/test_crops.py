@@ -95,3 +95,13 @@ def test_center_crop_boxes_in_original_pixels():
     # A crop bigger than the image is clamped to it.
     np.testing.assert_array_equal(crops.center_crop_boxes([20], [30], [20], [30], 28), [[0, 1, 20, 28]])
     assert crops.eval_crop(224) == 196 and crops.eval_crop(32) == 28
+
+
+def test_counter_uniforms_are_uniform_independent_and_keyed():
+    u = crops.counter_uniforms((420, 3, 7), np.arange(20000), 3)
+    for column in range(3):
+        assert stats.kstest(u[:, column], "uniform").pvalue > 1e-3
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03 and abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.03
+    np.testing.assert_array_equal(crops.counter_uniforms((420, 3, 7), np.array([5, 9]), 3), u[[5, 9]])
+    assert not np.array_equal(crops.counter_uniforms((420, 3, 8), np.array([5]), 3), u[[5]])
+    assert ((u >= 0) & (u < 1)).all()

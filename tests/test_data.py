@@ -271,12 +271,12 @@ def test_imagenet100_class_lists(tmp_path):
             os.makedirs(tmp_path / split / name)
             Image.new("RGB", (8, 8)).save(tmp_path / split / name / "a.png")
     config = _config(dataset="imagenet100", dataset_path=str(tmp_path), image_size=14, n_classes=100, pre_classes=100, val_sample=0)
-    cmc = load_splits(config)
-    assert len(cmc.train) == 100 and len(cmc.test) == 100
-    assert {os.path.basename(os.path.dirname(p)) for p in cmc.train.paths} == set(IMAGENET100_CMC)
-    config.imagenet100_classes = "first100"
-    first = load_splits(config)
+    first = load_splits(config)  # the default: the original's first 100 wnids
+    assert len(first.train) == 100 and len(first.test) == 100
     assert {os.path.basename(os.path.dirname(p)) for p in first.train.paths} == set(names[:100])
+    config.imagenet100_classes = "cmc"
+    cmc = load_splits(config)
+    assert {os.path.basename(os.path.dirname(p)) for p in cmc.train.paths} == set(IMAGENET100_CMC)
     os.rename(tmp_path / "train" / IMAGENET100_CMC[5], tmp_path / "train" / "n55555555")
     config.imagenet100_classes = "cmc"
     with pytest.raises(DataError, match="1 of the 100 CMC"):

@@ -80,3 +80,18 @@ def test_monitor_and_reports_use_valid_then_test():
     assert [name for name, _ in evaluate.eval_sets(Splits)] == ["test"]
     Splits.valid = np.zeros(2)
     assert [name for name, _ in evaluate.eval_sets(Splits)] == ["valid", "test"]
+
+
+def test_as_written_accuracies_average_batches_of_the_pretraining_batch_size():
+    """B-17 as written: the original's evaluation loaders all use `batch_size`, and it averages per batch."""
+    from configs import digits
+    from spcl_jax import network, sharding
+    from spcl_jax.data import load_splits
+
+    config = digits.get_config()
+    config.batch_size, config.finetune_batch_size, config.eval_metric_weighting = 128, 64, "batch"
+    splits = load_splits(config)
+    graphdef = network.create(config, "spcl", splits.num_classes, config.seed)[0]
+    assert evaluate.Evaluator(config, splits, graphdef, sharding.data_mesh()).per_batch == 128
+    config.eval_metric_weighting = "sample"
+    assert evaluate.Evaluator(config, splits, graphdef, sharding.data_mesh()).per_batch is None

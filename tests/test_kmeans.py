@@ -150,7 +150,8 @@ def test_kmeanspp_seeding():
 def test_compiled_kmeans_never_gathers_the_rows():
     n = 800
     xs, valid = _shard(_blobs(n=n, d=16), _mesh())
-    hlo = km._kmeans_jit.lower(xs, valid, KEY, None, 2, mesh=_mesh(), num_clusters=10,
+    ids = jax.device_put(jnp.arange(n, dtype=jnp.int32), NamedSharding(_mesh(), P("data")))
+    hlo = km._kmeans_jit.lower(xs, valid, ids, KEY, None, 2, mesh=_mesh(), num_clusters=10,
                                init="random", chunk_size=32,
                                precision=jax.lax.Precision.HIGHEST).compile().as_text()
     gathered = re.findall(r"= \w+\[([\d,]*)\][^=]*all-gather\(", hlo)
@@ -179,22 +180,50 @@ def test_pca_whitening_matches_numpy():
     rng = np.random.default_rng(8)
     x = (rng.normal(size=(2000, 12)) * np.linspace(0.5, 5, 12) @ rng.normal(size=(12, 12)) + 3)
     x = x.astype(np.float32)
-    ours = np.asarray(km.pca_whiten(x, 6), np.float64)
+    ours = np.asarray(km.pca_whiten(x, 6).features, np.float64)
     ref = _numpy_whiten(x, 6)
     ours *= np.sign(np.sum(ours * ref, axis=0))  # eigenvectors are defined up to sign
     np.testing.assert_allclose(ours, ref, atol=2e-3)
     np.testing.assert_allclose(ours.T @ ours / len(x), np.eye(6), atol=2e-3)
-    assert km.pca_whiten(x, 50).shape == (2000, 12)  # pca_dim above D keeps all D components
+    assert km.pca_whiten(x, 50).features.shape == (2000, 12)  # pca_dim above D keeps all D components
 
 
 def test_preprocessing_sharded_with_padding():
     x = _blobs(n=1001, d=16, seed=9)
     xs, valid = _shard(x, _mesh())
-    out = km.preprocess_features(xs, 8, valid=valid)
+    out = km.preprocess_features(xs, 8, valid=valid).features
     assert out.sharding.spec == P("data", None)
     out = np.asarray(out)
-    np.testing.assert_allclose(out[:1001], np.asarray(km.preprocess_features(x, 8)), atol=1e-5)
+    np.testing.assert_allclose(out[:1001], np.asarray(km.preprocess_features(x, 8).features), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out[:1001], axis=1), 1.0, rtol=1e-5)
     assert np.all(out[1001:] == 0)
-    plain = np.asarray(km.preprocess_features(x, 0))
+    plain = np.asarray(km.preprocess_features(x, 0).features)
     np.testing.assert_allclose(plain, x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_the_same_rows_in_another_layout_cluster_alike_when_drawn_by_id():
+    """The feature pass lays rows out in a device-count-dependent order: with the rows' ids, k-means
+    (random and k-means++ seeding) gives each row the same cluster whatever the order."""
+    x = _blobs(n=600, seed=11)
+    perm = np.random.default_rng(0).permutation(600)
+    for init in ("random", "kmeans++"):
+        plain = km.kmeans(x, 12, 5, KEY, init=init)
+        shuffled = km.kmeans(x[perm], 12, 5, KEY, init=init, ids=perm)
+        np.testing.assert_array_equal(np.asarray(shuffled.assignments)[np.argsort(perm)], np.asarray(plain.assignments))
+        np.testing.assert_array_equal(np.asarray(shuffled.centroids), np.asarray(plain.centroids))
+        by_row = km.kmeans(x[perm], 12, 5, KEY, init=init)  # drawn by row index instead: another clustering
+        assert not np.array_equal(np.asarray(by_row.centroids), np.asarray(plain.centroids))
+
+
+def test_pca_eigen_floor_is_an_option_and_counts_what_it_floors():
+    rng = np.random.default_rng(12)
+    x = (rng.normal(size=(500, 8)) @ np.diag([10, 5, 3, 1, 1, 1e-4, 1e-4, 1e-4])).astype(np.float32)
+    default = km.pca_whiten(x, 8)
+    assert int(default.floored) == 3  # eigenvalues ~1e-8 of ~100: below 1e-5 x the largest
+    none = km.pca_whiten(x, 8, eigen_floor=0.0)
+    assert int(none.floored) == 0
+    np.testing.assert_allclose(np.asarray(none.features)[:, :5], np.asarray(default.features)[:, :5], rtol=1e-4)
+    # without a floor the smallest components are whitened to unit variance, as faiss does
+    np.testing.assert_allclose(np.var(np.asarray(none.features, np.float64)[:, 7]), 1.0, rtol=0.05)
+    assert np.var(np.asarray(default.features, np.float64)[:, 7]) < 0.1
+    assert int(km.preprocess_features(x, 0).floored) == 0

@@ -40,12 +40,27 @@ def test_a_batch_holds_the_planned_images_and_their_views():
     np.testing.assert_array_equal(batch["frame_a"], [[8, 8, 0, 1]] * 8)
     assert batch["boxes"].shape == (8, 3, 4) and batch["draws"].shape == (8, 3, crops.VIEW_DRAWS)
     np.testing.assert_array_equal(batch["boxes"][:, 1], [[0, 0, 7, 7]] * 8)  # centre crop 7 of 8: round(0.5) = 0
-    u = np.random.default_rng([7, 3, 0, 2]).random((8, 3, pipeline.VIEW_COLUMNS))
+    ids = 2 * 8 + np.arange(8)  # the images' positions in the plan
+    u = np.stack([crops.counter_uniforms((7, 3, 0), ids * 3 + v, pipeline.VIEW_COLUMNS) for v in range(3)], axis=1)
     np.testing.assert_array_equal(batch["boxes"][:, 0], crops.random_resized_crop_boxes(
         u[:, 0, :crops.CROP_DRAWS], [8] * 8, [8] * 8, RECIPE.crop_scale))
     np.testing.assert_array_equal(batch["draws"], u[:, :, crops.CROP_DRAWS:].astype(np.float32))
     _equal(batch, maker(2))  # a pure function of (seed, step)
     assert not np.array_equal(batch["draws"], maker(3)["draws"])
+
+
+def test_views_keyed_by_dataset_index_do_not_depend_on_the_batch():
+    """The feature pass keys each image's view by its index: the same view in any batch size or order."""
+    source, _ = _array_source()
+    specs = (("a", "pretrain"),)
+    by_eight = pipeline.make_pass(source, {"a": np.arange(40).reshape(5, 8)}, specs, RECIPE, (1,), key_by="index")
+    shuffled = np.random.default_rng(3).permutation(40)
+    by_ten = pipeline.make_pass(source, {"a": shuffled.reshape(4, 10)}, specs, RECIPE, (1,), key_by="index")
+    first = {k: np.concatenate([by_eight(s)[k] for s in range(5)]) for k in ("boxes", "draws")}
+    second = {k: np.concatenate([by_ten(s)[k] for s in range(4)])[np.argsort(shuffled)] for k in ("boxes", "draws")}
+    _equal(first, second)
+    by_position = pipeline.make_pass(source, {"a": np.arange(40).reshape(5, 8)}, specs, RECIPE, (1,))
+    assert not np.array_equal(by_position(1)["draws"], by_ten(1)["draws"])
 
 
 def test_each_host_gets_its_columns_of_the_single_host_batch():

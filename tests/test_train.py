@@ -228,7 +228,12 @@ def test_pretrain_schedule_matches_the_original_per_epoch_curve():
         np.testing.assert_allclose(float(fixed(step)), want_fixed, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(float(written(step)), want_written, rtol=1e-4, atol=1e-7)
     no_warmup = optim.pretrain_lr_schedule(**dict(kwargs, warmup_epochs=0))
-    np.testing.assert_allclose(float(no_warmup(jnp.int32(0))), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(float(no_warmup(jnp.int32(0))), 1.0, rtol=1e-6)  # the same peak as with warmup
+    as_written = optim.pretrain_lr_schedule(**dict(kwargs, warmup_epochs=0), no_warmup_peak="scaled")
+    np.testing.assert_allclose(float(as_written(jnp.int32(0))), 2.0, rtol=1e-6)  # LR*B/256 = 1.0*512/256 (B-6)
+    for epoch in (1, 50, 99):
+        np.testing.assert_allclose(float(as_written(jnp.int32(epoch * 7))), 2 * float(no_warmup(jnp.int32(epoch * 7))),
+                                   rtol=1e-6)
     per_step = optim.pretrain_lr_schedule(**kwargs, stepping="step")
     np.testing.assert_allclose(float(per_step(jnp.int32(0))), 1 / 70, rtol=1e-5)
     np.testing.assert_allclose(float(per_step(jnp.int32(69))), 1.0, rtol=1e-5)
@@ -260,3 +265,70 @@ def test_non_finite_loss_stops_naming_step_and_terms(tmp_path):
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     bad_step = int(message.split("non-finite loss at step ")[1].split()[0])
     assert all(step < bad_step for step in saved), (saved, bad_step)
+
+
+def test_asymmetric_first_view_applies_where_the_original_leaves_it():
+    """B-7 as written: the first view of every image is the clean eval view in `pretrain` (simclr) and
+    `pretrain_metric` (metric: images A and B), never in `pretrain_cluster` (cluster) or SPCL."""
+    from configs import digits
+
+    config = digits.get_config()
+    config.asymmetric_first_view = True
+    assert train.view_specs("simclr", config) == (("a", "eval"), ("a", "pretrain"))
+    assert train.view_specs("metric", config) == (("a", "eval"), ("a", "pretrain"), ("b", "eval"), ("b", "pretrain"))
+    assert train.view_specs("cluster", config) == (("a", "pretrain"), ("a", "pretrain"))
+    assert train.view_specs("spcl", config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
+    config.asymmetric_first_view = False
+    assert train.view_specs("metric", config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
+    assert train.view_specs("supervised", config) == (("a", "train"),)
+
+
+@pytest.mark.slow
+def test_as_written_member_table_draws_ground_truth_buckets_below_k():
+    """B-2 as written: pairs from ground-truth class buckets, the bucket drawn from [0, K) (K = 4 of 10)."""
+    from jax.sharding import Mesh
+
+    from configs import digits
+    from spcl_jax import data
+
+    config = digits.get_config()
+    config.width_multiplier, config.num_prototypes, config.rebuild_member_table = 0.0625, 4, False
+    splits = data.load_splits(config)
+    setup, _ = train.build(config, "spcl", splits, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    pseudo = np.random.default_rng(0).integers(0, 4, len(splits.pretrain))  # what the k-means gave
+    plan = train.epoch_plan(setup, 0, pseudo)
+    truth = splits.pretrain.labels
+    assert set(truth[plan["a"]].ravel()) == set(truth[plan["b"]].ravel()) == {0, 1, 2, 3}
+    positive = plan["similarity"] == 1
+    np.testing.assert_array_equal(truth[plan["a"]][positive], truth[plan["b"]][positive])
+    assert (truth[plan["a"]][~positive] != truth[plan["b"]][~positive]).all()
+    batch = train.load_batch(setup, 0, plan, 0, pseudo)  # the CE targets stay the pseudo labels
+    np.testing.assert_array_equal(np.asarray(batch["labels_a"]), pseudo[plan["a"][0]])
+
+
+@pytest.mark.slow
+def test_one_and_eight_devices_give_the_same_pseudo_labels_and_first_step():
+    """The feature pass lays rows out by device count; k-means draws by example index, views by position:
+    the clustering, the pair plan and the first step's losses do not depend on the device count."""
+    from jax.sharding import Mesh
+
+    from configs import digits
+    from spcl_jax import data
+
+    config = digits.get_config()
+    config.width_multiplier, config.batch_size, config.learning_rate = 0.0625, 32, 0.01
+    splits = data.load_splits(config)
+    results = []
+    for devices in (1, 8):
+        mesh = Mesh(np.array(jax.devices()[:devices]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        setup, state = train.build(config, "spcl", splits, mesh)
+        pseudo, stats, _ = train.cluster(setup, state, 0, jax.random.key(3))
+        plan = train.epoch_plan(setup, 0, pseudo)
+        _, metrics = setup.train_step(state, train.load_batch(setup, 0, plan, 0, pseudo))
+        results.append((pseudo, stats, jax.device_get(metrics)))
+    (pseudo_1, stats_1, metrics_1), (pseudo_8, stats_8, metrics_8) = results
+    np.testing.assert_array_equal(pseudo_1, pseudo_8)
+    assert stats_1["inertia"] == pytest.approx(stats_8["inertia"], rel=1e-5)
+    for key, value in metrics_1.items():  # the gradient's norm sums BatchNorm terms in another order
+        np.testing.assert_allclose(metrics_8[key], value, rtol=1e-3 if key == "train/grad_norm" else 1e-5,
+                                   atol=1e-6, err_msg=key)

@@ -25,6 +25,31 @@ PHOTOMETRIC_DRAWS = JITTER_DRAWS + 4
 VIEW_DRAWS = 1 + PHOTOMETRIC_DRAWS
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z):
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def counter_uniforms(seed, ids, count):
+    """(len(ids), count) float64 uniforms in [0, 1), a pure function of (seed words, id): row i is the
+    SplitMix64 stream of a state hashed from `seed` and ids[i]. So an image's views depend on its id (its
+    place in an epoch's plan, or its dataset index) and nothing else: not on the batch it falls in, the
+    host that loads it or the device that augments it."""
+    key = np.uint64(0)
+    for word in seed:
+        key = _mix(np.asarray(key ^ np.uint64(int(word) & 0xFFFFFFFFFFFFFFFF), np.uint64) + _GOLDEN)
+    with np.errstate(over="ignore"):
+        state = _mix(key ^ _mix(np.asarray(ids, np.int64).astype(np.uint64) + _GOLDEN))
+        z = _mix(state[:, None] + _GOLDEN * np.arange(1, count + 1, dtype=np.uint64))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 def random_resized_crop_boxes(u, heights, widths, scale, ratio=CROP_RATIO):
     """(n, 4) int64 boxes (top, left, h, w) from (n, CROP_DRAWS) uniforms for images of the given sizes."""
     u = np.asarray(u, np.float64)

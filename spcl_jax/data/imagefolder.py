@@ -36,7 +36,7 @@ IMAGENET100_CMC = (
     "n03584829", "n02123045", "n04229816", "n02100583", "n03642806", "n04336792", "n03259280", "n02116738",
     "n02108089", "n03424325", "n01855672", "n02090622",
 )
-IMAGENET100_CHOICES = ("cmc", "first100")
+IMAGENET100_CHOICES = ("first100", "cmc")
 FOLDER_LAYOUT = "DIR/train/<class>/<image> plus DIR/val/<class>/<image> or DIR/test/<class>/<image>"
 TINY_LAYOUT = "DIR/train/<wnid>/images/*.JPEG, DIR/val/images/*.JPEG and DIR/val/val_annotations.txt (the tiny-imagenet-200 zip)"
 SCAN_THREADS = 16  # header checks are I/O bound: more threads than cores pay off
@@ -158,7 +158,8 @@ def eval_split_dir(root):
 
 
 def imagenet100_classes(available, choice):
-    """The 100 wnids of ImageNet-100, sorted: the CMC list (default) or the first 100 (as written, B-14)."""
+    """The 100 wnids of ImageNet-100, sorted: the first 100 (the original's choice, the default) or the CMC
+    paper's list (what most published ImageNet-100 numbers use)."""
     if choice == "cmc":
         missing = sorted(set(IMAGENET100_CMC) - set(available))
         if missing:
@@ -171,7 +172,7 @@ def imagenet100_classes(available, choice):
         if len(available) < 100:
             raise DataError(f"imagenet100_classes=first100 needs at least 100 classes, found {len(available)}: point --config.dataset_path at ImageNet")
         return sorted(available)[:100]
-    raise DataError(f"imagenet100_classes={choice!r} is not one of {IMAGENET100_CHOICES}: pass --config.imagenet100_classes=cmc")
+    raise DataError(f"imagenet100_classes={choice!r} is not one of {IMAGENET100_CHOICES}: pass --config.imagenet100_classes=first100")
 
 
 def folder_dataset(root, *, skip_bad, select=None, cache_dir=""):

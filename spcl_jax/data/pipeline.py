@@ -2,10 +2,11 @@
 
 A pass is a `BatchMaker` (what one step's host batch is) and a number of steps. Step s of a pass
 loads this host's columns of the plan's index batches (image sets "a", and "b" for pairs), places
-every image whole in a canvas (`sources`), and draws every view's crop box and uniforms from a numpy
-Generator seeded by (seed, stream..., s) over the global batch, of which the host keeps its columns:
-a view depends on the seed, the pass and its position in the global plan only - not on the host or
-device count, the worker count, or where a run was resumed. The device then cuts the views
+every image whole in a canvas (`sources`), and draws every view's crop box and uniforms with
+`crops.counter_uniforms` from the pass's seed words and the image's id: its position in the global
+plan (training steps: two occurrences of an image are two examples) or its dataset index (the feature
+pass: an image's view does not depend on the batch it falls in). A view does not depend on the host
+or device count, the worker count, or where a run was resumed. The device then cuts the views
 (`spcl_jax.augment.views`).
 
 `Loader` iterates a pass from any step with grain: with `num_workers` > 0 the batches are made in
@@ -45,7 +46,8 @@ class BatchMaker:
 
     `sets` maps an image-set name ("a", "b") to this host's (steps, b) source positions; `specs` lists
     the views, (set name, kind) each, kind in spcl_jax.augment.VIEW_KINDS. The global batch is
-    `global_batch` images per set, of which this host holds columns [column, column + b).
+    `global_batch` images per set, of which this host holds columns [column, column + b). `key_by`:
+    "position" (an image's views from its place in the global plan) or "index" (from its source position).
     The batch holds `pixels_<set>` uint8 (b, Hc, Wc, 3), `frame_<set>` float32 (b, 4) (see
     spcl_jax.augment), `boxes` float32 (b, V, 4) in canvas pixels and `draws` float32 (b, V, VIEW_DRAWS).
     """
@@ -57,22 +59,29 @@ class BatchMaker:
     seed: tuple  # the Generator's seed words, the step is appended
     global_batch: int
     column: int
+    key_by: str = "position"
     shared_memory: bool = False
 
     def __call__(self, step):
-        uniforms = np.random.default_rng([*self.seed, int(step)]).random(
-            (self.global_batch, len(self.specs), VIEW_COLUMNS))[self.column:self.column + self.batch_size]
         batch, images = {}, {}
         for name, plan in self.sets.items():
             images[name] = self.source.load(plan[step], self._pixels())
             batch[f"pixels_{name}"] = images[name].pixels
             batch[f"frame_{name}"] = frame(images[name])
         boxes = np.empty((self.batch_size, len(self.specs), 4), np.float32)
+        draws = np.empty((self.batch_size, len(self.specs), crops.VIEW_DRAWS), np.float32)
         for v, (name, kind) in enumerate(self.specs):
-            boxes[:, v] = view_boxes(images[name], kind, uniforms[:, v, :crops.CROP_DRAWS], self.recipe)
-        batch["boxes"] = boxes
-        batch["draws"] = uniforms[:, :, crops.CROP_DRAWS:].astype(np.float32)
+            uniforms = crops.counter_uniforms(self.seed, self._ids(name, step) * len(self.specs) + v, VIEW_COLUMNS)
+            boxes[:, v] = view_boxes(images[name], kind, uniforms[:, :crops.CROP_DRAWS], self.recipe)
+            draws[:, v] = uniforms[:, crops.CROP_DRAWS:]
+        batch["boxes"], batch["draws"] = boxes, draws
         return batch
+
+    def _ids(self, name, step):
+        """The ids this host's images of set `name` draw their views by (see `key_by`)."""
+        if self.key_by == "index":
+            return self.sets[name][step]
+        return step * self.global_batch + self.column + np.arange(self.batch_size)
 
     @property
     def batch_size(self):
@@ -198,10 +207,10 @@ def host_columns(plan, process_index, process_count):
     return plan[:, process_index * width:(process_index + 1) * width]
 
 
-def make_pass(source, global_sets, specs, recipe, seed, process_index=0, process_count=1):
+def make_pass(source, global_sets, specs, recipe, seed, process_index=0, process_count=1, key_by="position"):
     """The `BatchMaker` of this host for global (steps, B) plans `global_sets` ({"a": ..., ["b": ...]})."""
     sets = {name: host_columns(plan, process_index, process_count) for name, plan in global_sets.items()}
     width = next(iter(sets.values())).shape[1]
     global_batch = next(iter(global_sets.values())).shape[1]
     return BatchMaker(source, sets, tuple(specs), recipe, tuple(int(s) for s in seed), global_batch,
-                      process_index * width)
+                      process_index * width, key_by)

@@ -102,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--quality", type=int, default=90, help="records: JPEG quality of re-encoded images")
     parser.add_argument("--workers", type=int, default=max(default_workers(), 1), help="records: writing processes")
     parser.add_argument("--skip_bad_images", action="store_true", help="leave out unreadable files with a warning")
-    parser.add_argument("--imagenet100_classes", default="cmc", choices=("cmc", "first100"),
+    parser.add_argument("--imagenet100_classes", default="first100", choices=("first100", "cmc"),
                         help="imagenet100: which 100 classes")
     args = parser.parse_args(argv)
     if args.dataset == "digits":
