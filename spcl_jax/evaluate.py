@@ -17,7 +17,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from spcl_jax import augment, checkpoint, config_validation, data, features, models, network, optim, sharding
+from spcl_jax import augment, config_validation, data, features, models, network, optim, sharding
 from spcl_jax.data import pipeline
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.workdir import claim_workdir
@@ -297,11 +297,8 @@ def evaluate_checkpoint(config, workdir):
     method = config_validation.resolve_method(config)
     splits = data.load_splits(config)
     mesh = sharding.data_mesh()
-    graphdef, params, batch_stats = network.create(config, method, splits.num_classes, config.seed)
-    saved, step = checkpoint.restore_network(config.load_checkpoint_dir, config.checkpoint_step)
-    what = f"checkpoint step {step} in {config.load_checkpoint_dir}"
-    params = checkpoint.fill(params, saved["params"], what=what)
-    batch_stats = checkpoint.fill(batch_stats, saved["batch_stats"], what=what)
+    graphdef, params, batch_stats, step = network.restore(config, method, splits.num_classes,
+                                                          config.load_checkpoint_dir, config.checkpoint_step)
     if jax.process_index() == 0:
         claim_workdir(workdir)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
