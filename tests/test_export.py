@@ -292,7 +292,7 @@ def _trained_encoder(saved_run):
     return lambda x: np.asarray(net.encoder(jnp.asarray(x, jnp.float32)))
 
 
-def test_load_encoder_from_a_relative_path_equals_the_trained_encoder(saved_run, monkeypatch):
+def test_load_encoder_from_a_relative_path_equals_the_trained_encoder(saved_run, monkeypatch, tmp_path):
     directory = saved_run[0]
     monkeypatch.chdir(directory.parent.parent)
     encode = spcl_jax.load_encoder(os.path.join(directory.parent.name, directory.name))
@@ -312,6 +312,12 @@ def test_load_encoder_from_a_relative_path_equals_the_trained_encoder(saved_run,
         spcl_jax.load_encoder(directory, step=5)
     with pytest.raises(UserError, match="step=-1; valid: None"):
         spcl_jax.load_encoder(directory, step=-1)
+    manager = checkpoint.open_manager(str(tmp_path / "no_config"))  # a checkpoint not written by a run
+    manager.save(1, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.StandardSave({"step": np.int32(1)})))
+    manager.close()
+    with pytest.raises(CheckpointError, match="^checkpoint step 1 in .*no_config has no readable config \\(.*\\); pass the "
+                                              "<workdir>/checkpoints of a spcl_jax pretraining run$"):
+        spcl_jax.load_encoder(tmp_path / "no_config")
 
 
 def test_import_spcl_jax_does_not_start_jax():
