@@ -122,7 +122,7 @@ def get_config():
     # ---- logging, checkpoints, runtime ----
     c.log_every_steps = 10  # metrics.jsonl/TensorBoard cadence (steps)
     c.verbose = False  # original flag: debug-level log output
-    c.visual_cls = False  # write a 2-D scatter of features coloured by pseudo label
+    c.visual_cls = False  # write a 2-D scatter of features coloured by pseudo label (and by ground truth)
     c.visual_freq = 1  # draw it at the clusterings of epochs 1, 1 + visual_freq, 1 + 2*visual_freq, ...
     c.debug = False  # original flag: eval_disent uses only the first 32 samples of each split
     c.checkpoint_every_steps = 0  # extra save every N steps (0 = only at epoch ends)

@@ -12,3 +12,14 @@ from jaxlib import version as _jaxlib_version
 _YNN_TYPES = "--xla_cpu_experimental_ynn_fusion_type"
 if _jaxlib_version.__version__.startswith("0.10.") and _YNN_TYPES not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_TYPES}=-individual_convolution".strip()
+
+__all__ = ["load_encoder"]
+
+
+def __getattr__(name):
+    """`load_encoder` is imported on first use, so that `import spcl_jax` does not start JAX."""
+    if name == "load_encoder":
+        from spcl_jax.encoder import load_encoder
+
+        return load_encoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

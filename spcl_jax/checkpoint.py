@@ -208,12 +208,13 @@ class Manager:
             signal.signal(signum, handler)
 
 
-def restore_network(directory, step):
-    """The saved pretraining state (nested dicts) of step `step` (-1 = newest) and that step."""
+def _open_step(directory, step):
+    """A read-only manager of `directory` and its saved step `step` (-1 = newest). Orbax reads absolute
+    paths only; messages name the directory as given."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist; pass the "
                               "<workdir>/checkpoints of a pretraining run")
-    manager = open_manager(directory, read_only=True)
+    manager = open_manager(os.path.abspath(directory), read_only=True)
     steps = manager.all_steps()
     if not steps:
         inner = os.path.join(directory, "checkpoints")
@@ -222,18 +223,36 @@ def restore_network(directory, step):
     step = max(steps) if step < 0 else step
     if step not in steps:
         raise CheckpointError(f"step {step} is not saved in {directory}; saved steps: {sorted(steps)}")
+    return manager, step
+
+
+def restore_network(directory, step):
+    """The saved pretraining state (nested dicts) of step `step` (-1 = newest) and that step."""
+    manager, step = _open_step(directory, step)
     try:
         # Saved on other devices (another process or device count): replicate on this run's devices.
         fallback = sharding.replicated(sharding.data_mesh())
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(fallback_sharding=fallback)))["state"]
     except Exception as e:  # orbax raises many types for truncated or damaged files
-        others = sorted(s for s in steps if s != step)
+        others = sorted(s for s in manager.all_steps() if s != step)
         raise CheckpointError(f"checkpoint step {step} in {directory} cannot be read ({_reason(e)})" + (
             f"; other saved steps: {others}" if others else "")) from e
     finally:
         manager.close()
     return restored, step
+
+
+def restore_config(directory, step):
+    """The resolved config (a dict, see `resolved_config`) saved with step `step` (-1 = newest), and that step."""
+    manager, step = _open_step(directory, step)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step
+    except Exception as e:
+        raise CheckpointError(f"checkpoint step {step} in {directory} has no readable config ({_reason(e)}); "
+                              "pass the <workdir>/checkpoints of a spcl_jax pretraining run") from e
+    finally:
+        manager.close()
 
 
 def fill(template, raw, *, what):

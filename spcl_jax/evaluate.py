@@ -7,7 +7,9 @@ the head is also scored on it after every epoch and the best-valid epoch's head 
 last one. `Evaluator.knn_monitor` is the cheap kNN-only check run during pretraining (`knn_every_epochs`).
 """
 import functools
+import json
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -17,10 +19,10 @@ import optax
 from absl import logging
 from flax import nnx
 
-from spcl_jax import augment, checkpoint, config_validation, data, features, models, network, optim, sharding
+from spcl_jax import augment, config_validation, data, features, models, network, optim, sharding
 from spcl_jax.data import pipeline
 from spcl_jax.metrics import MetricWriter
-from spcl_jax.workdir import claim_workdir
+from spcl_jax.workdir import claim_workdir, write_atomic
 
 
 STREAM_LINEAR_EVAL = 4  # seed word of the original protocol's training views (per finetune epoch)
@@ -271,27 +273,51 @@ def disentanglement_probe(config, train_x, train_y, sets, runs=10):
     return results
 
 
-PROTOCOLS = {
-    "fast": "fast: a linear head on features of the centre-cropped images computed once",
-    "original": "original: a linear head on random crops and flips through the frozen encoder every epoch",
-}
-
-
-def protocol_line(config):
-    """How the reported accuracies were measured, in one line (every reported accuracy names its protocol)."""
-    return (f"linear evaluation protocol {PROTOCOLS[config.linear_eval_protocol]} ({config.finetune_optimiser}, "
-            f"{config.finetune_epochs} epochs, {config.eval_metric_weighting}-weighted); kNN k={config.knn_k}, "
-            f"T={config.knn_temperature} on L2-normalised features; splits: test = the held-out test set")
-
-
 def report(results, writer, step, epoch, config):
     writer.write(step, epoch, results)
     if jax.process_index() == 0 and results:
         width = max(len(k) for k in results)
-        lines = [protocol_line(config), f"{'metric':<{width}}  value"] + [
+        lines = [f"{family}: {how}" for family, how in protocols(config).items()] + [f"{'metric':<{width}}  value"] + [
             f"{k:<{width}}  {v:6d}" if isinstance(v, int) else f"{k:<{width}}  {100 * v:6.2f}%"
             for k, v in results.items()]
         print("\n".join(lines), flush=True)
+
+
+def protocols(config):
+    """{metric family: how its numbers were measured}, so that every reported accuracy names its protocol."""
+    weighting = "per batch" if config.eval_metric_weighting == "batch" else "per sample"
+    epochs = f"{config.finetune_epochs} epoch{'' if config.finetune_epochs == 1 else 's'}"
+    return {"linear_eval": f"linear probe on the frozen encoder (BatchNorm in eval mode), linear_eval_protocol="
+                           f"{config.linear_eval_protocol}, {epochs}, accuracy {weighting}",
+            "knn": f"weighted kNN on L2-normalised frozen features, k={config.knn_k}, T={config.knn_temperature}, "
+                   f"accuracy {weighting}"}
+
+
+def results_summary(results, config, method, step):
+    """The final results as saved in results.json: the run (dataset, method, model, step), the protocols
+    and {metric: value} as `report` prints them (fractions, epochs as ints)."""
+    return {"dataset": config.dataset, "method": method, "model": config.model, "step": int(step),
+            "epochs": config.n_epochs, "linear_eval_protocol": config.linear_eval_protocol,
+            "protocols": protocols(config), "metrics": {k: v if isinstance(v, int) else float(v) for k, v in results.items()}}
+
+
+def results_markdown(summary):
+    """results.md: one table row per metric with its value (accuracies in %), encoder and protocol."""
+    lines = [f"# {summary['method']} on {summary['dataset']} ({summary['model']}): results at step {summary['step']} "
+             f"(epoch {summary['epochs']})", "", "| metric | value | encoder | protocol |", "|---|---:|---|---|"]
+    for key, value in summary["metrics"].items():
+        shown = f"{value}" if isinstance(value, int) else f"{100 * value:.2f}%"
+        encoder = "random initialisation" if "/random_init_" in key else "trained"
+        lines.append(f"| `{key}` | {shown} | {encoder} | {summary['protocols'][key.split('/')[0]]} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir, results, config, method, step):
+    """`<workdir>/results.json` and `results.md` of the final evaluation, each written atomically."""
+    summary = results_summary(results, config, method, step)
+    write_atomic(os.path.join(workdir, "results.json"),
+                 lambda f: f.write(json.dumps(summary, indent=2).encode() + b"\n"))
+    write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(results_markdown(summary).encode()))
 
 
 def after_pretraining(setup, state, writer):
@@ -311,11 +337,8 @@ def evaluate_checkpoint(config, workdir):
     method = config_validation.resolve_method(config)
     splits = data.load_splits(config)
     mesh = sharding.data_mesh()
-    graphdef, params, batch_stats = network.create(config, method, splits.num_classes, config.seed)
-    saved, step = checkpoint.restore_network(config.load_checkpoint_dir, config.checkpoint_step)
-    what = f"checkpoint step {step} in {config.load_checkpoint_dir}"
-    params = checkpoint.fill(params, saved["params"], what=what)
-    batch_stats = checkpoint.fill(batch_stats, saved["batch_stats"], what=what)
+    graphdef, params, batch_stats, step = network.restore(config, method, splits.num_classes,
+                                                          config.load_checkpoint_dir, config.checkpoint_step)
     if jax.process_index() == 0:
         claim_workdir(workdir)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)

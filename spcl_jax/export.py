@@ -4,28 +4,26 @@
 
 Names and layouts are torchvision's: `conv1.weight` (O, I, kh, kw) from our (kh, kw, I, O) kernels,
 `bn1.weight/bias/running_mean/running_var/num_batches_tracked`, `layer1.0.conv1.weight`,
-`layer1.0.downsample.0.weight`, `layer1.0.downsample.1.*`, ...; no `fc`. Load the backbone with
-
-    model.fc = torch.nn.Identity()  # the npz has no fc: the model then returns the pooled features
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load("encoder.npz").items()})
-
-`encoder.json` beside the npz says which stem and widths the weights need: a CIFAR-stem encoder
-(3x3 stride-1 conv1, no max-pool) loads into torchvision's ResNet after
-`model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False); model.maxpool = nn.Identity()`; a
-`width_multiplier` other than 1 needs a ResNet built with those stage widths. The running variance
-was averaged from biased batch variances (flax's convention; torch averages unbiased ones), which
-changes nothing in eval mode. `num_batches_tracked` holds the checkpoint's training step.
+`layer1.0.downsample.0.weight`, `layer1.0.downsample.1.*`, ...; no `fc`. `encoder.json` beside the npz
+describes the architecture (block, blocks per stage, stem, stem and stage widths) and the mean and std
+that input images are normalised with; `torchvision_encoder(path)` builds that ResNet (a CIFAR stem:
+3x3 stride-1 conv1 and no max-pool; the stage widths of any `width_multiplier`) and loads the weights.
+The running variance was averaged from biased batch variances (flax's convention; torch averages
+unbiased ones), which changes nothing in eval mode. `num_batches_tracked` holds the checkpoint's training step.
 Bad input stops with one line `export: error: ...` and exit status 2; the output appears atomically.
 """
 import argparse
+import glob
 import json
 import logging
 import os
 import sys
 
+import ml_collections
 import numpy as np
 
 from spcl_jax import checkpoint
+from spcl_jax.data import datasets
 from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import _ARCHITECTURES
 from spcl_jax.workdir import write_atomic
@@ -96,7 +94,8 @@ def _check_out(out):
 
 def export(directory, out, step=-1):
     """Writes the encoder of checkpoint `step` (-1 = newest) in `directory` to `out` (.npz) and its
-    description to the .json beside it; returns (description, {name: array})."""
+    description (architecture, the normalisation of its inputs, step) to the .json beside it; returns
+    (description, {name: array})."""
     if step < -1:
         raise UserError(f"--step {step}; valid: -1 (newest) or a saved step >= 0")
     _check_out(out)
@@ -104,10 +103,12 @@ def export(directory, out, step=-1):
     try:
         params, stats = raw["params"]["encoder"], raw["batch_stats"]["encoder"]
         arrays = torchvision_state_dict(params, stats, step)
-        description = dict(describe(params), checkpoint=os.path.abspath(directory), step=int(step))
+        description = describe(params)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint step {step} in {directory} has no ResNet encoder ({e!r} missing); "
                               "pass the <workdir>/checkpoints of a spcl_jax pretraining run") from e
+    mean, std = datasets.normalisation(ml_collections.ConfigDict(checkpoint.restore_config(directory, step)[0]))
+    description.update(mean=list(mean), std=list(std), checkpoint=os.path.abspath(directory), step=int(step))
     try:
         write_atomic(out, lambda f: np.savez(f, **arrays))
         write_atomic(out[:-len(".npz")] + ".json",
@@ -115,6 +116,59 @@ def export(directory, out, step=-1):
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from e
     return description, arrays
+
+
+def _exported_files(path):
+    """(npz, json) paths of the export at `path`: the .npz itself or the directory holding exactly one."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.npz")))
+        if len(found) != 1:
+            raise UserError(f"{path} holds {len(found)} .npz files ({', '.join(map(os.path.basename, found)) or 'none'}); "
+                            "valid: a directory with one encoder written by python -m spcl_jax.export, or its .npz")
+        path = found[0]
+    if not path.endswith(".npz") or not os.path.isfile(path):
+        raise UserError(f"{path} is not an exported .npz; valid: the --out file of python -m spcl_jax.export "
+                        "or the directory holding it")
+    description = path[:-len(".npz")] + ".json"
+    if not os.path.isfile(description):
+        raise UserError(f"{description} is missing; python -m spcl_jax.export writes it beside {path}")
+    return path, description
+
+
+def torchvision_encoder(path):
+    """The encoder exported to `path` (.npz, or the directory holding it) as a torchvision ResNet in eval
+    mode whose forward pass returns the pooled features (fc = Identity), built from the .json beside it.
+
+    torchvision's constructors fix the stem (7x7, max-pool) and the stage widths (64-512), so the stem and
+    the stages are made anew in the .json's shapes, the stages with torchvision's own `_make_layer`.
+    The model takes NCHW float images in [0, 1] normalised with the .json's `mean` and `std`.
+    """
+    npz, description = _exported_files(path)
+    try:
+        import torch
+        from torchvision.models import resnet
+    except ImportError as e:
+        raise UserError(f"torchvision_encoder needs PyTorch and torchvision ({e.name} is not installed): "
+                        "pip install torch torchvision") from None
+    with open(description) as f:
+        meta = json.load(f)
+    block = {"basic": resnet.BasicBlock, "bottleneck": resnet.Bottleneck}[meta["block"]]
+    model = resnet.ResNet(block, meta["blocks_per_stage"])
+    width = meta["stem_width"]
+    if meta["stem"] == "cifar":
+        model.conv1 = torch.nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    else:
+        model.conv1 = torch.nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    model.bn1 = torch.nn.BatchNorm2d(width)
+    model.inplanes = width
+    for stage, (planes, blocks) in enumerate(zip(meta["stage_widths"], meta["blocks_per_stage"]), start=1):
+        setattr(model, f"layer{stage}", model._make_layer(block, planes, blocks, stride=1 if stage == 1 else 2))
+    model.fc = torch.nn.Identity()
+    with np.load(npz) as arrays:
+        model.load_state_dict({name: torch.from_numpy(array) for name, array in arrays.items()})
+    return model.eval()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spcl_jax import models
+from spcl_jax import checkpoint, models
 from spcl_jax.config_validation import PAIR_METHODS
-
 
 
 class Network(nnx.Module):
@@ -38,3 +37,13 @@ def create(config, method, num_classes, seed):
     (eager initialisation would compile every initializer of every layer separately)."""
     net = nnx.jit(lambda: Network(config, method, num_classes, rngs=nnx.Rngs(init_key(seed))))()
     return nnx.split(net, nnx.Param, nnx.BatchStat)
+
+
+def restore(config, method, num_classes, directory, step):
+    """(graphdef, params, batch_stats, step) of the Network of `config` holding the values saved at step
+    `step` (-1 = newest) in the checkpoint `directory`; a checkpoint of another shape is one CheckpointError."""
+    graphdef, params, batch_stats = create(config, method, num_classes, config.seed)
+    saved, step = checkpoint.restore_network(directory, step)
+    what = f"checkpoint step {step} in {directory}"
+    return (graphdef, checkpoint.fill(params, saved["params"], what=what),
+            checkpoint.fill(batch_stats, saved["batch_stats"], what=what), step)

@@ -3,7 +3,7 @@
 `train_and_evaluate(config, workdir)` runs: every `reassign` epochs the feature pass, PCA-whitening,
 k-means and pseudo labels; every `classifier_init_freq` epochs a fresh prototype classifier with its
 own SGD; then the epoch's steps over a pair plan (spcl/metric) or a permutation (other methods);
-finally linear and kNN evaluation.
+finally linear and kNN evaluation, `figs/losses.png` and the results table in `results.json` and `results.md`.
 """
 import dataclasses
 import json
@@ -22,7 +22,7 @@ from spcl_jax import augment, checkpoint, config_validation, data, evaluate, fea
 from spcl_jax import models, network, optim, prototypes, sharding, visual
 from spcl_jax.data import pipeline
 from spcl_jax.errors import ConfigError, UserError
-from spcl_jax.metrics import MetricWriter
+from spcl_jax.metrics import MetricWriter, read_metrics
 from spcl_jax.config_validation import CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS
 from spcl_jax.network import prototype_classifier_width
 from spcl_jax.workdir import claim_workdir, write_atomic
@@ -34,6 +34,7 @@ STREAM_CLASSIFIER = 2  # the prototype classifier's initialisation, per epoch
 STREAM_STEPS = 3  # the training views, per epoch and step
 FEATURE_VIEWS = {"eval": "eval", "augmented": "pretrain"}  # cluster_feature_view -> the view's recipe
 WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than this share of the time
+VISUAL_POINTS = 5000  # examples in the `visual_cls` figure: a fixed random subset (datasets may be sorted by class)
 
 
 class NonFiniteLossError(UserError):
@@ -362,7 +363,17 @@ def train_and_evaluate(config, workdir):
     manager.close()  # last save complete; Ctrl-C and SIGTERM act at once again during evaluation
     results = evaluate.after_pretraining(setup, state, writer) if config.evaluate_after_pretrain else {}
     writer.close()
+    if is_main:
+        write_summary(setup, int(state["step"]), results, workdir)
     return state, results
+
+
+def write_summary(setup, step, results, workdir):
+    """`figs/losses.png` from metrics.jsonl and, after an evaluation, `results.json` and `results.md`."""
+    os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
+    visual.save_png(visual.losses_figure(read_metrics(workdir)), os.path.join(workdir, "figs", "losses.png"))
+    if results:
+        evaluate.write_results(workdir, results, setup.config, setup.method, step)
 
 
 def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
@@ -380,7 +391,8 @@ def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
         writer.write(step, epoch, stats)
         logging.info("epoch %d clustering: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         if draw and jax.process_index() == 0:
-            image = visual.scatter(points[:5000], pseudo[:5000])
+            shown = np.random.default_rng(config.seed).permutation(len(pseudo))[:VISUAL_POINTS]
+            image = visual.cluster_figure(points[shown], pseudo[shown], setup.splits.pretrain.labels[shown], epoch + 1)
             os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
             visual.save_png(image, os.path.join(workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
             writer.write_image(step, "prototypes/pca_by_pseudo_label", image)

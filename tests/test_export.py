@@ -1,6 +1,8 @@
 """`python -m spcl_jax.export`: torchvision ResNet names, shapes and layouts, checked against the
 torchvision convention written out here and against a numpy NCHW forward pass of torchvision's ResNet
-on the exported tensors; bad input gives one line and exit status 2."""
+on the exported tensors; bad input gives one line and exit status 2. `torchvision_encoder` against our
+encoder (where torch is installed) and `spcl_jax.load_encoder` against the trained network."""
+import builtins
 import json
 import os
 import signal
@@ -13,8 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import spcl_jax
 from configs import digits
-from spcl_jax import checkpoint, export, network
+from spcl_jax import checkpoint, data, export, network
+from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import ResNet
 from spcl_jax.workdir import write_atomic
 
@@ -183,6 +187,10 @@ def test_export_writes_torchvision_names_layouts_and_values(saved_run, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["encoder.json", "encoder.npz"]
     meta = json.load(open(tmp_path / "encoder.json"))
     assert (meta["model"], meta["stem"], meta["stage_widths"], meta["step"]) == ("resnet18", "cifar", [4, 8, 16, 32], 7)
+    config = digits.get_config()
+    config.image_size = 16
+    splits = data.load_splits(config)
+    assert (meta["mean"], meta["std"]) == (list(splits.mean), list(splits.std))  # what the run trained with
 
     encoder = nnx.to_pure_dict(params["encoder"])
     np.testing.assert_array_equal(sd["layer2.0.downsample.0.weight"][:, :, 0, 0],
@@ -274,3 +282,100 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError):
         write_atomic(str(path), fail)
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["encoder.npz"]
+
+
+def _trained_encoder(saved_run):
+    """f(normalised NHWC images) -> features of the saved network's encoder, BatchNorm in eval mode."""
+    _, graphdef, params, batch_stats = saved_run
+    net = nnx.merge(graphdef, params, batch_stats)
+    net.encoder.eval()
+    return lambda x: np.asarray(net.encoder(jnp.asarray(x, jnp.float32)))
+
+
+def test_load_encoder_from_a_relative_path_equals_the_trained_encoder(saved_run, monkeypatch, tmp_path):
+    directory = saved_run[0]
+    monkeypatch.chdir(directory.parent.parent)
+    encode = spcl_jax.load_encoder(os.path.join(directory.parent.name, directory.name))
+    config = digits.get_config()
+    config.image_size = 16
+    splits = data.load_splits(config)  # the normalisation the run trained with
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(3, 20, 24, 3), dtype=np.uint8)  # any size: nothing is cropped
+    normalised = (images / 255.0 - np.asarray(splits.mean)) / np.asarray(splits.std)
+    trained = _trained_encoder(saved_run)
+    np.testing.assert_allclose(encode(images), trained(normalised), rtol=1e-5, atol=1e-5)
+    floats = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(encode(floats), trained(floats), rtol=1e-5, atol=1e-5)
+    assert encode(floats).shape == (2, 32)
+    np.testing.assert_array_equal(spcl_jax.load_encoder(directory, step=7)(floats), encode(floats))
+    with pytest.raises(CheckpointError, match="step 5 is not saved in .*; saved steps: \\[7\\]"):
+        spcl_jax.load_encoder(directory, step=5)
+    with pytest.raises(UserError, match="step=-1; valid: None"):
+        spcl_jax.load_encoder(directory, step=-1)
+    manager = checkpoint.open_manager(str(tmp_path / "no_config"))  # a checkpoint not written by a run
+    manager.save(1, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.StandardSave({"step": np.int32(1)})))
+    manager.close()
+    with pytest.raises(CheckpointError, match="^checkpoint step 1 in .*no_config has no readable config \\(.*\\); pass the "
+                                              "<workdir>/checkpoints of a spcl_jax pretraining run$"):
+        spcl_jax.load_encoder(tmp_path / "no_config")
+
+
+def test_import_spcl_jax_does_not_start_jax():
+    code = "import sys, spcl_jax; assert 'jax' not in sys.modules; assert callable(spcl_jax.load_encoder)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torchvision_encoder_equals_our_encoder(saved_run, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    (tmp_path / "cifar").mkdir()
+    description, _ = export.export(str(saved_run[0]), str(tmp_path / "cifar" / "encoder.npz"))
+    model = export.torchvision_encoder(tmp_path / "cifar")  # the directory: its one .npz
+    assert not model.training and isinstance(model.fc, torch.nn.Identity) and isinstance(model.maxpool, torch.nn.Identity)
+    images = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(theirs, _trained_encoder(saved_run)(images), rtol=1e-4, atol=1e-4)
+    assert description["stage_widths"] == [4, 8, 16, 32]
+
+    # A Bottleneck ResNet-50 with the ImageNet stem at 1/16 width, written as the exporter writes it.
+    encoder = nnx.eval_shape(lambda: ResNet(50, stem="imagenet", width_multiplier=0.0625, rngs=nnx.Rngs(0)))
+    graphdef, params, batch_stats = nnx.split(encoder, nnx.Param, nnx.BatchStat)
+    rng = np.random.default_rng(5)
+    params, batch_stats = _random_fill(params, rng), _random_fill(batch_stats, rng)
+    pure = nnx.to_pure_dict(params)
+    np.savez(tmp_path / "r50.npz", **export.torchvision_state_dict(pure, nnx.to_pure_dict(batch_stats), 3))
+    (tmp_path / "r50.json").write_text(json.dumps(export.describe(pure)))
+    model = export.torchvision_encoder(str(tmp_path / "r50.npz"))
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    ours, _ = _our_features(graphdef, params, batch_stats, images)
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_encoder_without_torch_or_with_a_bad_path_says_so_in_one_line(tmp_path, monkeypatch):
+    def message(path):
+        with pytest.raises(UserError) as error:
+            export.torchvision_encoder(path)
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    assert "holds 0 .npz files (none)" in message(tmp_path)
+    (tmp_path / "a.npz").write_bytes(b"")
+    assert "encoder.json" not in message(tmp_path) and "a.json is missing" in message(tmp_path)
+    (tmp_path / "b.npz").write_bytes(b"")
+    assert "holds 2 .npz files (a.npz, b.npz)" in message(tmp_path)
+    assert "is not an exported .npz" in message(tmp_path / "nope.npz")
+    (tmp_path / "a.json").write_text("{}")
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    assert message(tmp_path / "a.npz") == ("torchvision_encoder needs PyTorch and torchvision (torch is not "
+                                           "installed): pip install torch torchvision")

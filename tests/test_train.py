@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spcl_jax import optim, train
+from spcl_jax import optim, train, visual
 from spcl_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,16 +71,21 @@ def test_spcl_reclusters_and_reinitialises_at_configured_epochs(spcl_run):
     final = records[-1]
     assert 0 <= final["linear_eval/test_top1"] <= 1 and 0 <= final["knn/test_top1"] <= 1
     assert {"linear_eval/test_top5", "knn/test_top5"} <= set(final)
+    saved = json.load(open(spcl_run / "results.json"))  # the same final table, with its protocols
+    assert saved["metrics"]["linear_eval/test_top1"] == final["linear_eval/test_top1"] and saved["step"] == 5
+    assert "`knn/test_top1`" in (spcl_run / "results.md").read_text()
 
 
 @pytest.mark.slow
-def test_visual_cls_writes_the_prototype_figure(spcl_run):
+def test_visual_cls_writes_the_prototype_figure_and_the_losses(spcl_run):
     from PIL import Image
 
     # Clustering runs at epochs 1, 3, 5 (reassign=2); visual_freq=4 draws at 1 and 5.
-    assert sorted(os.listdir(spcl_run / "figs")) == ["prototypes_epoch_1.png", "prototypes_epoch_5.png"]
+    assert sorted(os.listdir(spcl_run / "figs")) == ["losses.png", "prototypes_epoch_1.png", "prototypes_epoch_5.png"]
     image = np.asarray(Image.open(spcl_run / "figs" / "prototypes_epoch_1.png"))
-    assert image.shape == (512, 512, 3) and len(np.unique(image.reshape(-1, 3), axis=0)) > 3
+    # digits has labels: pseudo labels and ground truth side by side
+    assert image.shape == (visual.PANEL_HEIGHT, 2 * visual.PANEL_WIDTH, 3) and len(np.unique(image.reshape(-1, 3), axis=0)) > 3
+    assert np.asarray(Image.open(spcl_run / "figs" / "losses.png")).shape == (visual.PANEL_HEIGHT, 2 * visual.PANEL_WIDTH, 3)
 
 
 @pytest.mark.slow

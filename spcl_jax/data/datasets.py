@@ -50,8 +50,6 @@ class Pool:
     train: object
     test: object
     classes: int
-    mean: tuple
-    std: tuple
 
 
 def load_size(config):
@@ -59,17 +57,27 @@ def load_size(config):
     return int(round(config.image_size / EVAL_CROP_FRACTION))
 
 
+def normalisation(config):
+    """(mean, std) per channel in [0, 1] units that `config.dataset`'s images are normalised with, known
+    without loading the dataset (so a saved encoder can be used where its data is not): constants, or for
+    digits the statistics of its bundled training images at `config.image_size`."""
+    if config.dataset == "digits":
+        return digits.channel_stats(digits.digits_arrays(int(config.image_size))[0])
+    if config.dataset in ("cifar10", "cifar100"):
+        return CIFAR_MEAN, CIFAR_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def _digits(config):
     train_x, train_y, test_x, test_y = digits.digits_arrays(int(config.image_size))
-    mean, std = digits.channel_stats(train_x)
-    return Pool(ArraySource(train_x, train_y), ArraySource(test_x, test_y), digits.NUM_CLASSES, mean, std)
+    return Pool(ArraySource(train_x, train_y), ArraySource(test_x, test_y), digits.NUM_CLASSES)
 
 
 def _cifar(config):
     train = tfds_source.read_arrays(tfds_source.open_split(config.dataset, "train", config.data_dir))
     test = tfds_source.read_arrays(tfds_source.open_split(config.dataset, "test", config.data_dir))
     classes = 100 if config.dataset == "cifar100" else 10
-    return Pool(ArraySource(*train), ArraySource(*test), classes, CIFAR_MEAN, CIFAR_STD)
+    return Pool(ArraySource(*train), ArraySource(*test), classes)
 
 
 def _stl10(config):
@@ -77,7 +85,7 @@ def _stl10(config):
     unlabeled_x, unlabeled_y = tfds_source.read_arrays(tfds_source.open_split("stl10", "unlabelled", config.data_dir), labeled=False)
     test = tfds_source.read_arrays(tfds_source.open_split("stl10", "test", config.data_dir))
     train = ArraySource(np.concatenate([labeled_x, unlabeled_x]), np.concatenate([labeled_y, unlabeled_y]))
-    return Pool(train, ArraySource(*test), 10, IMAGENET_MEAN, IMAGENET_STD)
+    return Pool(train, ArraySource(*test), 10)
 
 
 def folder_listing(config):
@@ -104,10 +112,10 @@ def _files(config):
     if records.is_prepared(config.dataset_path) or records.was_interrupted(config.dataset_path):
         train, classes = records.open_split(config.dataset_path, "train", size, _class_selection(config))
         test, _ = records.open_split(config.dataset_path, "test", size, _class_selection(config))
-        return Pool(train, test, len(classes), IMAGENET_MEAN, IMAGENET_STD)
+        return Pool(train, test, len(classes))
     train, test, classes = folder_listing(config)
     make = lambda paths, labels: FileSource(paths, labels, size, skip_bad=bool(config.skip_bad_images))
-    return Pool(make(*train), make(*test), len(classes), IMAGENET_MEAN, IMAGENET_STD)
+    return Pool(make(*train), make(*test), len(classes))
 
 
 def _imagenet_tfds(config):
@@ -124,7 +132,7 @@ def _imagenet_tfds(config):
         data = tfds_source.open_split(config.dataset, split, config.data_dir, encoded_images=True)
         return TfdsSource(data, keep, labels[keep], size, name=f"imagenet2012/{split}")
 
-    return Pool(source("train"), source("validation"), len(classes), IMAGENET_MEAN, IMAGENET_STD)
+    return Pool(source("train"), source("validation"), len(classes))
 
 
 _POOLS = {
@@ -166,13 +174,14 @@ def load_splits(config):
         seed=int(config.seed),
         dataset=config.dataset,
     )
+    mean, std = normalisation(config)
     return Splits(
         pretrain=pool.train.subset(idx.pretrain),
         train=pool.train.subset(idx.train),
         valid=pool.train.subset(idx.valid),
         test=pool.test.subset(test_indices(pool.test.labels, n_classes)),
         num_classes=n_classes,
-        mean=tuple(pool.mean),
-        std=tuple(pool.std),
+        mean=tuple(mean),
+        std=tuple(std),
         name=config.dataset,
     )
