@@ -19,7 +19,7 @@ class Row:
 
 PRESETS = {
     "cpu": dict(width=0.0625, steps=3, rows=[Row("resnet18", 32, "float32", 16)]),
-    # The full-width network of the CPU convolution-gap question (issue 9, env-facts.md §6(a)).
+    # The full-width network of the CPU convolution-gap measurement (BENCHMARKS.md, "The CPU convolution gap").
     "cpu-full": dict(width=1.0, steps=5, rows=[Row("resnet18", 32, "float32", 32)]),
     # In order of importance (bench/gpu.sh gives the whole sweep a time limit): the configs' own bfloat16 first.
     "gpu": dict(width=1.0, steps=10, rows=[

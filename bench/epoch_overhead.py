@@ -142,7 +142,7 @@ def report(rows, args, reference):
     lines += [line for line in (growth(rows, "n", "k", args.k0), growth(rows, "k", "n", args.n0)) if line]
     if reference is not None:
         lines += ["", f"reference epoch (N0={args.n0:,}, K0={args.k0:,}): {reference['epoch_s']:.2f} s, overhead "
-                  f"{reference['overhead_pct']:.1f}% (issue 9 targets, CIFAR-10 scale on one H100 in bfloat16: "
+                  f"{reference['overhead_pct']:.1f}% (targets, CIFAR-10 scale on one H100 in bfloat16: "
                   "epoch < 15 s, overhead <= 10%)."]
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""The original's SPCL train step in PyTorch (spec §1.8-§1.10, §3), timed on the same rows as bench/train_step.py.
+"""The original's SPCL train step in PyTorch (DIFFERENCES.md: one SPCL epoch, losses, LARS, model), timed on the same rows as bench/train_step.py.
 
     pip install -r bench/requirements.txt        # torch, a benchmark-only dependency
     python bench/torch_spcl.py --preset cpu      # or --preset gpu (CUDA when available); --help: sizes
@@ -75,7 +75,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Encoder without fc: images -> (B, D) pooled features (spec §3.1)."""
+    """Encoder without fc: images -> (B, D) pooled features (DIFFERENCES.md, model)."""
 
     def __init__(self, model, width):
         super().__init__()
@@ -105,7 +105,7 @@ class ResNet(nn.Module):
 
 
 class ProjectionMLP(nn.Module):
-    """Projection head plus the metric learner it owns (spec §3.2); Linear init N(0, 0.01²), zero bias."""
+    """Projection head plus the metric learner it owns (DIFFERENCES.md, model); Linear init N(0, 0.01²), zero bias."""
 
     def __init__(self, dim, proj_dim=128):
         super().__init__()
@@ -121,7 +121,7 @@ class ProjectionMLP(nn.Module):
 
 
 class LARS(torch.optim.Optimizer):
-    """optimisers.py LARS as written (spec §1.10): the first `len_reduced` parameters get g + wd·w; every
+    """optimisers.py LARS as written (DIFFERENCES.md, LARS): the first `len_reduced` parameters get g + wd·w; every
     parameter gets the trust ratio eta·‖w‖/‖g‖ (no zero guard); lr inside the Nesterov momentum buffer."""
 
     def __init__(self, params, lr, len_reduced, weight_decay=WEIGHT_DECAY, eta=1e-3, momentum=0.9):
@@ -146,7 +146,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def nt_xent(a, b):
-    """SimCLR NT-Xent over 2B anchors (spec §1.9.1, numerically the same as the original's (2B, 2B-1) logits)."""
+    """SimCLR NT-Xent over 2B anchors (DIFFERENCES.md, losses; numerically the same as the original's (2B, 2B-1) logits)."""
     z = F.normalize(torch.cat([a, b]), dim=1)
     logits = (z @ z.T / TEMPERATURE).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
     n = len(a)

@@ -1,9 +1,9 @@
 """Every option of spcl_jax, with the original SPCL `config.conf` recipe as defaults.
 
 Not meant to be run directly: each dataset config (`configs/<dataset>.py`) starts from this one and
-overrides only its deltas. Options keep the names of the original command line (spec §6) so its
+overrides only its deltas. Options keep the names of the original command line (DIFFERENCES.md, options) so its
 users find them (`--config.batch_size`, `--config.num_prototypes`, ...). Where the original code does
-something other than intended (spec §7, bug ids B-n), the corrected behaviour is the default and a
+something other than intended (bug ids B-n of DIFFERENCES.md, which lists every difference), the corrected behaviour is the default and a
 switch reproduces the as-written one.
 """
 import ml_collections
@@ -23,7 +23,7 @@ def get_config():
     c.metric_learn = config_dict.placeholder(bool)  # original flag: siamese metric loss on prototype pairs
     c.supervised = config_dict.placeholder(bool)  # original flag: supervised training on labels
     c.finetune = False  # original flag: linear evaluation only, from load_checkpoint_dir (same as mode=linear_eval)
-    c.eval_disent = False  # original flag: SVM probe on random halves of a checkpoint's frozen features (spec §2.7)
+    c.eval_disent = False  # original flag: SVM probe on random halves of a checkpoint's frozen features (DIFFERENCES.md, eval_disent)
     c.seed = 420  # global seed (the original's), drives init, augmentation, k-means and pair sampling
 
     # ---- data ----
@@ -40,7 +40,7 @@ def get_config():
     c.skip_bad_images = False  # skip undecodable files in image folders with a warning instead of stopping
     c.num_workers = -1  # input worker processes decoding images ahead of the step; -1 = usable cores - 1; 0 = none
 
-    # ---- augmentation (spec §4.3) ----
+    # ---- augmentation (DIFFERENCES.md, augmentation recipes) ----
     c.jitter_d = 1.0  # colour-jitter strength d: (0.8d, 0.8d, 0.8d, 0.2d)
     c.jitter_p = 0.8  # probability of colour jitter
     c.grey_p = 0.2  # probability of grayscale
@@ -51,7 +51,7 @@ def get_config():
     c.hflip_p = 0.5  # horizontal-flip probability (0.5 as the original; digits turn it off: a flip changes a digit)
     c.aug_order = "colour_first"  # colour_first (as the original) | crop_first (SimCLR order)
     c.no_twocrop = False  # original flag; must stay False (every pretraining method needs two views)
-    c.asymmetric_first_view = False  # as written (B-7): the first SimCLR view uses the eval transform
+    c.asymmetric_first_view = False  # as written (B-7): the first view of simclr, and of both images of metric, is the eval view
 
     # ---- model ----
     c.model = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
@@ -60,7 +60,7 @@ def get_config():
     c.proj_dim = 128  # projection head output width
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters and BatchNorm statistics stay float32)
     c.remat = "none"  # none | block: recompute each residual block in the backward pass (bigger batches fit)
-    c.dip_proj = False  # original flag for the dead DIP head (spec §2.9); not ported, must stay False
+    c.dip_proj = False  # original flag for the dead DIP head (DIFFERENCES.md, B-24); not ported, must stay False
     c.dip_weight = 1e-2  # original flag for the dead DIP loss; unused
     c.encoder_bn_mode = "train"  # train | frozen_init_stats (as written, B-4: encoder BN stuck at init stats)
 
@@ -84,7 +84,7 @@ def get_config():
     c.classifier_init_freq = 1  # re-initialise the prototype classifier every this many epochs
     c.cluster_feature_view = "augmented"  # augmented (the original's choice, B-8) | eval (clean view, DeepCluster)
     c.feature_pass_order = "dataset"  # dataset | sampler (as written, B-3: features in sampler order, labels misaligned)
-    c.rebuild_member_table = True  # rebuild cluster->members from pseudo labels (False = as written, B-2: ground-truth buckets)
+    c.rebuild_member_table = True  # rebuild cluster->members from pseudo labels (False = as written, B-2: ground-truth class buckets drawn from [0, K))
     c.pair_sampling = "exact_half"  # exact_half (B/2 positives per batch) | bernoulli (as written, B-9: coin per pair)
 
     # ---- optimisation ----
@@ -105,7 +105,7 @@ def get_config():
 
     # ---- evaluation ----
     c.evaluate_after_pretrain = True  # run linear and kNN evaluation after pretraining, as the original
-    c.linear_eval_protocol = "original"  # original (augmented crops every epoch, spec §2.5) | fast (cached features)
+    c.linear_eval_protocol = "original"  # original (augmented crops every epoch, DIFFERENCES.md, linear evaluation) | fast (cached features)
     c.finetune_epochs = 100  # linear-evaluation epochs (0 = no linear head, kNN only)
     c.finetune_learning_rate = 0.1  # linear-eval lr (x B/256)
     c.finetune_weight_decay = 0.0  # linear-eval weight decay
@@ -115,7 +115,7 @@ def get_config():
     c.knn_temperature = 0.07  # kNN vote temperature (InstDisc protocol, as solo-learn)
     c.knn_every_epochs = 0  # during pretraining, kNN top-1 on valid (test without one) every N epochs; 0 = off
     c.eval_random_init_baseline = False  # also evaluate the same encoder at random initialisation
-    c.eval_metric_weighting = "sample"  # sample | batch (as written, B-17: unweighted mean over batches)
+    c.eval_metric_weighting = "sample"  # sample | batch (as written, B-17: unweighted mean over batches of batch_size)
     c.load_checkpoint_dir = ""  # checkpoint directory for linear_eval / knn_eval
     c.checkpoint_step = -1  # step to restore (-1 = newest)
 

@@ -2,7 +2,7 @@
 
     python launch.py --config configs/imagenet100.py --config.dataset_path=/path/to/imagenet
 
-Hardware: 8 GPUs or a TPU slice; bfloat16. Unlike the original (B-14) the pretrain views are
+Hardware: 8 GPUs or a TPU slice; bfloat16. Unlike the original (DIFFERENCES.md, B-14) the pretrain views are
 normalised. `--config.imagenet100_classes=cmc` takes the CMC paper's list instead, which most published
 ImageNet-100 numbers use. Linear evaluation with the original protocol. Expected time and top-1: not
 yet measured.

@@ -4,7 +4,7 @@
     python launch.py --config configs/stl10.py
 
 Hardware: one or more GPUs or a TPU slice; bfloat16; 96 px, ImageNet stem. Unlike the original
-(B-14) the pretrain views get the standard colour augmentations. Expected: not yet measured.
+(DIFFERENCES.md, B-14) the pretrain views get the standard colour augmentations. Expected: not yet measured.
 """
 from configs import default
 

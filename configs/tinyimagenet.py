@@ -1,4 +1,4 @@
-"""SPCL on Tiny ImageNet (200 classes, 64 px, CIFAR stem); the original crashes here (B-14).
+"""SPCL on Tiny ImageNet (200 classes, 64 px, CIFAR stem); the original crashes here (DIFFERENCES.md, B-14).
 
     python launch.py --config configs/tinyimagenet.py --config.dataset_path=/path/to/tiny-imagenet-200
 

@@ -1,4 +1,4 @@
-"""On-device image augmentation (spec §4.3) in pure JAX, from host-drawn boxes and uniforms.
+"""On-device image augmentation (DIFFERENCES.md, augmentation recipes and D-7 to D-11) in pure JAX, from host-drawn boxes and uniforms.
 
 The host (`spcl_jax.data.pipeline`) ships each image whole in a canvas (`spcl_jax.data.decode`) with
 its `frame`, and per view a crop box and a vector of uniforms (`spcl_jax.data.crops`); everything
@@ -63,7 +63,7 @@ class AugmentParams:
 
     @classmethod
     def from_config(cls, config, mean, std):
-        """The dataset's recipe from the config (spec §4.3): jitter strengths (0.8d, 0.8d, 0.8d, 0.2d)."""
+        """The dataset's recipe from the config (DIFFERENCES.md, augmentation recipes): jitter strengths (0.8d, 0.8d, 0.8d, 0.2d)."""
         d = float(config.jitter_d)
         return cls(
             image_size=int(config.image_size),

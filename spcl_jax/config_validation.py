@@ -86,7 +86,7 @@ def check_schema(config, reference):
 
 
 def resolve_method(config):
-    """The original's flags (spec §6 dispatch) choose the method when any of them is set."""
+    """The original's flags (DIFFERENCES.md, methods) choose the method when any of them is set."""
     flags = (config.clustering_use, config.metric_learn, config.supervised)
     if all(f is None for f in flags):
         return config.method
@@ -129,7 +129,7 @@ def check_values(config, device_count):
     if config.no_twocrop:
         _fail("no_twocrop", True, "False (every pretraining method needs two views)")
     if config.dip_proj:
-        _fail("dip_proj", True, "False (the original's DIP head is dead code, spec §2.9; not ported)")
+        _fail("dip_proj", True, "False (the original's DIP head is dead code, DIFFERENCES.md B-24; not ported)")
     if config.num_workers < -1:
         _fail("num_workers", config.num_workers, "-1 (usable cores - 1), 0 (the main process) or a count")
     if config.max_steps_per_epoch == 0 or config.max_steps_per_epoch < -1:
@@ -140,7 +140,7 @@ def check_values(config, device_count):
     if config.prototype_classifier_width == "n_classes" and config.num_prototypes > config.n_classes:
         _fail("prototype_classifier_width", "n_classes",
               f"num_prototypes (the as-written width needs num_prototypes <= n_classes="
-              f"{config.n_classes}, spec B-1)")
+              f"{config.n_classes}, DIFFERENCES.md B-1)")
     if config.batch_size % device_count:
         _fail("batch_size", config.batch_size,
               f"a multiple of the global device count {device_count}")

@@ -1,7 +1,7 @@
 """Linear and kNN evaluation of a frozen encoder (BatchNorm in eval mode), after pretraining or from a
-checkpoint. Accuracies are weighted by sample (B-17); top-k uses k = min(ceil(C/2), 5) as the original.
+checkpoint. Accuracies are weighted by sample (DIFFERENCES.md, B-17); top-k uses k = min(ceil(C/2), 5) as the original.
 
-Protocols: `fast` trains the linear head on features computed once (seconds); `original` (spec §2.5)
+Protocols: `fast` trains the linear head on features computed once (seconds); `original` (DIFFERENCES.md, linear evaluation and D-3)
 passes random-resized-crop + flip views through the frozen encoder every epoch. With a valid split
 the head is also scored on it after every epoch and the best-valid epoch's head is reported beside the
 last one. `Evaluator.knn_monitor` is the cheap kNN-only check run during pretraining (`knn_every_epochs`).
@@ -252,7 +252,7 @@ class Evaluator:
 
 
 def disentanglement_probe(config, train_x, train_y, sets, runs=10):
-    """The original's `eval_disent` (spec §2.7) with aligned labels (B-19): StandardScaler + RBF SVC on
+    """The original's `eval_disent` (DIFFERENCES.md, eval_disent) with aligned labels (B-19, D-6): StandardScaler + RBF SVC on
     a random contiguous half of the feature dimensions, 10 runs; mean accuracy per split (and the last)."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler

@@ -1,4 +1,4 @@
-"""The feature pass: the frozen encoder over a whole split, every example exactly once (spec §1.3, B-3).
+"""The feature pass: the frozen encoder over a whole split, every example exactly once (DIFFERENCES.md, feature pass and B-3).
 
 Examples are visited in the given order (dataset order by default) in global batches padded to a
 fixed size, loaded ahead by the input pipeline like training batches; the padded rows are masked.
@@ -68,7 +68,7 @@ def extract_features(encode, maker, mesh, num_workers=0):
 
 def make_encode(graphdef, aug, mesh, kind="eval"):
     """Jitted frozen-encoder features (BatchNorm in eval mode) of one view of a host batch: the clean eval
-    view or, as written for SPCL's clustering (B-8), a pretraining view: (params, batch_stats, batch) -> (b, D)."""
+    view or, as the original's SPCL clusters (DIFFERENCES.md, B-8: the default), a pretraining view: (params, batch_stats, batch) -> (b, D)."""
 
     def encode(params, batch_stats, batch):
         net = nnx.merge(graphdef, params, batch_stats, copy=True)

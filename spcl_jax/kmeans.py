@@ -1,4 +1,4 @@
-"""k-means and PCA-whitening of the clustering features (spec §1.4), on rows sharded over devices.
+"""k-means and PCA-whitening of the clustering features (DIFFERENCES.md, clustering, D-19 to D-22), on rows sharded over devices.
 
 The original ran faiss on one GPU over all N gathered features. Here the features stay where the
 feature pass left them: a (N, D) array whose rows are sharded over the mesh axis ``'data'``

@@ -1,4 +1,4 @@
-"""SPCL losses and contrastive diagnostics as pure functions (spec §1.9, §5.3).
+"""SPCL losses and contrastive diagnostics as pure functions (DIFFERENCES.md, losses and diagnostics).
 
 Inputs of lower precision are promoted to float32 (float64 stays float64), so the losses never run in bfloat16.
 Called on globally sharded arrays inside `jax.jit`, every batch reduction (the NT-Xent negatives included) spans
@@ -82,7 +82,7 @@ def metric_loss(logits, targets, kind="BCE"):
 
 
 def siamese_metric_loss(metric_fn, h_i, h_j, v_i, v_j, similarity, kind="BCE"):
-    """Sum of the six pair terms of spec §1.9.3 on encoder features.
+    """Sum of the six pair terms of the siamese metric loss (DIFFERENCES.md, losses) on encoder features.
 
     The same-image view pairs (h_i, h_j) and (v_i, v_j) have target 1; the four cross-image pairs (h_i, v_i),
     (h_i, v_j), (h_j, v_i), (h_j, v_j) have the pair's similarity label (B,) or (B, 1). `metric_fn` maps
@@ -123,7 +123,7 @@ def spcl_objective(
     cluster_loss="CE",
     metric_loss_kind="BCE",
 ):
-    """λ_c·L_con + λ_m·L_metric + λ_p·L_proto (spec §1.9.4) for every pretraining method.
+    """λ_c·L_con + λ_m·L_metric + λ_p·L_proto (DIFFERENCES.md, losses) for every pretraining method.
 
     Image set A has views (z_hi, z_hj) / features (h_i, h_j), set B (z_vi, z_vj) / (v_i, v_j); B is absent in
     `simclr` and `cluster`. Terms:
@@ -171,7 +171,7 @@ def _on_all_blocks(mask):
 
 
 def contrastive_diagnostics(z_a, z_b, labels, temperature):
-    """False-negative statistics of one NT-Xent batch (spec §5.3), vectorised.
+    """False-negative statistics of one NT-Xent batch (DIFFERENCES.md, diagnostics and B-21), vectorised.
 
     With S = cosine/temperature over [a; b] and "same" = equal labels (B,):
       * percentage_fn: fraction of ordered pairs i != j with the same label;

@@ -9,7 +9,7 @@ from spcl_jax.config_validation import PAIR_METHODS
 
 
 class Network(nnx.Module):
-    """What the pretraining optimiser updates; the per-epoch prototype classifier lives apart (spec §1.7)."""
+    """What the pretraining optimiser updates; the per-epoch prototype classifier lives apart (DIFFERENCES.md, prototype classifier)."""
 
     def __init__(self, config, method, num_classes, *, rngs):
         self.encoder = models.build_encoder(config, rngs=rngs)
@@ -21,7 +21,7 @@ class Network(nnx.Module):
 
 
 def prototype_classifier_width(config, num_classes):
-    """K outputs (fixes B-1); `n_classes` reproduces the original's width."""
+    """K outputs (fixes DIFFERENCES.md B-1); `n_classes` reproduces the original's width."""
     return config.num_prototypes if config.prototype_classifier_width == "num_prototypes" else num_classes
 
 

@@ -1,6 +1,6 @@
-"""Optimisers and learning-rate schedules of the original (spec §1.10, §1.11, §8), built on optax.
+"""Optimisers and learning-rate schedules of the original (DIFFERENCES.md, learning-rate schedule and LARS), built on optax.
 
-LARS comes in two flavours (B-5): `simclr` (the default) excludes biases and every normalisation
+LARS comes in two flavours (DIFFERENCES.md, B-5): `simclr` (the default) excludes biases and every normalisation
 parameter from weight decay and from the trust ratio, and falls back to ratio 1 when a norm is 0;
 `as_written` reproduces the original: weight decay chosen by the case-sensitive torch name filter,
 and a trust ratio eta*|w|/|g| on every tensor, so zero-initialised biases never move.
@@ -80,7 +80,7 @@ def build_optimizer(name, learning_rate, *, weight_decay, params, lars_mode="sim
 
 def pretrain_lr_schedule(*, base_lr, batch_size, n_epochs, warmup_epochs, steps_per_epoch,
                          stepping="epoch", epoch0_zero_lr=False, no_warmup_peak="unscaled"):
-    """lr(step) of spec §1.11: linear warmup to the unscaled peak, then cosine that never reaches 0.
+    """lr(step) of DIFFERENCES.md, learning-rate schedule: linear warmup to the unscaled peak, then cosine that never reaches 0.
 
     Epoch k (0-indexed), T = E - W:
       k < W:  lr = LR*(k+1)/W  (as written, B-6: epoch 0 runs at LR*1e-12/W and epoch k at LR*k/W)
@@ -112,7 +112,7 @@ def pretrain_lr_schedule(*, base_lr, batch_size, n_epochs, warmup_epochs, steps_
 
 
 def finetune_lr_schedule(*, base_lr, batch_size, epochs, steps_per_epoch):
-    """Linear-eval lr: lr0*(1 + cos(pi*epoch/F))/2 per epoch with lr0 = finetune_lr*B/256 (spec §2.5)."""
+    """Linear-eval lr: lr0*(1 + cos(pi*epoch/F))/2 per epoch with lr0 = finetune_lr*B/256 (DIFFERENCES.md, linear evaluation)."""
     lr0 = base_lr * batch_size / 256
 
     def schedule(step):

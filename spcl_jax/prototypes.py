@@ -1,6 +1,6 @@
 """Prototype (cluster) bookkeeping on the host: member tables, siamese pair plans, diagnostics.
 
-Fixes of the original's pair dataset (spec §1.6): the cluster -> members table is rebuilt from the
+Fixes of the original's pair dataset (DIFFERENCES.md, pairs): the cluster -> members table is rebuilt from the
 pseudo labels every epoch (B-2) with one argsort instead of an O(K·N) Python loop (B-22); each global
 batch holds exactly B/2 same-prototype pairs (B-9; the original's i.i.d. fair coin is mode
 "bernoulli"); empty clusters are never drawn. Kept as the original: prototypes are drawn uniformly

@@ -1,4 +1,4 @@
-"""SPCL pretraining (spec §1.13) and the other methods, as one jitted step sharded over the `data` mesh.
+"""SPCL pretraining (DIFFERENCES.md, one SPCL epoch) and the other methods, as one jitted step sharded over the `data` mesh.
 
 `train_and_evaluate(config, workdir)` runs: every `reassign` epochs the feature pass, PCA-whitening,
 k-means and pseudo labels; every `classifier_init_freq` epochs a fresh prototype classifier with its
@@ -199,7 +199,7 @@ def build(config, method, splits, mesh):
 
 
 def new_classifier(setup, key):
-    """A fresh prototype classifier (N(0, 0.01²) kernel, zero bias) and a fresh SGD state (spec §1.7)."""
+    """A fresh prototype classifier (N(0, 0.01²) kernel, zero bias) and a fresh SGD state (DIFFERENCES.md, prototype classifier)."""
     params = _classifier(setup.config, setup.splits.num_classes, key)[1]
     return params, setup.classifier_tx.init(params)
 

@@ -1,4 +1,4 @@
-"""The on-device augmentation (spec §4.3) from host-drawn boxes and uniforms."""
+"""The on-device augmentation (DIFFERENCES.md, augmentation recipes) from host-drawn boxes and uniforms."""
 import colorsys
 import dataclasses
 import functools

@@ -1,4 +1,4 @@
-"""Datasets, sources and splits (spec §4.1-4.2): digits offline, image folders, tfds via mock_data."""
+"""Datasets, sources and splits (DIFFERENCES.md, datasets and splits): digits offline, image folders, tfds via mock_data."""
 import importlib.util
 import logging
 import os

@@ -1,5 +1,5 @@
 """Evaluation helpers against independent references: weighted kNN (scikit-learn neighbours), the
-two accuracy weightings (B-17), and the best-valid linear head (a float64 numpy evaluation per epoch)."""
+two accuracy weightings (DIFFERENCES.md, B-17), and the best-valid linear head (a float64 numpy evaluation per epoch)."""
 import jax
 import numpy as np
 from sklearn.neighbors import NearestNeighbors

@@ -1,4 +1,4 @@
-"""Losses against independent float64 numpy implementations written from the formulas of spec §1.9 and §5.3."""
+"""Losses against independent float64 numpy implementations written from the formulas of DIFFERENCES.md, losses and diagnostics."""
 import itertools
 
 import jax
@@ -15,7 +15,7 @@ RTOL = 1e-5
 SHAPES = [(2, 3), (5, 16), (16, 128)]
 
 
-# ---------------------------------------------------------------- float64 references (loops, spec formulas)
+# ---------------------------------------------------------------- float64 references (loops, the formulas of DIFFERENCES.md)
 
 
 def ref_normalize(x):
@@ -29,7 +29,7 @@ def ref_logsumexp(values):
 
 
 def ref_nt_xent(z_a, z_b, temperature):
-    """Spec §1.9.1: four similarity matrices, anchor a_k and b_k each with one positive and 2B-2 negatives."""
+    """DIFFERENCES.md, losses (NT-Xent): four similarity matrices, anchor a_k and b_k each with one positive and 2B-2 negatives."""
     a, b = ref_normalize(np.float64(z_a)), ref_normalize(np.float64(z_b))
     n = len(a)
     anchor_losses = []
@@ -84,7 +84,7 @@ def ref_siamese(w, bias, h_i, h_j, v_i, v_j, similarity, kind="BCE"):
 
 
 def ref_diagnostics(z_a, z_b, labels, temperature):
-    """Spec §5.3 with explicit loops over the four similarity blocks."""
+    """DIFFERENCES.md, diagnostics, with explicit loops over the four similarity blocks."""
     a, b = ref_normalize(np.float64(z_a)), ref_normalize(np.float64(z_b))
     blocks = {"aa": a @ a.T, "ab": a @ b.T, "ba": b @ a.T, "bb": b @ b.T}
     blocks = {name: m / temperature for name, m in blocks.items()}
@@ -157,7 +157,7 @@ def test_sce_alpha_beta_and_closed_form():
     labels = rng.integers(0, 5, size=6)
     got = prototype_loss(logits, labels, "SCE", 0.3, 2.0)
     assert_close(got, ref_prototype(logits, labels, "SCE", alpha=0.3, beta=2.0))
-    # RCE reduces to -log(1e-4) * (1 - p_y) up to the 1e-7 clamp (spec §1.9.2).
+    # RCE reduces to -log(1e-4) * (1 - p_y) up to the 1e-7 clamp (DIFFERENCES.md, losses).
     p_y = np.array([ref_softmax(r)[y] for r, y in zip(logits, labels)])
     rce = prototype_loss(logits, labels, "SCE", 0.0, 1.0)
     assert_close(rce, -np.log(1e-4) * np.mean(1 - p_y), rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Member table, siamese pair plans and clustering diagnostics (spec §1.5-1.6, B-2, B-9, B-22)."""
+"""Member table, siamese pair plans and clustering diagnostics (DIFFERENCES.md: pairs, B-2, B-9, B-22)."""
 from collections import defaultdict
 
 import numpy as np

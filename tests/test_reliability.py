@@ -1,4 +1,4 @@
-"""Reliability (issue 10): a busy or unwritable workdir, a save that fails or is killed, damaged
+"""Reliability (RELIABILITY.md): a busy or unwritable workdir, a save that fails or is killed, damaged
 checkpoints, Ctrl-C, a fuzzed config validator, and interrupt/resume cycles that end bit-identical.
 
 Cheap cases run in-process on a small fake state; the cases that need a real run use the tiny digits

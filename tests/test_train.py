@@ -235,7 +235,7 @@ def test_pretrain_schedule_matches_the_original_per_epoch_curve():
     no_warmup = optim.pretrain_lr_schedule(**dict(kwargs, warmup_epochs=0))
     np.testing.assert_allclose(float(no_warmup(jnp.int32(0))), 1.0, rtol=1e-6)  # the same peak as with warmup
     as_written = optim.pretrain_lr_schedule(**dict(kwargs, warmup_epochs=0), no_warmup_peak="scaled")
-    np.testing.assert_allclose(float(as_written(jnp.int32(0))), 2.0, rtol=1e-6)  # LR*B/256 = 1.0*512/256 (B-6)
+    np.testing.assert_allclose(float(as_written(jnp.int32(0))), 2.0, rtol=1e-6)  # LR*B/256 = 1.0*512/256 (DIFFERENCES.md, B-6)
     for epoch in (1, 50, 99):
         np.testing.assert_allclose(float(as_written(jnp.int32(epoch * 7))), 2 * float(no_warmup(jnp.int32(epoch * 7))),
                                    rtol=1e-6)

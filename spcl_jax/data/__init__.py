@@ -1,4 +1,4 @@
-"""Datasets, splits and the host input pipeline (spec §4).
+"""Datasets, splits and the host input pipeline (DIFFERENCES.md, datasets and splits, D-7 and D-12).
 
 `load_splits(config) -> Splits` is the entry point. Each split is a source (`spcl_jax.data.sources`)
 with `len(src)`, `src.labels` (int64 ground truth aligned with positions; UNLABELED = -1 for images

@@ -1,4 +1,4 @@
-"""Crop boxes and per-view random draws, on the host with numpy (spec §4.3).
+"""Crop boxes and per-view random draws, on the host with numpy (DIFFERENCES.md, augmentation recipes and D-12).
 
 Every view of an image is described by a box in the stored image's pixels and a vector of uniforms
 for the flip and the colour ops; `spcl_jax.augment` turns (image, box, uniforms) into the view on the

@@ -1,4 +1,4 @@
-"""`load_splits(config)`: the pretrain/train/valid/test sources of a dataset (spec §4).
+"""`load_splits(config)`: the pretrain/train/valid/test sources of a dataset (DIFFERENCES.md, datasets and splits).
 
 Each dataset first yields a pool: its whole training set (plus unlabeled images, label -1) and its
 test set. `split_indices` then carves pretrain/train/valid out of the pool with `config.seed`, and the

@@ -1,7 +1,7 @@
 """Random-access image sources: `len(src)`, `src.labels`, `src.canvas_shape`, `src.load(indices)`.
 
 A source is a view of a pool of images through an index array; `subset` narrows the view and
-always carries the labels along (B-18), so images and labels can never drift apart. `load` returns
+always carries the labels along (DIFFERENCES.md, B-18), so images and labels can never drift apart. `load` returns
 `Images`: every image whole, top-left in a fixed-size canvas (`spcl_jax.data.decode`), with its size,
 so that the device can cut crops from the full field of view as the original's torchvision pipeline
 does. In-memory datasets (digits, CIFAR, STL-10) are their own canvas; sources that decode (image

@@ -1,4 +1,4 @@
-"""Index-level splits (spec §4.2) and per-epoch sampling orders, deterministic for a seed.
+"""Index-level splits (DIFFERENCES.md, datasets and splits) and per-epoch sampling orders, deterministic for a seed.
 
 As the original: per class, `val_sample` images are drawn without replacement for 'valid', and
 'train' is the first `train_sample` of the remaining (sorted) indices; classes < n_classes go to

@@ -1,4 +1,4 @@
-"""Heads on the encoder features (spec §3.2-3.4), initialised as the original: N(0, 0.01²) kernels, zero biases."""
+"""Heads on the encoder features (DIFFERENCES.md, model), initialised as the original: N(0, 0.01²) kernels, zero biases."""
 import jax
 import jax.numpy as jnp
 from flax import nnx

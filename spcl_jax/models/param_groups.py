@@ -1,4 +1,4 @@
-"""Which parameters LARS leaves alone: every bias and every normalisation parameter (spec §8, B-5)."""
+"""Which parameters LARS leaves alone: every bias and every normalisation parameter (DIFFERENCES.md, B-5 and LARS)."""
 import re
 
 import jax

@@ -1,4 +1,4 @@
-"""ResNet encoders (torchvision v1.5) in NHWC, matching the original at initialisation and in shape (spec §3.1).
+"""ResNet encoders (torchvision v1.5) in NHWC, matching the original at initialisation and in shape (DIFFERENCES.md, model and D-15).
 
 PyTorch pads strided convolutions and the stem max-pool symmetrically, so every padding here is explicit
 (Flax's 'SAME' pads (0, 1) for stride 2). Parameters and BatchNorm statistics are float32 whatever the compute
