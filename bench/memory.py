@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 from bench.train_step import config_for, synthetic_splits  # noqa: E402
 from spcl_jax import train  # noqa: E402
+from spcl_jax.method import METHODS  # noqa: E402
 
 COLUMNS = [("remat", "remat", "{}"), ("model", "model", "{}"), ("px", "px", "{}"), ("dtype", "dtype", "{}"),
            ("per_pair_mib", "MiB per pair", "{:.1f}"), ("fixed_gib", "fixed GiB", "{:.2f}"),
@@ -37,7 +38,7 @@ def step_bytes(config, batch):
     config.batch_size = batch
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     splits = synthetic_splits(config, batch)
-    setup, state = train.build(config, "spcl", splits, mesh)
+    setup, state = train.build(config, METHODS["spcl"], splits, mesh)
     rng = np.random.default_rng(0)
     plan = {"a": np.arange(batch)[None], "b": rng.permutation(batch)[None], "similarity": rng.integers(0, 2, (1, batch))}
     host = train.epoch_pass(setup, 0, plan)(0)

@@ -39,6 +39,7 @@ from spcl_jax import sharding, train  # noqa: E402
 from spcl_jax.data import ArraySource  # noqa: E402
 from spcl_jax.data.datasets import load_size  # noqa: E402
 from spcl_jax.data.decode import canvas_shape  # noqa: E402
+from spcl_jax.method import METHODS  # noqa: E402
 
 CONFIGS = {"resnet18": cifar10, "resnet50": imagenet}
 COMBINED = common.COLUMNS[:4] + [
@@ -74,7 +75,7 @@ def _build(row, width, num_prototypes, mesh):
     rng = np.random.default_rng(1)
     n = config.batch_size
     plan = {"a": np.arange(n)[None], "b": rng.permutation(n)[None], "similarity": rng.integers(0, 2, (1, n))}
-    setup, state = train.build(config, "spcl", splits, mesh)
+    setup, state = train.build(config, METHODS["spcl"], splits, mesh)
     return setup, state, train.load_batch(setup, 0, plan, 0, rng.integers(0, num_prototypes, n))
 
 

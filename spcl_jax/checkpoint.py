@@ -70,9 +70,9 @@ def checkpoint_dir(workdir):
 
 
 def resolved_config(config, method):
-    """The config as saved with every checkpoint (JSON types), with the resolved method."""
+    """The config as saved with every checkpoint (JSON types), with the resolved method's name."""
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
-    values["method"] = method
+    values["method"] = method.name
     return values
 
 

@@ -1,16 +1,16 @@
 """Fail-fast checks of a resolved config, before any file is written or device is touched.
 
 Every problem becomes a `ConfigError` whose single line names the key, the bad value and what
-would be valid (big_vision's explicit contracts). `resolve_method` maps the original's method
-flags onto `config.method`.
+would be valid (big_vision's explicit contracts).
 """
 import math
 
+from spcl_jax import method as methods
 from spcl_jax.errors import ConfigError
 
 CHOICES = {
     "mode": ("pretrain", "linear_eval", "knn_eval"),
-    "method": ("spcl", "simclr", "cluster", "metric", "supervised"),
+    "method": methods.NAMES,
     "dataset": ("digits", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "tinyimagenet",
                 "imagefolder"),
     "imagenet100_classes": ("cmc", "first100"),
@@ -47,9 +47,6 @@ NON_NEGATIVE = ("warmup_epochs", "weight_decay", "finetune_weight_decay", "finet
                 "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight",
                 "knn_every_epochs")
 PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "hflip_p", "momentum")
-PAIR_METHODS = ("spcl", "metric")  # train on pairs of images with the siamese metric loss
-PROTOTYPE_CLASSIFIER_METHODS = ("spcl", "cluster")  # train a per-epoch prototype classifier
-CLUSTERING_METHODS = ("spcl", "cluster", "metric")  # need k-means prototypes
 
 
 def _fail(key, value, valid):
@@ -83,18 +80,6 @@ def check_schema(config, reference):
             ok = isinstance(got, type(want))
         if not ok:
             _fail(key, got, f"a value of type {type(want).__name__} like {want!r}")
-
-
-def resolve_method(config):
-    """The original's flags (DIFFERENCES.md, methods) choose the method when any of them is set."""
-    flags = (config.clustering_use, config.metric_learn, config.supervised)
-    if all(f is None for f in flags):
-        return config.method
-    if config.supervised:
-        return "supervised"
-    table = {(True, True): "spcl", (True, False): "cluster", (False, True): "metric",
-             (False, False): "simclr"}
-    return table[(bool(config.clustering_use), bool(config.metric_learn))]
 
 
 def check_values(config, device_count):
@@ -136,7 +121,7 @@ def check_values(config, device_count):
         _fail("max_steps_per_epoch", config.max_steps_per_epoch, "-1 (full epochs) or >= 1")
     if config.checkpoint_step < -1:
         _fail("checkpoint_step", config.checkpoint_step, "-1 (newest) or a saved step >= 0")
-    method = resolve_method(config)
+    method = methods.resolve(config)
     if config.prototype_classifier_width == "n_classes" and config.num_prototypes > config.n_classes:
         _fail("prototype_classifier_width", "n_classes",
               f"num_prototypes (the as-written width needs num_prototypes <= n_classes="
@@ -144,7 +129,7 @@ def check_values(config, device_count):
     if config.batch_size % device_count:
         _fail("batch_size", config.batch_size,
               f"a multiple of the global device count {device_count}")
-    if method in PAIR_METHODS and config.pair_sampling == "exact_half" and config.batch_size % 2:
+    if method.pairs and config.pair_sampling == "exact_half" and config.batch_size % 2:
         _fail("batch_size", config.batch_size,
               "an even number (pair_sampling=exact_half puts exactly B/2 positive pairs per batch)")
     if config.finetune_batch_size % device_count:
@@ -163,12 +148,12 @@ def check_values(config, device_count):
 
 def check_pretrain_size(config, num_pretrain):
     """K prototypes need at least K examples (checked once the dataset size is known)."""
-    if resolve_method(config) in CLUSTERING_METHODS and config.num_prototypes > num_pretrain:
+    if methods.resolve(config).clustering and config.num_prototypes > num_pretrain:
         _fail("num_prototypes", config.num_prototypes,
               f"at most the pretrain set size {num_pretrain}")
 
 
 def validate(config, reference, device_count):
-    """Schema and value checks; returns the resolved method name."""
+    """Schema and value checks; returns the resolved `Method`."""
     check_schema(config, reference)
     return check_values(config, device_count)

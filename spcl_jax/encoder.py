@@ -12,6 +12,7 @@ import ml_collections
 from flax import nnx
 
 from spcl_jax import augment, checkpoint, network
+from spcl_jax import method as methods
 from spcl_jax.data import datasets
 from spcl_jax.errors import UserError
 
@@ -28,7 +29,8 @@ def load_encoder(checkpoint_dir, step=None):
     step = -1 if step is None else step
     config, step = checkpoint.restore_config(checkpoint_dir, step)
     config = ml_collections.ConfigDict(config)
-    graphdef, params, batch_stats, _ = network.restore(config, config.method, config.n_classes, checkpoint_dir, step)
+    graphdef, params, batch_stats, _ = network.restore(config, methods.resolve(config), config.n_classes,
+                                                       checkpoint_dir, step)
     mean, std = datasets.normalisation(config)
 
     @jax.jit

@@ -19,7 +19,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from spcl_jax import augment, config_validation, data, features, models, network, optim, sharding
+from spcl_jax import augment, data, features, models, network, optim, sharding
+from spcl_jax import method as methods
 from spcl_jax.data import pipeline
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.workdir import claim_workdir, write_atomic
@@ -334,7 +335,7 @@ def after_pretraining(setup, state, writer):
 
 def evaluate_checkpoint(config, workdir):
     """`mode=linear_eval|knn_eval` (or the original's `finetune`): evaluate a saved encoder."""
-    method = config_validation.resolve_method(config)
+    method = methods.resolve(config)
     splits = data.load_splits(config)
     mesh = sharding.data_mesh()
     graphdef, params, batch_stats, step = network.restore(config, method, splits.num_classes,

@@ -5,19 +5,19 @@ import numpy as np
 from flax import nnx
 
 from spcl_jax import checkpoint, models
-from spcl_jax.config_validation import PAIR_METHODS
 
 
 class Network(nnx.Module):
     """What the pretraining optimiser updates; the per-epoch prototype classifier lives apart (DIFFERENCES.md, prototype classifier)."""
 
     def __init__(self, config, method, num_classes, *, rngs):
+        """`method` is a `spcl_jax.method.Method`: pair methods own a metric learner, supervised a linear head."""
         self.encoder = models.build_encoder(config, rngs=rngs)
         dim = self.encoder.features_dim
         dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
         self.projection = models.ProjectionHead(dim, config.proj_dim, dtype=dtype, rngs=rngs)
-        self.metric_learner = models.MetricLearner(dim, rngs=rngs) if method in PAIR_METHODS else None
-        self.supervised_head = models.LinearHead(dim, num_classes, rngs=rngs) if method == "supervised" else None
+        self.metric_learner = models.MetricLearner(dim, rngs=rngs) if method.pairs else None
+        self.supervised_head = models.LinearHead(dim, num_classes, rngs=rngs) if method.supervised else None
 
 
 def prototype_classifier_width(config, num_classes):

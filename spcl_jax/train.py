@@ -19,11 +19,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from spcl_jax import augment, checkpoint, config_validation, data, evaluate, features, kmeans, losses
+from spcl_jax import method as methods
 from spcl_jax import models, network, optim, prototypes, sharding, visual
 from spcl_jax.data import pipeline
 from spcl_jax.errors import ConfigError, UserError
 from spcl_jax.metrics import MetricWriter, read_metrics
-from spcl_jax.config_validation import CLUSTERING_METHODS, PAIR_METHODS, PROTOTYPE_CLASSIFIER_METHODS
 from spcl_jax.network import prototype_classifier_width
 from spcl_jax.workdir import claim_workdir, write_atomic
 
@@ -45,7 +45,7 @@ class NonFiniteLossError(UserError):
 class Setup:
     """Everything static about a run: the method, the data, the models' graph definitions, the step fns."""
     config: object
-    method: str
+    method: methods.Method
     splits: object
     source: object
     mesh: object
@@ -63,18 +63,14 @@ class Setup:
     warned_waiting: bool = False
 
 
-ASYMMETRIC_METHODS = ("simclr", "metric")  # the original's `pretrain` and `pretrain_metric` (B-7)
-
-
 def view_specs(method, config):
     """(image set, recipe) of each view: A1, A2, B1, B2 for pair methods, two views of one image for
     simclr/cluster, one for supervised. With `asymmetric_first_view` (B-7) the first view of every image
-    is the clean eval view where the original's code leaves it so: simclr and metric."""
-    if method == "supervised":
+    is the clean eval view where the original's code leaves it so (simclr and metric)."""
+    if method.supervised:
         return (("a", "train"),)
-    first = "eval" if config.asymmetric_first_view and method in ASYMMETRIC_METHODS else "pretrain"
-    sets = ("a", "b") if method in PAIR_METHODS else ("a",)
-    return tuple(view for name in sets for view in ((name, first), (name, "pretrain")))
+    first = "eval" if config.asymmetric_first_view and method.first_view_clean_as_written else "pretrain"
+    return tuple(view for name in method.image_sets for view in ((name, first), (name, "pretrain")))
 
 
 def encode_views(graphdef, params, batch_stats, views, *, project, frozen_bn):
@@ -93,32 +89,31 @@ def encode_views(graphdef, params, batch_stats, views, *, project, frozen_bn):
 
 
 def make_loss_fn(config, method, graphdef, classifier_graphdef, aug, specs):
-    """loss(params, classifier_params, batch_stats, batch) -> (total, (terms, batch_stats, diagnostics))."""
+    """loss(params, classifier_params, batch_stats, batch) -> (total, (terms, batch_stats, diagnostics)):
+    the views of the batch through the network, then `losses.spcl_objective` with the config's weights for
+    the terms of `method` (or, supervised, the cross-entropy of its linear head on the labels)."""
 
     def loss_fn(params, classifier_params, batch_stats, batch):
         views = augment.views(batch, specs, aug)
-        batch_stats, (h, z) = encode_views(graphdef, params, batch_stats, views, project=method != "supervised",
+        batch_stats, (h, z) = encode_views(graphdef, params, batch_stats, views, project=method.contrastive,
                                            frozen_bn=config.encoder_bn_mode == "frozen_init_stats")
-        if method == "supervised":
-            head = nnx.merge(graphdef, params, batch_stats, copy=True).supervised_head
-            loss = losses.prototype_loss(head(h[0]), batch["labels_a"])
+        net = nnx.merge(graphdef, params, batch_stats, copy=True)
+        if method.supervised:
+            loss = losses.prototype_loss(net.supervised_head(h[0]), batch["labels_a"])
             return loss, ({"supervised": loss}, batch_stats, {})
-        pairs = method in PAIR_METHODS
-        labels = [batch["labels_a"], batch["labels_a"]] + ([batch["labels_b"], batch["labels_b"]] if pairs else [])
-        terms = {"contrastive": sum(losses.nt_xent(z[i], z[i + 1], config.temperature)
-                                    for i in range(0, len(z), 2))}
-        total = config.contras_weight * terms["contrastive"]
-        if method in PROTOTYPE_CLASSIFIER_METHODS:
+        logits = None
+        if method.prototype_classifier:
             classifier = nnx.merge(classifier_graphdef, classifier_params)
-            terms["prototype"] = sum(losses.prototype_loss(classifier(h[v]), labels[v], kind=config.cluster_loss)
-                                     for v in range(len(labels)))
-            total = total + config.cluster_weight * terms["prototype"]
-        if pairs:
-            metric_learner = nnx.merge(graphdef, params, batch_stats, copy=True).metric_learner
-            terms["metric"] = losses.siamese_metric_loss(
-                metric_learner.from_difference, h[0], h[1], h[2], h[3], batch["similarity"],
-                kind=config.metric_loss)
-            total = total + config.metric_weight * terms["metric"]
+            logits = [classifier(x) for x in h]
+        pairs = {}
+        if method.pairs:
+            pairs = dict(z_vi=z[2], z_vj=z[3], h_i=h[0], h_j=h[1], v_i=h[2], v_j=h[3], labels_b=batch["labels_b"],
+                         similarity=batch["similarity"], metric_fn=net.metric_learner.from_difference)
+        total, terms = losses.spcl_objective(
+            z[0], z[1], logits=logits, labels_a=batch["labels_a"], temperature=config.temperature,
+            contras_weight=config.contras_weight, metric_weight=config.metric_weight if method.pairs else 0.0,
+            cluster_weight=config.cluster_weight if method.prototype_classifier else 0.0,
+            cluster_loss=config.cluster_loss, metric_loss_kind=config.metric_loss, **pairs)
         diagnostics = losses.contrastive_diagnostics(z[0], z[1], batch["labels_a"], config.temperature)
         return total, (terms, batch_stats, diagnostics)
 
@@ -163,7 +158,7 @@ def _classifier(config, num_classes, key):
 
 def build(config, method, splits, mesh):
     """Models, optimisers and jitted functions of a run (nothing here touches the workdir)."""
-    source = splits.train if method == "supervised" else splits.pretrain
+    source = getattr(splits, method.source_split)
     steps_per_epoch = len(source) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"invalid config: batch_size={config.batch_size}; valid: at most the training "
@@ -183,7 +178,7 @@ def build(config, method, splits, mesh):
                                 optax.sgd(config.learning_rate * config.batch_size / 256))
     classifier_graphdef, classifier_params = (
         _classifier(config, splits.num_classes, network.init_key(config.seed))
-        if method in PROTOTYPE_CLASSIFIER_METHODS else (None, {}))
+        if method.prototype_classifier else (None, {}))
     aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
     specs = view_specs(method, config)
     setup = Setup(config=config, method=method, splits=splits, source=source, mesh=mesh, steps_per_epoch=steps_per_epoch,
@@ -249,7 +244,7 @@ def epoch_plan(setup, epoch, pseudo):
     """Global index batches of one epoch: {images_a, [images_b, similarity]} index arrays (steps, B)."""
     config, source = setup.config, setup.source
     steps, batch = setup.steps_per_epoch, config.batch_size
-    if setup.method in PAIR_METHODS:
+    if setup.method.pairs:
         # As written (B-2) the pairs come from the ground-truth class buckets while the cluster is drawn
         # from [0, K): only classes below K are used (the original fails on the others when K > classes).
         buckets = pseudo if config.rebuild_member_table else np.where(source.labels < config.num_prototypes,
@@ -272,7 +267,7 @@ def epoch_pass(setup, epoch, plan):
 
 def make_batch(setup, plan, maker, step_in_epoch, host_batch, pseudo):
     """Global arrays sharded by rows from this host's loaded batch and the labels of one step."""
-    labels = pseudo if setup.method in CLUSTERING_METHODS else setup.source.labels
+    labels = pseudo if setup.method.clustering else setup.source.labels
     batch = dict(host_batch)
     for name, indices in maker.sets.items():
         batch[f"labels_{name}"] = labels[indices[step_in_epoch]].astype(np.int32)
@@ -314,7 +309,7 @@ def write_run_config(config, method, workdir):
 
 def train_and_evaluate(config, workdir):
     """Pretrain with `config.method`, then (unless switched off) linear and kNN evaluation."""
-    method = config_validation.resolve_method(config)
+    method = methods.resolve(config)
     mesh = sharding.data_mesh()
     splits = data.load_splits(config)
     config_validation.check_pretrain_size(config, len(splits.pretrain))
@@ -330,7 +325,7 @@ def train_and_evaluate(config, workdir):
                  jax.local_device_count(), jax.device_count(), workdir)
     logging.info("method=%s dataset=%s pretrain=%d examples; global batch %d = %d per host x %d hosts "
                  "= %d per device x %d devices; %d steps per epoch (incomplete last batch dropped)",
-                 method, config.dataset, len(splits.pretrain), config.batch_size,
+                 method.name, config.dataset, len(splits.pretrain), config.batch_size,
                  config.batch_size // jax.process_count(), jax.process_count(),
                  config.batch_size // jax.device_count(), jax.device_count(), setup.steps_per_epoch)
     logging.info("input: %s", pipeline.describe_workers(config.num_workers, setup.source))
@@ -373,14 +368,14 @@ def write_summary(setup, step, results, workdir):
     os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
     visual.save_png(visual.losses_figure(read_metrics(workdir)), os.path.join(workdir, "figs", "losses.png"))
     if results:
-        evaluate.write_results(workdir, results, setup.config, setup.method, step)
+        evaluate.write_results(workdir, results, setup.config, setup.method.name, step)
 
 
 def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
     """Re-clustering (every `reassign` epochs) and classifier re-initialisation (every `classifier_init_freq`)."""
     config = setup.config
     step = int(state["step"])
-    if setup.method in CLUSTERING_METHODS and (epoch % config.reassign == 0 or pseudo is None):
+    if setup.method.clustering and (epoch % config.reassign == 0 or pseudo is None):
         began = time.time()
         draw = config.visual_cls and epoch % config.visual_freq == 0
         pseudo, stats, points = cluster(setup, state, epoch,
@@ -396,7 +391,7 @@ def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
             os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
             visual.save_png(image, os.path.join(workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
             writer.write_image(step, "prototypes/pca_by_pseudo_label", image)
-    if setup.method in PROTOTYPE_CLASSIFIER_METHODS and epoch % config.classifier_init_freq == 0:
+    if setup.method.prototype_classifier and epoch % config.classifier_init_freq == 0:
         params, opt_state = new_classifier(setup, network.init_key(config.seed, STREAM_CLASSIFIER, epoch))
         state = dict(state, **jax.device_put(dict(classifier_params=params, classifier_opt_state=opt_state),
                                             sharding.replicated(setup.mesh)))

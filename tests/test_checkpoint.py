@@ -8,6 +8,7 @@ import pytest
 
 from configs import digits
 from spcl_jax import checkpoint, sharding
+from spcl_jax.method import METHODS
 
 
 @pytest.fixture
@@ -42,13 +43,13 @@ def test_save_then_restore_or_gives_every_leaf_back_bit_identical(tmp_path, keep
     rng = np.random.default_rng(0)
     state = _random_state(mesh, rng)
     pseudo = rng.integers(0, config.num_prototypes, 50)
-    manager = checkpoint.Manager(tmp_path, config, "spcl")
+    manager = checkpoint.Manager(tmp_path, config, METHODS["spcl"])
     fresh = jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), state)
     assert manager.restore_or(fresh, len(pseudo)) == (fresh, None)
     manager.save(state, pseudo, epoch_end=True)
     manager.close()
 
-    restored, restored_pseudo = checkpoint.Manager(tmp_path, config, "spcl").restore_or(fresh, len(pseudo))
+    restored, restored_pseudo = checkpoint.Manager(tmp_path, config, METHODS["spcl"]).restore_or(fresh, len(pseudo))
     saved_leaves, treedef = jax.tree.flatten_with_path(state)
     restored_leaves, restored_treedef = jax.tree.flatten_with_path(restored)
     assert restored_treedef == treedef and len(saved_leaves) == 9

@@ -6,6 +6,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from configs import default
 from spcl_jax import evaluate
+from spcl_jax.method import METHODS
 
 
 def test_knn_votes_match_a_scikit_learn_neighbour_reference():
@@ -91,7 +92,7 @@ def test_as_written_accuracies_average_batches_of_the_pretraining_batch_size():
     config = digits.get_config()
     config.batch_size, config.finetune_batch_size, config.eval_metric_weighting = 128, 64, "batch"
     splits = load_splits(config)
-    graphdef = network.create(config, "spcl", splits.num_classes, config.seed)[0]
+    graphdef = network.create(config, METHODS["spcl"], splits.num_classes, config.seed)[0]
     assert evaluate.Evaluator(config, splits, graphdef, sharding.data_mesh()).per_batch == 128
     config.eval_metric_weighting = "sample"
     assert evaluate.Evaluator(config, splits, graphdef, sharding.data_mesh()).per_batch is None

@@ -21,6 +21,7 @@ from spcl_jax import checkpoint, data, export, network
 from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import ResNet
 from spcl_jax.workdir import write_atomic
+from spcl_jax.method import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_PLANES = (64, 128, 256, 512)
@@ -157,13 +158,13 @@ def saved_run(tmp_path_factory):
     config.image_size, config.width_multiplier, config.method = 16, 0.0625, "simclr"
     workdir = tmp_path_factory.mktemp("export_run")
     graphdef, params, batch_stats = nnx.split(
-        nnx.eval_shape(lambda: network.Network(config, "simclr", 10, rngs=nnx.Rngs(0))), nnx.Param, nnx.BatchStat)
+        nnx.eval_shape(lambda: network.Network(config, METHODS["simclr"], 10, rngs=nnx.Rngs(0))), nnx.Param, nnx.BatchStat)
     rng = np.random.default_rng(0)
     params, batch_stats = _random_fill(params, rng), _random_fill(batch_stats, rng)
     state = dict(params=params, batch_stats=batch_stats, step=jnp.int32(7), first_nonfinite_step=jnp.int32(-1))
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        manager = checkpoint.Manager(workdir, config, "simclr")
+        manager = checkpoint.Manager(workdir, config, METHODS["simclr"])
         manager.restore_or(state, 10)
         manager.save(state, None, epoch_end=True)
         manager.close()

@@ -5,10 +5,11 @@ import numpy as np
 from configs import digits
 from spcl_jax import augment, features, network, sharding
 from spcl_jax.data import ArraySource, load_splits, pipeline
+from spcl_jax.method import METHODS
 
 
 def _features(source, kind, batch_size, config, splits):
-    graphdef, params, batch_stats = network.create(config, "spcl", splits.num_classes, config.seed)
+    graphdef, params, batch_stats = network.create(config, METHODS["spcl"], splits.num_classes, config.seed)
     mesh = sharding.data_mesh()
     aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
     encode = features.make_encode(graphdef, aug, mesh, kind)

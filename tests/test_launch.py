@@ -8,6 +8,7 @@ import pytest
 from configs import default
 from spcl_jax import config_validation
 from spcl_jax.errors import ConfigError
+from spcl_jax import method as methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +81,7 @@ def test_every_dataset_config_is_valid_and_overrides_only_deltas():
         config = module.get_config()
         if config.dataset in ("imagenet", "imagenet100", "tinyimagenet"):
             config.dataset_path = "/data/x"
-        assert config_validation.validate(config, reference, 8) == "spcl"
+        assert config_validation.validate(config, reference, 8).name == "spcl"
 
 
 def test_every_default_option_has_a_comment():
@@ -97,7 +98,7 @@ def test_every_default_option_has_a_comment():
 def test_original_method_flags_map_onto_method(flags, method):
     config = default.get_config()
     config.clustering_use, config.metric_learn, config.supervised = flags
-    assert config_validation.resolve_method(config) == method
+    assert methods.resolve(config).name == method
 
 
 def test_schema_rejects_unknown_and_mistyped_keys():
@@ -121,7 +122,7 @@ def test_as_written_classifier_width_needs_few_prototypes():
     with pytest.raises(ConfigError, match="prototype_classifier_width"):
         config_validation.validate(config, default.get_config(), 1)
     config.num_prototypes = 10
-    assert config_validation.validate(config, default.get_config(), 1) == "spcl"
+    assert config_validation.validate(config, default.get_config(), 1).name == "spcl"
 
 
 def test_odd_batch_is_refused_for_the_exact_half_pair_sampler():
@@ -130,4 +131,4 @@ def test_odd_batch_is_refused_for_the_exact_half_pair_sampler():
     with pytest.raises(ConfigError, match="batch_size=13; valid: an even number"):
         config_validation.validate(config, default.get_config(), 1)
     config.pair_sampling = "bernoulli"
-    assert config_validation.validate(config, default.get_config(), 1) == "spcl"
+    assert config_validation.validate(config, default.get_config(), 1).name == "spcl"

@@ -16,6 +16,7 @@ import pytest
 from spcl_jax import checkpoint
 from spcl_jax.models.param_groups import _key_name
 from spcl_jax.metrics import read_metrics
+from spcl_jax.method import METHODS
 from test_train import ROOT, TINY
 
 HEARTBEAT = 10
@@ -176,8 +177,8 @@ def test_two_process_run_resumes_in_one_process(runs):
     root, _ = runs
     config = _config(TINY + RUN)
     splits = data.load_splits(config)
-    _, fresh = train.build(config, "spcl", splits, sharding.data_mesh())
-    manager = checkpoint.Manager(root / "two_by_two", config, "spcl")
+    _, fresh = train.build(config, METHODS["spcl"], splits, sharding.data_mesh())
+    manager = checkpoint.Manager(root / "two_by_two", config, METHODS["spcl"])
     try:
         state, pseudo = manager.restore_or(fresh, len(splits.pretrain))
     finally:

@@ -32,6 +32,7 @@ from spcl_jax import workdir as workdir_module
 from spcl_jax.errors import CheckpointError, WorkdirError
 from spcl_jax.metrics import read_metrics
 from spcl_jax.workdir import claim_workdir
+from spcl_jax.method import METHODS
 from test_train import ROOT, TINY, launch
 
 # Two epochs of four steps with a checkpoint after every step (the SIGTERM test's run).
@@ -186,7 +187,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(busy_then_interrupted)
 
 def test_a_second_ctrl_c_stops_at_once_and_close_gives_the_signals_back(tmp_path, own_signals):
     previous = stop_handlers()
-    manager = checkpoint.Manager(tmp_path, digits.get_config(), "spcl")
+    manager = checkpoint.Manager(tmp_path, digits.get_config(), METHODS["spcl"])
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.05)
     assert manager.stop_requested() and manager.stop_signal == signal.SIGINT
@@ -211,7 +212,7 @@ def fake_state(step):
 
 
 def save_steps(workdir, steps, config=None):
-    manager = checkpoint.Manager(workdir, config or digits.get_config(), "spcl")
+    manager = checkpoint.Manager(workdir, config or digits.get_config(), METHODS["spcl"])
     manager.restore_or(fake_state(0), 5)
     for step in steps:
         manager.save(fake_state(step), None, epoch_end=False)
@@ -271,7 +272,7 @@ def test_a_state_past_a_non_finite_loss_is_never_saved(tmp_path, own_signals):
     manager.save(dict(fake_state(3), first_nonfinite_step=jnp.int32(2)), None, epoch_end=True)
     manager.close()
     assert finished_steps(tmp_path) == [1, 2]
-    restored, _ = checkpoint.Manager(tmp_path, digits.get_config(), "spcl").restore_or(fake_state(0), 5)
+    restored, _ = checkpoint.Manager(tmp_path, digits.get_config(), METHODS["spcl"]).restore_or(fake_state(0), 5)
     assert_state_equal(restored, fake_state(2))
 
 
@@ -343,7 +344,7 @@ def test_a_damaged_checkpoint_is_one_clear_line_and_nothing_is_written(three_ste
     mutate(str(directory / "3"))
     before = snapshot(tmp_path)
     with pytest.raises(CheckpointError) as resume:
-        checkpoint.Manager(tmp_path, digits.get_config(), "spcl").restore_or(fake_state(0), 5)
+        checkpoint.Manager(tmp_path, digits.get_config(), METHODS["spcl"]).restore_or(fake_state(0), 5)
     assert str(resume.value).startswith(f"checkpoint step 3 in {directory} cannot be read (")
     assert str(resume.value).endswith(f"); delete {directory / '3'} to resume from step 2, or pass a new --workdir")
     if breaks_load:
@@ -358,7 +359,7 @@ def test_a_damaged_checkpoint_is_one_clear_line_and_nothing_is_written(three_ste
     assert snapshot(tmp_path) == before
     # What the message says to do works: without step 3 the run resumes from step 2.
     shutil.rmtree(directory / "3")
-    restored, _ = checkpoint.Manager(tmp_path, digits.get_config(), "spcl").restore_or(fake_state(0), 5)
+    restored, _ = checkpoint.Manager(tmp_path, digits.get_config(), METHODS["spcl"]).restore_or(fake_state(0), 5)
     assert_state_equal(restored, fake_state(2))
 
 
@@ -378,7 +379,7 @@ def test_a_missing_or_empty_checkpoint_directory(three_steps, tmp_path, own_sign
     fresh = fake_state(0)
     infos = []
     monkeypatch.setattr(checkpoint.logging, "info", lambda fmt, *args: infos.append(fmt % args))
-    assert checkpoint.Manager(tmp_path / "empty", digits.get_config(), "spcl").restore_or(fresh, 5) == (fresh, None)
+    assert checkpoint.Manager(tmp_path / "empty", digits.get_config(), METHODS["spcl"]).restore_or(fresh, 5) == (fresh, None)
     assert f"no checkpoint in {tmp_path / 'empty' / 'checkpoints'}: starting at step 0" in infos
 
 
@@ -388,8 +389,8 @@ def tiny_model_saved(tmp_path_factory):
     previous = stop_handlers()
     workdir = tmp_path_factory.mktemp("tiny_model")
     config = config_of(TINY)
-    _, params, batch_stats = network.create(config, "spcl", 10, 0)
-    manager = checkpoint.Manager(workdir, config, "spcl")
+    _, params, batch_stats = network.create(config, METHODS["spcl"], 10, 0)
+    manager = checkpoint.Manager(workdir, config, METHODS["spcl"])
     manager.restore_or(fake_state(0), 5)
     manager.save(dict(fake_state(4), params=params, batch_stats=batch_stats), None, epoch_end=True)
     manager.close()
@@ -408,7 +409,7 @@ def test_a_checkpoint_of_another_model_is_refused_for_evaluation(tiny_model_save
     before = snapshot(tiny_model_saved)
     config = config_of(TINY)
     config.update(change)
-    _, other_params, _ = network.create(config, "spcl", 10, 0)
+    _, other_params, _ = network.create(config, METHODS["spcl"], 10, 0)
     saved, step = checkpoint.restore_network(str(tiny_model_saved / "checkpoints"), -1)
     what = f"checkpoint step {step} in {tiny_model_saved / 'checkpoints'}"
     with pytest.raises(CheckpointError) as refused:

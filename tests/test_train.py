@@ -12,6 +12,7 @@ import pytest
 
 from spcl_jax import optim, train, visual
 from spcl_jax.metrics import read_metrics
+from spcl_jax.method import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.image_size=16", "--config.width_multiplier=0.0625", "--config.batch_size=16",
@@ -138,7 +139,7 @@ def test_three_steps_on_one_device_equal_eight_devices():
     results = []
     for devices in (1, 8):
         mesh = Mesh(np.array(jax.devices()[:devices]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-        setup, state = train.build(config, "spcl", splits, mesh)
+        setup, state = train.build(config, METHODS["spcl"], splits, mesh)
         plan = train.epoch_plan(setup, 0, pseudo)
         for step in range(3):
             state, metrics = setup.train_step(state, train.load_batch(setup, 0, plan, step, pseudo))
@@ -279,13 +280,13 @@ def test_asymmetric_first_view_applies_where_the_original_leaves_it():
 
     config = digits.get_config()
     config.asymmetric_first_view = True
-    assert train.view_specs("simclr", config) == (("a", "eval"), ("a", "pretrain"))
-    assert train.view_specs("metric", config) == (("a", "eval"), ("a", "pretrain"), ("b", "eval"), ("b", "pretrain"))
-    assert train.view_specs("cluster", config) == (("a", "pretrain"), ("a", "pretrain"))
-    assert train.view_specs("spcl", config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
+    assert train.view_specs(METHODS["simclr"], config) == (("a", "eval"), ("a", "pretrain"))
+    assert train.view_specs(METHODS["metric"], config) == (("a", "eval"), ("a", "pretrain"), ("b", "eval"), ("b", "pretrain"))
+    assert train.view_specs(METHODS["cluster"], config) == (("a", "pretrain"), ("a", "pretrain"))
+    assert train.view_specs(METHODS["spcl"], config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
     config.asymmetric_first_view = False
-    assert train.view_specs("metric", config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
-    assert train.view_specs("supervised", config) == (("a", "train"),)
+    assert train.view_specs(METHODS["metric"], config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
+    assert train.view_specs(METHODS["supervised"], config) == (("a", "train"),)
 
 
 @pytest.mark.slow
@@ -299,7 +300,7 @@ def test_as_written_member_table_draws_ground_truth_buckets_below_k():
     config = digits.get_config()
     config.width_multiplier, config.num_prototypes, config.rebuild_member_table = 0.0625, 4, False
     splits = data.load_splits(config)
-    setup, _ = train.build(config, "spcl", splits, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    setup, _ = train.build(config, METHODS["spcl"], splits, Mesh(np.array(jax.devices()[:1]), ("data",)))
     pseudo = np.random.default_rng(0).integers(0, 4, len(splits.pretrain))  # what the k-means gave
     plan = train.epoch_plan(setup, 0, pseudo)
     truth = splits.pretrain.labels
@@ -326,7 +327,7 @@ def test_one_and_eight_devices_give_the_same_pseudo_labels_and_first_step():
     results = []
     for devices in (1, 8):
         mesh = Mesh(np.array(jax.devices()[:devices]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-        setup, state = train.build(config, "spcl", splits, mesh)
+        setup, state = train.build(config, METHODS["spcl"], splits, mesh)
         pseudo, stats, _ = train.cluster(setup, state, 0, jax.random.key(3))
         plan = train.epoch_plan(setup, 0, pseudo)
         _, metrics = setup.train_step(state, train.load_batch(setup, 0, plan, 0, pseudo))
