@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import spcl_jax
-from bench import common, cpu_conv, epoch_overhead, input_pipeline, kmeans, loader_step, memory, train_step
+from bench import ablation, common, cpu_conv, epoch_overhead, input_pipeline, kmeans, loader_step, memory, train_step
 
 TINY = ["--batch", "8", "--width", "0.0625"]  # shared by train_step and epoch_overhead: one compiled step
 TINY_K = "16"
@@ -155,6 +155,19 @@ def test_loader_step_bench(capsys):
     assert (row["preset"], row["pairs/step"], row["workers"]) == ("cpu", "16", "1")
     result = json.loads(out.strip().splitlines()[-1])
     assert result["images_per_s_median"] > 0 and 0 <= result["wait_median"] <= 1 and result["cluster_s"] > 0
+
+
+@pytest.mark.slow
+def test_ablation_runs_a_variant_and_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "RESULTS.md"
+    ablation.main(["--seeds", "1", "--epochs", "1", "--variants", "simclr", "--out", str(out)])
+    [row] = table(out.read_text(), ["variant"] + [title for _, title in ablation.METRICS])
+    assert row["variant"] == "simclr" and row["last pseudo-label NMI"] == "-"
+    assert 10 < numbers(row["linear probe top-1 %"])[0] <= 100 and 10 < numbers(row["kNN top-1 %"])[0] <= 100
+    assert "Protocol: test top-1" in out.read_text()
+    with pytest.raises(SystemExit):
+        ablation.main(["--variants", "byol"])
+    assert "--variants 'byol'; valid: spcl, simclr" in capsys.readouterr().err
 
 
 def test_memory_bench(capsys):
