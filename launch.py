@@ -180,7 +180,7 @@ def main(argv):
         workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
         from spcl_jax import train
 
-        train.run(config, workdir)
+        train.run_mode(config, workdir)
     except UserError as e:
         _die(str(e))
     except checkpoint.Preempted as e:

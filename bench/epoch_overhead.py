@@ -62,8 +62,7 @@ def for_row(setup, images, labels, n, k):
     config.num_prototypes = k
     source = ArraySource(images[:n], labels[:n])
     splits = types.SimpleNamespace(**dict(vars(setup.splits), pretrain=source))
-    return dataclasses.replace(setup, config=config, splits=splits, source=source,
-                               steps_per_epoch=n // config.batch_size)
+    return dataclasses.replace(setup, config=config, splits=splits, steps_per_epoch=n // config.batch_size)
 
 
 def feature_pass(setup, state, seed):
@@ -89,8 +88,8 @@ def real_epoch(setup, state, pseudo):
     warm_up = train.load_batch(setup, 0, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
     state = jax.block_until_ready(setup.train_step(state, warm_up)[0])
     no_checkpoints = types.SimpleNamespace(stop_requested=lambda **_: False)  # checkpoint_every_steps is 0
-    (state, _), seconds = timed(lambda: train.run_epoch(setup, state, pseudo, 0, 0,
-                                                        MetricWriter("", enabled=False), no_checkpoints))
+    loop = train.Loop(setup, MetricWriter("", enabled=False), no_checkpoints, "")
+    (state, _), seconds = timed(lambda: train.run_epoch(loop, state, pseudo, 0, 0))
     return state, seconds
 
 

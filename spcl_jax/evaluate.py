@@ -19,14 +19,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from spcl_jax import augment, data, features, models, network, optim, sharding
+from spcl_jax import augment, data, features, models, network, optim, sharding, streams
 from spcl_jax import method as methods
 from spcl_jax.data import pipeline
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.workdir import claim_workdir, write_atomic
-
-
-STREAM_LINEAR_EVAL = 4  # seed word of the original protocol's training views (per finetune epoch)
 
 
 def top_k(num_classes):
@@ -83,7 +80,7 @@ def epoch_orders(config, num_examples, granularity=1):
     """
     batch = min(config.finetune_batch_size, num_examples // granularity * granularity)
     steps = num_examples // batch
-    rng = np.random.default_rng(config.seed)
+    rng = streams.linear_head_orders(config.seed)
     return batch, (rng.permutation(num_examples)[:steps * batch].reshape(steps, batch)
                    for _ in range(config.finetune_epochs))
 
@@ -207,7 +204,7 @@ class Evaluator:
     def _linear_heads(self, params, batch_stats, train_x, sets):
         """The linear heads of the configured protocol, scored on the cached valid features if any."""
         config, splits = self.config, self.splits
-        key = jax.random.key(config.seed)
+        key = streams.linear_head_init(config.seed)
         labels = splits.train.labels
         if config.linear_eval_protocol == "fast":
             batch, orders = epoch_orders(config, len(labels))
@@ -245,7 +242,7 @@ class Evaluator:
         train, batch_sh = self.splits.train, sharding.batch_sharding(self.mesh)
         for epoch, order in enumerate(orders):
             maker = pipeline.make_pass(train, {"a": order}, (("a", "train"),), self.recipe,
-                                       (self.config.seed, STREAM_LINEAR_EVAL, epoch), jax.process_index(),
+                                       streams.linear_eval_views(self.config.seed, epoch), jax.process_index(),
                                        jax.process_count())
             with pipeline.Loader(maker, num_workers=self.config.num_workers) as loader:
                 yield (sharding.to_global((host_batch, train.labels[indices].astype(np.int32)), batch_sh)
@@ -260,7 +257,7 @@ def disentanglement_probe(config, train_x, train_y, sets, runs=10):
     from sklearn.svm import SVC
 
     limit = 32 if config.debug else None
-    rng = np.random.default_rng(config.seed)
+    rng = streams.disentanglement_probe(config.seed)
     dim = train_x.shape[1]
     scores = {name: [] for name in sets}
     for _ in range(runs):
@@ -321,13 +318,13 @@ def write_results(workdir, results, config, method, step):
     write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(results_markdown(summary).encode()))
 
 
-def after_pretraining(setup, state, writer):
+def after_pretraining(run, state, writer):
     """Linear + kNN evaluation of the trained encoder (and, if configured, of its random init)."""
-    config = setup.config
-    evaluator = Evaluator(config, setup.splits, setup.graphdef, setup.mesh)
+    config = run.config
+    evaluator = Evaluator(config, run.splits, run.graphdef, run.mesh)
     results = evaluator.run(state["params"], state["batch_stats"])
     if config.eval_random_init_baseline:
-        _, params, batch_stats = network.create(config, setup.method, setup.splits.num_classes, config.seed)
+        _, params, batch_stats = network.create(config, run.method, run.splits.num_classes, config.seed)
         results.update(evaluator.run(params, batch_stats, prefix="random_init_"))
     report(results, writer, int(state["step"]), config.n_epochs, config)
     return results

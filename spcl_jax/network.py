@@ -1,10 +1,8 @@
 """The trained network of every method: encoder + projection head (+ metric learner, + supervised head)."""
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from spcl_jax import checkpoint, models
+from spcl_jax import checkpoint, models, streams
 
 
 class Network(nnx.Module):
@@ -25,17 +23,10 @@ def prototype_classifier_width(config, num_classes):
     return config.num_prototypes if config.prototype_classifier_width == "num_prototypes" else num_classes
 
 
-def init_key(*seeds):
-    """A parameter-initialisation key from integers. It uses the `rbg` generator: XLA compiles its
-    random ops about 5x faster than threefry's, which dominates start-up on CPU (augmentation and
-    sampling keep threefry, whose values do not depend on the sharding)."""
-    return jax.random.key(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]), impl="rbg")
-
-
 def create(config, method, num_classes, seed):
     """(graphdef, params, batch_stats) of a freshly initialised Network, built in one compiled call
     (eager initialisation would compile every initializer of every layer separately)."""
-    net = nnx.jit(lambda: Network(config, method, num_classes, rngs=nnx.Rngs(init_key(seed))))()
+    net = nnx.jit(lambda: Network(config, method, num_classes, rngs=nnx.Rngs(streams.network_init(seed))))()
     return nnx.split(net, nnx.Param, nnx.BatchStat)
 
 

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import numpy as np
 from sklearn import metrics
 
+from spcl_jax import streams
+
 PAIR_MODES = ("exact_half", "bernoulli")
 
 
@@ -64,7 +66,7 @@ def pair_plan(pseudo_labels, num_clusters, *, num_steps, batch_size, seed, epoch
     if positive_clusters.size == 0 or nonempty_clusters.size < 2:
         raise ValueError(f"cannot build pairs: {positive_clusters.size} clusters have >= 2 members "
                          f"and {nonempty_clusters.size} are non-empty (need >= 1 and >= 2)")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    rng = streams.pair_plan(seed, epoch)
     shape = (num_steps, batch_size)
     if mode == "exact_half":
         half = np.repeat([True, False], batch_size // 2)

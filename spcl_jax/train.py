@@ -9,9 +9,11 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from spcl_jax import augment, checkpoint, config_validation, data, evaluate, features, kmeans, losses
 from spcl_jax import method as methods
-from spcl_jax import models, network, optim, prototypes, sharding, visual
+from spcl_jax import models, network, optim, prototypes, sharding, streams, visual
 from spcl_jax.data import pipeline
 from spcl_jax.errors import ConfigError, UserError
 from spcl_jax.metrics import MetricWriter, read_metrics
@@ -28,10 +30,6 @@ from spcl_jax.network import prototype_classifier_width
 from spcl_jax.workdir import claim_workdir, write_atomic
 
 
-# Seed words of the random streams of a run (numpy Generators on the host, jax keys on the device).
-STREAM_CLUSTERING = 1  # the feature pass's views and k-means, per epoch
-STREAM_CLASSIFIER = 2  # the prototype classifier's initialisation, per epoch
-STREAM_STEPS = 3  # the training views, per epoch and step
 FEATURE_VIEWS = {"eval": "eval", "augmented": "pretrain"}  # cluster_feature_view -> the view's recipe
 WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than this share of the time
 VISUAL_POINTS = 5000  # examples in the `visual_cls` figure: a fixed random subset (datasets may be sorted by class)
@@ -41,25 +39,40 @@ class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the message names the step and the loss terms."""
 
 
-@dataclasses.dataclass
-class Setup:
-    """Everything static about a run: the method, the data, the models' graph definitions, the step fns."""
-    config: object
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything static about a run: the method, the data, the networks' graphs, optimisers and jitted steps."""
+
+    config: ml_collections.ConfigDict
     method: methods.Method
-    splits: object
-    source: object
-    mesh: object
+    splits: data.Splits
+    mesh: jax.sharding.Mesh
     steps_per_epoch: int
-    graphdef: object
-    classifier_graphdef: object
-    tx: object
-    classifier_tx: object
-    aug: object
-    recipe: object
-    specs: tuple
-    schedule: object
-    train_step: object
-    encode: object
+    graphdef: nnx.GraphDef  # of network.Network
+    classifier_graphdef: nnx.GraphDef | None  # of the prototype classifier (methods that keep one)
+    tx: optax.GradientTransformation
+    classifier_tx: optax.GradientTransformation
+    aug: augment.AugmentParams
+    recipe: pipeline.Recipe
+    specs: tuple  # (image set, recipe) of each view, see view_specs
+    schedule: Callable[[jax.Array], jax.Array]  # step -> learning rate
+    train_step: Callable  # (state, batch) -> (state, metrics)
+    encode: Callable  # (params, batch_stats, batch) -> features of the clustering view
+
+    @property
+    def source(self):
+        """The split the method trains on."""
+        return getattr(self.splits, self.method.source_split)
+
+
+@dataclasses.dataclass
+class Loop:
+    """What the training loop writes to: the run's metrics, its checkpoints and its workdir."""
+
+    run: Run
+    writer: MetricWriter
+    manager: checkpoint.Manager
+    workdir: str
     warned_waiting: bool = False
 
 
@@ -157,7 +170,7 @@ def _classifier(config, num_classes, key):
 
 
 def build(config, method, splits, mesh):
-    """Models, optimisers and jitted functions of a run (nothing here touches the workdir)."""
+    """The `Run` and its initial state (nothing here touches the workdir)."""
     source = getattr(splits, method.source_split)
     steps_per_epoch = len(source) // config.batch_size
     if steps_per_epoch == 0:
@@ -177,46 +190,47 @@ def build(config, method, splits, mesh):
     classifier_tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                                 optax.sgd(config.learning_rate * config.batch_size / 256))
     classifier_graphdef, classifier_params = (
-        _classifier(config, splits.num_classes, network.init_key(config.seed))
+        _classifier(config, splits.num_classes, streams.network_init(config.seed))
         if method.prototype_classifier else (None, {}))
     aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
     specs = view_specs(method, config)
-    setup = Setup(config=config, method=method, splits=splits, source=source, mesh=mesh, steps_per_epoch=steps_per_epoch,
-                  graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
-                  aug=aug, recipe=pipeline.Recipe.from_config(config), specs=specs, schedule=schedule,
-                  train_step=make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx,
-                                             aug, specs, mesh),
-                  encode=features.make_encode(graphdef, aug, mesh, FEATURE_VIEWS[config.cluster_feature_view]))
+    run = Run(config=config, method=method, splits=splits, mesh=mesh, steps_per_epoch=steps_per_epoch,
+              graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
+              aug=aug, recipe=pipeline.Recipe.from_config(config), specs=specs, schedule=schedule,
+              train_step=make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx,
+                                         aug, specs, mesh),
+              encode=features.make_encode(graphdef, aug, mesh, FEATURE_VIEWS[config.cluster_feature_view]))
     state = dict(params=params, batch_stats=batch_stats, opt_state=tx.init(params), step=jnp.int32(0),
                  first_nonfinite_step=jnp.int32(-1), classifier_params=classifier_params,
                  classifier_opt_state=classifier_tx.init(classifier_params))
-    return setup, jax.device_put(state, sharding.replicated(mesh))
+    return run, jax.device_put(state, sharding.replicated(mesh))
 
 
-def new_classifier(setup, key):
-    """A fresh prototype classifier (N(0, 0.01²) kernel, zero bias) and a fresh SGD state (DIFFERENCES.md, prototype classifier)."""
-    params = _classifier(setup.config, setup.splits.num_classes, key)[1]
-    return params, setup.classifier_tx.init(params)
+def new_classifier(run, key):
+    """A fresh prototype classifier (N(0, 0.01²) kernel, zero bias) and a fresh SGD state (DIFFERENCES.md,
+    prototype classifier)."""
+    params = _classifier(run.config, run.splits.num_classes, key)[1]
+    return params, run.classifier_tx.init(params)
 
 
-def cluster(setup, state, epoch, key, *, projection=False):
+def cluster(run, state, epoch, key, *, projection=False):
     """Feature pass -> PCA-whitening -> k-means; returns pseudo labels in dataset order, statistics and,
     if asked, the first two whitened components of every example (for the `visual_cls` figure)."""
-    config = setup.config
-    num = len(setup.splits.pretrain)
+    config = run.config
+    num = len(run.splits.pretrain)
     if config.feature_pass_order == "sampler":
-        order = np.random.default_rng([config.seed, epoch]).integers(0, num, num)
+        order = streams.sampler_order(config.seed, epoch).integers(0, num, num)
     else:
         order = np.arange(num)
-    maker = features.feature_pass(setup.splits.pretrain, order, config.batch_size,
-                                  FEATURE_VIEWS[config.cluster_feature_view], setup.recipe,
-                                  (config.seed, STREAM_CLUSTERING, epoch))
-    encode = lambda batch: setup.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
-    feats, position = features.extract_features(encode, maker, setup.mesh, config.num_workers)
+    maker = features.feature_pass(run.splits.pretrain, order, config.batch_size,
+                                  FEATURE_VIEWS[config.cluster_feature_view], run.recipe,
+                                  streams.feature_views(config.seed, epoch))
+    encode = lambda batch: run.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
+    feats, position = features.extract_features(encode, maker, run.mesh, config.num_workers)
     valid = position < num
     # Each row's example index (-1 on padding): k-means draws by it, so any device count clusters alike.
     ids = np.where(valid, order[np.minimum(position, num - 1)], -1).astype(np.int32)
-    valid_device, ids_device = (sharding.to_global(sharding.host_slice(v), sharding.batch_sharding(setup.mesh))
+    valid_device, ids_device = (sharding.to_global(sharding.host_slice(v), sharding.batch_sharding(run.mesh))
                                 for v in (valid, ids))
     whitened = kmeans.preprocess_features(feats, config.pca_dim, valid=valid_device, eigen_floor=config.pca_eigen_floor)
     x = whitened.features
@@ -226,7 +240,7 @@ def cluster(setup, state, epoch, key, *, projection=False):
     # visited example; with the as-written sampler order (B-3) it is a different, random one.
     pseudo = np.empty(num, np.int64)
     pseudo[position[valid]] = sharding.to_host(result.assignments)[valid]
-    labels = setup.splits.pretrain.labels
+    labels = run.splits.pretrain.labels
     labelled = labels >= 0
     stats = prototypes.clustering_stats(pseudo, config.num_prototypes, float(result.inertia))
     stats["pca_floored"] = int(whitened.floored)
@@ -240,11 +254,11 @@ def cluster(setup, state, epoch, key, *, projection=False):
     return pseudo, stats, points
 
 
-def epoch_plan(setup, epoch, pseudo):
+def epoch_plan(run, epoch, pseudo):
     """Global index batches of one epoch: {images_a, [images_b, similarity]} index arrays (steps, B)."""
-    config, source = setup.config, setup.source
-    steps, batch = setup.steps_per_epoch, config.batch_size
-    if setup.method.pairs:
+    config, source = run.config, run.source
+    steps, batch = run.steps_per_epoch, config.batch_size
+    if run.method.pairs:
         # As written (B-2) the pairs come from the ground-truth class buckets while the cluster is drawn
         # from [0, K): only classes below K are used (the original fails on the others when K > classes).
         buckets = pseudo if config.rebuild_member_table else np.where(source.labels < config.num_prototypes,
@@ -253,34 +267,34 @@ def epoch_plan(setup, epoch, pseudo):
             buckets, config.num_prototypes, num_steps=steps, batch_size=batch, seed=config.seed, epoch=epoch,
             mode=config.pair_sampling)
         return {"a": idx_a, "b": idx_b, "similarity": similarity}
-    rng = np.random.default_rng([config.seed, epoch, 1])
-    order = data.epoch_order(source.labels, rng, config.pretrain_sampling)[:steps * batch]
+    order = data.epoch_order(source.labels, streams.epoch_order(config.seed, epoch), config.pretrain_sampling)
+    order = order[:steps * batch]
     return {"a": order.reshape(steps, batch)}
 
 
-def epoch_pass(setup, epoch, plan):
+def epoch_pass(run, epoch, plan):
     """This host's `BatchMaker` of an epoch's training steps (its columns of the global plan)."""
     sets = {name: plan[name] for name in ("a", "b") if name in plan}
-    return pipeline.make_pass(setup.source, sets, setup.specs, setup.recipe,
-                              (setup.config.seed, STREAM_STEPS, epoch), jax.process_index(), jax.process_count())
+    return pipeline.make_pass(run.source, sets, run.specs, run.recipe,
+                              streams.train_views(run.config.seed, epoch), jax.process_index(), jax.process_count())
 
 
-def make_batch(setup, plan, maker, step_in_epoch, host_batch, pseudo):
+def make_batch(run, plan, maker, step_in_epoch, host_batch, pseudo):
     """Global arrays sharded by rows from this host's loaded batch and the labels of one step."""
-    labels = pseudo if setup.method.clustering else setup.source.labels
+    labels = pseudo if run.method.clustering else run.source.labels
     batch = dict(host_batch)
     for name, indices in maker.sets.items():
         batch[f"labels_{name}"] = labels[indices[step_in_epoch]].astype(np.int32)
     if "similarity" in plan:
         similarity = pipeline.host_columns(plan["similarity"], jax.process_index(), jax.process_count())
         batch["similarity"] = similarity[step_in_epoch].astype(np.float32)
-    return sharding.to_global(batch, sharding.batch_sharding(setup.mesh))
+    return sharding.to_global(batch, sharding.batch_sharding(run.mesh))
 
 
-def load_batch(setup, epoch, plan, step_in_epoch, pseudo):
+def load_batch(run, epoch, plan, step_in_epoch, pseudo):
     """One step's batch, loaded synchronously (tests and tools; the trainer loads ahead)."""
-    maker = epoch_pass(setup, epoch, plan)
-    return make_batch(setup, plan, maker, step_in_epoch, maker(step_in_epoch), pseudo)
+    maker = epoch_pass(run, epoch, plan)
+    return make_batch(run, plan, maker, step_in_epoch, maker(step_in_epoch), pseudo)
 
 
 class Patience:
@@ -308,113 +322,118 @@ def write_run_config(config, method, workdir):
 
 
 def train_and_evaluate(config, workdir):
-    """Pretrain with `config.method`, then (unless switched off) linear and kNN evaluation."""
+    """Pretrain with the config's method, then (unless switched off) linear and kNN evaluation."""
     method = methods.resolve(config)
-    mesh = sharding.data_mesh()
     splits = data.load_splits(config)
     config_validation.check_pretrain_size(config, len(splits.pretrain))
-    setup, state = build(config, method, splits, mesh)
+    run, state = build(config, method, splits, sharding.data_mesh())
     is_main = jax.process_index() == 0
     if is_main:  # the processes of one run share its workdir
         claim_workdir(workdir)
-    manager = checkpoint.Manager(workdir, config, method)
-    state, pseudo = manager.restore_or(state, len(splits.pretrain))
+    loop = Loop(run, MetricWriter(workdir, enabled=is_main), checkpoint.Manager(workdir, config, method), workdir)
+    state, pseudo = loop.manager.restore_or(state, len(splits.pretrain))
     if is_main:
         write_run_config(config, method, workdir)
-    logging.info("process %d of %d with %d of %d devices; workdir %s", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), workdir)
-    logging.info("method=%s dataset=%s pretrain=%d examples; global batch %d = %d per host x %d hosts "
-                 "= %d per device x %d devices; %d steps per epoch (incomplete last batch dropped)",
-                 method.name, config.dataset, len(splits.pretrain), config.batch_size,
-                 config.batch_size // jax.process_count(), jax.process_count(),
-                 config.batch_size // jax.device_count(), jax.device_count(), setup.steps_per_epoch)
-    logging.info("input: %s", pipeline.describe_workers(config.num_workers, setup.source))
-    peak_epoch = config.warmup_epochs - 1 if config.warmup_epochs else 0
-    logging.info("learning rate: peak %.4g (epoch %d of %d; %d warmup epochs, cosine after), prototype classifier "
-                 "SGD %.4g", float(setup.schedule(jnp.int32(peak_epoch * setup.steps_per_epoch))), peak_epoch + 1,
-                 config.n_epochs, config.warmup_epochs, config.learning_rate * config.batch_size / 256)
-    writer = MetricWriter(workdir, enabled=is_main)
-    base_key = jax.random.key(config.seed)
+    log_start(run, workdir)
     start_step = int(state["step"])
     patience = Patience()
-    monitor = evaluate.Evaluator(config, splits, setup.graphdef, mesh) if config.knn_every_epochs else None
-    for epoch in range(start_step // setup.steps_per_epoch, config.n_epochs):
-        first_step = max(start_step - epoch * setup.steps_per_epoch, 0)
+    monitor = evaluate.Evaluator(config, splits, run.graphdef, run.mesh) if config.knn_every_epochs else None
+    for epoch in range(start_step // run.steps_per_epoch, config.n_epochs):
+        first_step = max(start_step - epoch * run.steps_per_epoch, 0)
         if first_step == 0:
-            state, pseudo = start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir)
+            state, pseudo = start_epoch(loop, state, pseudo, epoch)
         began = time.time()
-        state, epoch_means = run_epoch(setup, state, pseudo, epoch, first_step, writer, manager)
-        manager.save(state, pseudo, epoch_end=True)
+        state, epoch_means = run_epoch(loop, state, pseudo, epoch, first_step)
+        loop.manager.save(state, pseudo, epoch_end=True)
         patience.update(epoch_means["train/loss"])
         summary = {"train/epoch_loss": epoch_means["train/loss"], "train/epochs_without_improvement": patience.count}
         if monitor and (epoch + 1) % config.knn_every_epochs == 0:
             summary.update(monitor.knn_monitor(state["params"], state["batch_stats"]))
-        writer.write(int(state["step"]), epoch, summary)
+        loop.writer.write(int(state["step"]), epoch, summary)
         logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)%s",
                      epoch + 1, config.n_epochs, epoch_means["train/loss"],
-                     ", ".join(f"{k[11:]} {v:.4f}" for k, v in epoch_means.items() if k.startswith("train/loss_")),
+                     ", ".join(f"{k.removeprefix('train/loss_')} {v:.4f}" for k, v in epoch_means.items()
+                               if k.startswith("train/loss_")),
                      epoch_means["train/lr"], time.time() - began, patience.count, config.patience,
                      "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("knn_monitor/")))
-    manager.close()  # last save complete; Ctrl-C and SIGTERM act at once again during evaluation
-    results = evaluate.after_pretraining(setup, state, writer) if config.evaluate_after_pretrain else {}
-    writer.close()
+    loop.manager.close()  # last save complete; Ctrl-C and SIGTERM act at once again during evaluation
+    results = evaluate.after_pretraining(run, state, loop.writer) if config.evaluate_after_pretrain else {}
+    loop.writer.close()
     if is_main:
-        write_summary(setup, int(state["step"]), results, workdir)
+        write_summary(run, int(state["step"]), results, workdir)
     return state, results
 
 
-def write_summary(setup, step, results, workdir):
+def log_start(run, workdir):
+    """What runs where: processes and devices, the method and data, the batch split, the input, the lr."""
+    config = run.config
+    logging.info("process %d of %d with %d of %d devices; workdir %s", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), workdir)
+    logging.info("method=%s dataset=%s pretrain=%d examples; global batch %d = %d per host x %d hosts "
+                 "= %d per device x %d devices; %d steps per epoch (incomplete last batch dropped)",
+                 run.method.name, config.dataset, len(run.splits.pretrain), config.batch_size,
+                 config.batch_size // jax.process_count(), jax.process_count(),
+                 config.batch_size // jax.device_count(), jax.device_count(), run.steps_per_epoch)
+    logging.info("input: %s", pipeline.describe_workers(config.num_workers, run.source))
+    peak_epoch = config.warmup_epochs - 1 if config.warmup_epochs else 0
+    logging.info("learning rate: peak %.4g (epoch %d of %d; %d warmup epochs, cosine after), prototype classifier "
+                 "SGD %.4g", float(run.schedule(jnp.int32(peak_epoch * run.steps_per_epoch))), peak_epoch + 1,
+                 config.n_epochs, config.warmup_epochs, config.learning_rate * config.batch_size / 256)
+
+
+def write_summary(run, step, results, workdir):
     """`figs/losses.png` from metrics.jsonl and, after an evaluation, `results.json` and `results.md`."""
     os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
     visual.save_png(visual.losses_figure(read_metrics(workdir)), os.path.join(workdir, "figs", "losses.png"))
     if results:
-        evaluate.write_results(workdir, results, setup.config, setup.method.name, step)
+        evaluate.write_results(workdir, results, run.config, run.method.name, step)
 
 
-def start_epoch(setup, state, pseudo, epoch, base_key, writer, workdir):
+def start_epoch(loop, state, pseudo, epoch):
     """Re-clustering (every `reassign` epochs) and classifier re-initialisation (every `classifier_init_freq`)."""
-    config = setup.config
+    run, writer = loop.run, loop.writer
+    config = run.config
     step = int(state["step"])
-    if setup.method.clustering and (epoch % config.reassign == 0 or pseudo is None):
+    if run.method.clustering and (epoch % config.reassign == 0 or pseudo is None):
         began = time.time()
         draw = config.visual_cls and epoch % config.visual_freq == 0
-        pseudo, stats, points = cluster(setup, state, epoch,
-                                        jax.random.fold_in(jax.random.fold_in(base_key, STREAM_CLUSTERING), epoch),
-                                        projection=draw)
+        pseudo, stats, points = cluster(run, state, epoch, streams.kmeans_key(config.seed, epoch), projection=draw)
         stats = {f"kmeans/{k}": v for k, v in stats.items()}
         stats["kmeans/seconds"] = time.time() - began
         writer.write(step, epoch, stats)
         logging.info("epoch %d clustering: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         if draw and jax.process_index() == 0:
-            shown = np.random.default_rng(config.seed).permutation(len(pseudo))[:VISUAL_POINTS]
-            image = visual.cluster_figure(points[shown], pseudo[shown], setup.splits.pretrain.labels[shown], epoch + 1)
-            os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
-            visual.save_png(image, os.path.join(workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
+            shown = streams.figure_subset(config.seed).permutation(len(pseudo))[:VISUAL_POINTS]
+            image = visual.cluster_figure(points[shown], pseudo[shown], run.splits.pretrain.labels[shown], epoch + 1)
+            os.makedirs(os.path.join(loop.workdir, "figs"), exist_ok=True)
+            visual.save_png(image, os.path.join(loop.workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
             writer.write_image(step, "prototypes/pca_by_pseudo_label", image)
-    if setup.method.prototype_classifier and epoch % config.classifier_init_freq == 0:
-        params, opt_state = new_classifier(setup, network.init_key(config.seed, STREAM_CLASSIFIER, epoch))
+    if run.method.prototype_classifier and epoch % config.classifier_init_freq == 0:
+        params, opt_state = new_classifier(run, streams.classifier_init(config.seed, epoch))
         state = dict(state, **jax.device_put(dict(classifier_params=params, classifier_opt_state=opt_state),
-                                            sharding.replicated(setup.mesh)))
+                                            sharding.replicated(run.mesh)))
         writer.write(step, epoch, {"prototypes/classifier_reinitialised": 1})
     return state, pseudo
 
 
-def run_epoch(setup, state, pseudo, epoch, first_step, writer, manager):
-    config = setup.config
-    plan = epoch_plan(setup, epoch, pseudo)
-    maker = epoch_pass(setup, epoch, plan)
+def run_epoch(loop, state, pseudo, epoch, first_step):
+    """The steps of `epoch` from `first_step` on; (state, the epoch's mean metrics)."""
+    run, writer, manager = loop.run, loop.writer, loop.manager
+    config = run.config
+    plan = epoch_plan(run, epoch, pseudo)
+    maker = epoch_pass(run, epoch, plan)
     totals, count, last_time, last_step, last_wait = {}, 0, time.time(), int(state["step"]), 0.0
     epoch_sums, epoch_count = {}, 0
-    bar = tqdm(total=setup.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.n_epochs}",
+    bar = tqdm(total=run.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.n_epochs}",
                unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
     with bar, pipeline.Loader(maker, num_workers=config.num_workers, start=first_step) as loader:
-        for i, host_batch in zip(range(first_step, setup.steps_per_epoch), loader):
-            step = epoch * setup.steps_per_epoch + i
-            state, metrics = setup.train_step(state, make_batch(setup, plan, maker, i, host_batch, pseudo))
+        for i, host_batch in zip(range(first_step, run.steps_per_epoch), loader):
+            step = epoch * run.steps_per_epoch + i
+            state, metrics = run.train_step(state, make_batch(run, plan, maker, i, host_batch, pseudo))
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
             count += 1
             bar.update(1)
-            last = i == setup.steps_per_epoch - 1
+            last = i == run.steps_per_epoch - 1
             logged = (step + 1) % config.log_every_steps == 0 or last
             if logged:
                 sums = {k: float(v) for k, v in totals.items()}
@@ -422,13 +441,13 @@ def run_epoch(setup, state, pseudo, epoch, first_step, writer, manager):
                 epoch_count += count
                 means = {k: v / count for k, v in sums.items()}
                 now = time.time()
-                means["train/lr"] = float(setup.schedule(jnp.int32(step)))
-                means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * len(setup.specs)
+                means["train/lr"] = float(run.schedule(jnp.int32(step)))
+                means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * len(run.specs)
                                                  / max(now - last_time, 1e-9))
                 means["data/wait_fraction"] = min((loader.wait_seconds - last_wait) / max(now - last_time, 1e-9), 1.0)
                 check_finite(state, means, step)
                 writer.write(step + 1, epoch, means)
-                warn_if_waiting(setup, means["data/wait_fraction"])
+                warn_if_waiting(loop, means["data/wait_fraction"])
                 bar.set_postfix(loss=f"{means['train/loss']:.4f}", lr=f"{means['train/lr']:.3g}",
                                 img_s=f"{means['train/images_per_sec']:.0f}")
                 totals, count, last_time, last_step, last_wait = {}, 0, now, step + 1, loader.wait_seconds
@@ -439,24 +458,25 @@ def run_epoch(setup, state, pseudo, epoch, first_step, writer, manager):
                 manager.close()
                 raise checkpoint.Preempted(manager.stop_signal, step + 1)
     epoch_means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
-    epoch_means["train/lr"] = float(setup.schedule(jnp.int32(epoch * setup.steps_per_epoch)))
+    epoch_means["train/lr"] = float(run.schedule(jnp.int32(epoch * run.steps_per_epoch)))
     return state, epoch_means
 
 
-def warn_if_waiting(setup, wait_fraction):
+def warn_if_waiting(loop, wait_fraction):
     """Once per run, when the steps spend more than WAIT_WARNING of their time waiting for data."""
-    if wait_fraction <= WAIT_WARNING or setup.warned_waiting:
+    if wait_fraction <= WAIT_WARNING or loop.warned_waiting:
         return
-    setup.warned_waiting = True
-    if setup.source.in_memory:
+    loop.warned_waiting = True
+    source = loop.run.source
+    if source.in_memory:
         advice = "the data is in memory and gathered in the main process: is the CPU shared with other jobs?"
     else:
-        advice = (f"raise --config.num_workers (now {pipeline.worker_count(setup.config.num_workers, setup.source)}), "
+        advice = (f"raise --config.num_workers (now {pipeline.worker_count(loop.run.config.num_workers, source)}), "
                   "or train from records written by `python -m spcl_jax.data.prepare ... --out` (5x cheaper to decode)")
     logging.warning("the training steps waited for input data %.0f%% of the time: %s", 100 * wait_fraction, advice)
 
 
-def run(config, workdir):
+def run_mode(config, workdir):
     """What `launch.py` calls: pretraining or, for `mode=linear_eval|knn_eval`, evaluation of a checkpoint."""
     if config.mode == "pretrain" and not config.finetune and not config.eval_disent:
         return train_and_evaluate(config, workdir)

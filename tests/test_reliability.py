@@ -522,7 +522,7 @@ def _fuzz_value(rng, key, reference):
 def in_process_launch(monkeypatch, tmp_path):
     """launch.py's own flag parsing and `main` in this process, stopping where training would start."""
     started = []
-    monkeypatch.setattr(train, "run", lambda config, workdir: started.append((workdir, config)))
+    monkeypatch.setattr(train, "run_mode", lambda config, workdir: started.append((workdir, config)))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     handler = absl_logging.get_absl_handler()
     filters, verbosity = list(handler.filters), absl_logging.get_verbosity()

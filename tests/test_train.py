@@ -155,12 +155,12 @@ def test_three_steps_on_one_device_equal_eight_devices():
 def test_waiting_for_data_warns_once_naming_num_workers_and_prepare(monkeypatch):
     from types import SimpleNamespace
 
-    setup = SimpleNamespace(warned_waiting=False, config=SimpleNamespace(num_workers=3),
-                            source=SimpleNamespace(in_memory=False))
+    loop = SimpleNamespace(warned_waiting=False, run=SimpleNamespace(config=SimpleNamespace(num_workers=3),
+                                                                     source=SimpleNamespace(in_memory=False)))
     warnings = []  # read at the call: absl's handler setup depends on earlier tests
     monkeypatch.setattr(train.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
     for fraction in (0.05, 0.5, 0.9):
-        train.warn_if_waiting(setup, fraction)
+        train.warn_if_waiting(loop, fraction)
     assert warnings == ["the training steps waited for input data 50% of the time: raise --config.num_workers "
                         "(now 3), or train from records written by `python -m spcl_jax.data.prepare ... --out` "
                         "(5x cheaper to decode)"]

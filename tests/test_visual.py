@@ -10,6 +10,7 @@ from PIL import Image
 from configs import digits
 from spcl_jax import train, visual
 from spcl_jax.metrics import MetricWriter
+from spcl_jax.method import METHODS
 
 
 def _colours(image):
@@ -76,9 +77,9 @@ def test_results_files_hold_the_metrics_and_their_protocols(tmp_path, protocol):
     config.linear_eval_protocol = protocol
     results = {"linear_eval/test_top1": 0.9733, "linear_eval/test_top5": 0.999, "linear_eval/best_valid_epoch": 37,
                "knn/test_top1": 0.95, "linear_eval/random_init_test_top1": 0.8311}
-    setup = type("Setup", (), {"config": config, "method": "spcl"})()
+    run = type("Run", (), {"config": config, "method": METHODS["spcl"]})()
     (tmp_path / "metrics.jsonl").write_text("")
-    train.write_summary(setup, 250, results, str(tmp_path))
+    train.write_summary(run, 250, results, str(tmp_path))
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["metrics"] == results and saved["step"] == 250 and saved["linear_eval_protocol"] == protocol
     assert (saved["dataset"], saved["method"], saved["model"], saved["epochs"]) == ("digits", "spcl", "resnet18", 50)

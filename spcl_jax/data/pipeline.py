@@ -22,7 +22,6 @@ import time
 import numpy as np
 
 from spcl_jax.data import crops
-from spcl_jax.data.sources import empty_images
 
 VIEW_COLUMNS = crops.CROP_DRAWS + crops.VIEW_DRAWS  # uniforms drawn per view: its box, then its flip and colours
 

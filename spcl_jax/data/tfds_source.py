@@ -73,7 +73,6 @@ def record_labels(dataset, split, data_dir):
 
     The scan reads each record once with image decoding skipped (I/O bound, threaded).
     """
-    import tensorflow_datasets as tfds
 
     source = open_split(dataset, split, data_dir, encoded_images=True)
     cache = os.path.join(str(source.dataset_info.data_dir), LABEL_CACHE.format(split=split))
