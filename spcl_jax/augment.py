@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from spcl_jax.data.crops import FLIP_DRAW, JITTER_DRAWS
-from spcl_jax.errors import ConfigError
 
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL convert("L") and torchvision
 AUG_ORDERS = ("colour_first", "crop_first")
@@ -59,7 +58,7 @@ class AugmentParams:
 
     def __post_init__(self):
         if self.aug_order not in AUG_ORDERS:
-            raise ConfigError(f"aug_order={self.aug_order!r} is not one of {AUG_ORDERS}: pass --config.aug_order=colour_first")
+            raise ValueError(f"aug_order {self.aug_order!r} is not one of {AUG_ORDERS}")
 
     @classmethod
     def from_config(cls, config, mean, std):

@@ -3,40 +3,33 @@
 Every problem becomes a `ConfigError` whose single line names the key, the bad value and what
 would be valid (big_vision's explicit contracts).
 """
+import functools
 import math
 
 from spcl_jax import method as methods
 from spcl_jax.errors import ConfigError
 
-CHOICES = {
-    "mode": ("pretrain", "linear_eval", "knn_eval"),
-    "method": methods.NAMES,
-    "dataset": ("digits", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "tinyimagenet",
-                "imagefolder"),
-    "imagenet100_classes": ("cmc", "first100"),
-    "pretrain_sampling": ("permutation", "weighted_replacement"),
-    "aug_order": ("colour_first", "crop_first"),
-    "model": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
-    "stem": ("auto", "cifar", "imagenet"),
-    "dtype": ("float32", "bfloat16"),
-    "remat": ("none", "block"),
-    "encoder_bn_mode": ("train", "frozen_init_stats"),
-    "cluster_loss": ("CE", "SCE"),
-    "metric_loss": ("BCE", "L1", "L2"),
-    "prototype_classifier_width": ("num_prototypes", "n_classes"),
-    "clustering": ("Kmeans",),
-    "kmeans_init": ("random", "kmeans++"),
-    "cluster_feature_view": ("eval", "augmented"),
-    "feature_pass_order": ("dataset", "sampler"),
-    "pair_sampling": ("exact_half", "bernoulli"),
-    "optimiser": ("lars", "sgd", "adam"),
-    "lars_mode": ("simclr", "as_written"),
-    "lr_stepping": ("epoch", "step"),
-    "no_warmup_peak": ("unscaled", "scaled"),
-    "linear_eval_protocol": ("fast", "original"),
-    "finetune_optimiser": ("sgd", "lars"),
-    "eval_metric_weighting": ("sample", "batch"),
-}
+@functools.cache
+def choices():
+    """{config key: its valid values}, each tuple owned by the module that acts on the key (imported here,
+    not at the top: those modules import this one)."""
+    from spcl_jax import augment, evaluate, kmeans, losses, models, network, optim, prototypes, train
+    from spcl_jax.data import datasets, imagefolder, splits
+
+    return {
+        "mode": train.MODES, "method": methods.NAMES, "dataset": datasets.DATASETS,
+        "imagenet100_classes": imagefolder.IMAGENET100_CHOICES, "pretrain_sampling": splits.SAMPLING_MODES,
+        "aug_order": augment.AUG_ORDERS, "model": models.MODELS, "stem": models.STEM_CHOICES,
+        "dtype": tuple(models.DTYPES), "remat": models.REMAT, "encoder_bn_mode": train.ENCODER_BN_MODES,
+        "cluster_loss": losses.CLUSTER_LOSSES, "metric_loss": losses.METRIC_LOSSES,
+        "prototype_classifier_width": network.PROTOTYPE_CLASSIFIER_WIDTHS, "clustering": kmeans.ALGORITHMS,
+        "kmeans_init": kmeans.INITS, "cluster_feature_view": tuple(train.FEATURE_VIEWS),
+        "feature_pass_order": train.FEATURE_PASS_ORDERS, "pair_sampling": prototypes.PAIR_MODES,
+        "optimiser": optim.OPTIMISERS, "lars_mode": optim.LARS_MODES, "lr_stepping": optim.LR_STEPPINGS,
+        "no_warmup_peak": optim.NO_WARMUP_PEAKS, "linear_eval_protocol": evaluate.PROTOCOLS,
+        "finetune_optimiser": evaluate.FINETUNE_OPTIMISERS, "eval_metric_weighting": evaluate.METRIC_WEIGHTINGS,
+    }
+
 
 POSITIVE = ("learning_rate", "n_epochs", "batch_size", "temperature", "image_size", "n_classes",
             "pre_classes", "kmeans_iters", "reassign", "classifier_init_freq", "proj_dim",
@@ -87,7 +80,7 @@ def check_values(config, device_count):
         numbers = value if isinstance(value, (tuple, list)) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             _fail(key, value, "finite numbers")
-    for key, valid in CHOICES.items():
+    for key, valid in choices().items():
         if config[key] not in valid:
             _fail(key, config[key], " | ".join(valid))
     for key in POSITIVE:

@@ -26,6 +26,11 @@ from spcl_jax.metrics import MetricWriter
 from spcl_jax.workdir import claim_workdir, write_atomic
 
 
+PROTOCOLS = ("original", "fast")  # linear_eval_protocol
+FINETUNE_OPTIMISERS = ("sgd", "lars")
+METRIC_WEIGHTINGS = ("sample", "batch")  # batch: as written (B-17)
+
+
 def top_k(num_classes):
     return min(math.ceil(num_classes / 2), 5)
 

@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 INITS = ("random", "kmeans++")
+ALGORITHMS = ("Kmeans",)  # the original's `clustering` flag: k-means is its only algorithm (PIC never existed)
 SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation when an empty cluster takes half of another
 # Exact M-step sums: rows as FIXED_POINT_BITS-bit fixed point in LIMBS limbs of LIMB_BITS bits, summed as
 # int32: exact for up to 2^31 / 2^LIMB_BITS = 8.4M rows (MAX_EXACT_ROWS).

@@ -1,5 +1,4 @@
 """The trained network of every method: encoder + projection head (+ metric learner, + supervised head)."""
-import jax.numpy as jnp
 from flax import nnx
 
 from spcl_jax import checkpoint, models, streams
@@ -12,10 +11,13 @@ class Network(nnx.Module):
         """`method` is a `spcl_jax.method.Method`: pair methods own a metric learner, supervised a linear head."""
         self.encoder = models.build_encoder(config, rngs=rngs)
         dim = self.encoder.features_dim
-        dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        dtype = models.DTYPES[config.dtype]
         self.projection = models.ProjectionHead(dim, config.proj_dim, dtype=dtype, rngs=rngs)
         self.metric_learner = models.MetricLearner(dim, rngs=rngs) if method.pairs else None
         self.supervised_head = models.LinearHead(dim, num_classes, rngs=rngs) if method.supervised else None
+
+
+PROTOTYPE_CLASSIFIER_WIDTHS = ("num_prototypes", "n_classes")
 
 
 def prototype_classifier_width(config, num_classes):

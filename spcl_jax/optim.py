@@ -64,6 +64,12 @@ def lars(learning_rate, *, weight_decay, trust_coefficient, momentum, mode, para
     )
 
 
+OPTIMISERS = ("lars", "sgd", "adam")
+LARS_MODES = ("simclr", "as_written")
+LR_STEPPINGS = ("epoch", "step")
+NO_WARMUP_PEAKS = ("unscaled", "scaled")
+
+
 def build_optimizer(name, learning_rate, *, weight_decay, params, lars_mode="simclr", lars_eta=1e-3,
                     momentum=0.9):
     """`lars` | `sgd` (Nesterov, torch-style L2 weight decay) | `adam` (L2 weight decay)."""

@@ -6,7 +6,7 @@ batch holds exactly B/2 same-prototype pairs (B-9; the original's i.i.d. fair co
 "bernoulli"); empty clusters are never drawn. Kept as the original: prototypes are drawn uniformly
 over clusters (not ∝ size) and members uniformly with replacement, so a positive pair may repeat an
 image. A plan is a pure function of (labels, seed, epoch), so every host derives the same global
-plan and takes its own columns with `spcl_jax.data.pipeline.host_columns`.
+plan and takes its own columns with `spcl_jax.sharding.host_slice`.
 """
 from typing import NamedTuple
 

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from spcl_jax.data.pipeline import host_share
+
 
 def data_mesh():
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -20,11 +22,9 @@ def replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-def host_slice(global_rows):
-    """This process's contiguous share of a global batch (any array whose first axis is the batch)."""
-    per_host = len(global_rows) // jax.process_count()
-    start = jax.process_index() * per_host
-    return global_rows[start:start + per_host]
+def host_slice(global_rows, axis=0):
+    """This process's contiguous share of a global batch along `axis` (`pipeline.host_share`)."""
+    return host_share(global_rows, jax.process_index(), jax.process_count(), axis)
 
 
 def to_global(local_arrays, sharding):

@@ -30,7 +30,10 @@ from spcl_jax.network import prototype_classifier_width
 from spcl_jax.workdir import claim_workdir, write_atomic
 
 
-FEATURE_VIEWS = {"eval": "eval", "augmented": "pretrain"}  # cluster_feature_view -> the view's recipe
+MODES = ("pretrain", "linear_eval", "knn_eval")
+FEATURE_VIEWS = {"augmented": "pretrain", "eval": "eval"}  # cluster_feature_view -> the view's recipe
+FEATURE_PASS_ORDERS = ("dataset", "sampler")  # sampler: as written (B-3)
+ENCODER_BN_MODES = ("train", "frozen_init_stats")  # frozen_init_stats: as written (B-4)
 WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than this share of the time
 VISUAL_POINTS = 5000  # examples in the `visual_cls` figure: a fixed random subset (datasets may be sorted by class)
 
@@ -286,7 +289,7 @@ def make_batch(run, plan, maker, step_in_epoch, host_batch, pseudo):
     for name, indices in maker.sets.items():
         batch[f"labels_{name}"] = labels[indices[step_in_epoch]].astype(np.int32)
     if "similarity" in plan:
-        similarity = pipeline.host_columns(plan["similarity"], jax.process_index(), jax.process_count())
+        similarity = sharding.host_slice(plan["similarity"], axis=1)
         batch["similarity"] = similarity[step_in_epoch].astype(np.float32)
     return sharding.to_global(batch, sharding.batch_sharding(run.mesh))
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spcl_jax.errors import ConfigError
 from spcl_jax.models import (
     LinearHead,
     MetricLearner,
@@ -122,7 +121,7 @@ def test_build_encoder_reads_the_config():
     [dict(model="resnet20"), dict(model="vgg16"), dict(stem="tiny"), dict(dtype="float16"), dict(width_multiplier=0)],
 )
 def test_build_encoder_rejects_bad_config(overrides):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         build_encoder(_config(**overrides), rngs=nnx.Rngs(0))
 
 

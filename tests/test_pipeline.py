@@ -71,7 +71,7 @@ def test_each_host_gets_its_columns_of_the_single_host_batch():
     for key in whole:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key], err_msg=key)
     with pytest.raises(ValueError, match="not divisible"):
-        pipeline.host_columns(plans["a"], 0, 3)
+        pipeline.host_share(plans["a"], 0, 3, axis=1)
 
 
 def test_a_pass_resumes_at_any_step_with_the_same_batches():

@@ -114,11 +114,11 @@ def test_odd_batch_size_is_refused_for_exact_half():
 def test_host_slices_are_disjoint_and_cover_the_global_plan():
     plan = prototypes.pair_plan(_labels(), 12, num_steps=6, batch_size=16, seed=0, epoch=0)
     for array in plan:
-        parts = [pipeline.host_columns(array, p, 4) for p in range(4)]
+        parts = [pipeline.host_share(array, p, 4, axis=1) for p in range(4)]
         assert all(part.shape == (6, 4) for part in parts)
         np.testing.assert_array_equal(np.concatenate(parts, axis=1), array)
     with pytest.raises(ValueError, match="not divisible"):
-        pipeline.host_columns(plan.idx_a, 0, 3)
+        pipeline.host_share(plan.idx_a, 0, 3, axis=1)
 
 
 def test_clustering_stats():

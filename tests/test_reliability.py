@@ -511,7 +511,7 @@ def _fuzz_value(rng, key, reference):
             "True", "False", "None", "abc", "'x'", "()", "(1,)", "(0.5, 0.1)", "(0.1, 0.5)", "(1, 2, 3)", "[1, 2]",
             "(nan, 1)", "99999999999999999999999", "0x10", "1_000", "{}", "é", " 8", "8 "]
     if isinstance(want, str) and rng.random() < 0.4:
-        pool = list(config_validation.CHOICES.get(key, ())) or pool
+        pool = list(config_validation.choices().get(key, ())) or pool
     if isinstance(want, (int, float)) and not isinstance(want, bool) and rng.random() < 0.4:
         nearby = [want * 10.0 ** int(rng.integers(-3, 4)), -want, want + 1, 0]
         return str(type(want)(nearby[int(rng.integers(len(nearby)))]))

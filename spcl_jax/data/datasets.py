@@ -145,7 +145,6 @@ _POOLS = {
     "tinyimagenet": _files,
     "imagefolder": _files,
 }
-FOLDER_DATASETS = ("imagefolder", "imagenet", "imagenet100", "tinyimagenet")
 
 
 def load_pool(config):

@@ -194,21 +194,23 @@ def _allow_grain_workers():
         flags.FLAGS.mark_as_parsed()
 
 
-def host_columns(plan, process_index, process_count):
-    """This host's columns [p·B/P, (p+1)·B/P) of every step of a global (steps, B) plan array."""
-    plan = np.asarray(plan)
-    batch = plan.shape[1]
+def host_share(array, process_index, process_count, axis=0):
+    """This host's contiguous share [p·B/P, (p+1)·B/P) of `array` along its global batch axis `axis`:
+    rows of a global batch (axis 0), or the columns of every step of a (steps, B) plan (axis 1). The
+    devices of process p hold exactly these rows of a P('data') array of a `jax.make_mesh` mesh."""
+    array = np.asarray(array)
+    batch = array.shape[axis]
     if batch % process_count:
         raise ValueError(f"global batch {batch} is not divisible by process_count={process_count}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     width = batch // process_count
-    return plan[:, process_index * width:(process_index + 1) * width]
+    return np.take(array, np.arange(process_index * width, (process_index + 1) * width), axis=axis)
 
 
 def make_pass(source, global_sets, specs, recipe, seed, process_index=0, process_count=1, key_by="position"):
     """The `BatchMaker` of this host for global (steps, B) plans `global_sets` ({"a": ..., ["b": ...]})."""
-    sets = {name: host_columns(plan, process_index, process_count) for name, plan in global_sets.items()}
+    sets = {name: host_share(plan, process_index, process_count, axis=1) for name, plan in global_sets.items()}
     width = next(iter(sets.values())).shape[1]
     global_batch = next(iter(global_sets.values())).shape[1]
     return BatchMaker(source, sets, tuple(specs), recipe, tuple(int(s) for s in seed), global_batch,

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from spcl_jax.errors import ConfigError, DataError
+from spcl_jax.errors import DataError
 from spcl_jax.data.sources import UNLABELED
 
 SAMPLING_MODES = ("permutation", "weighted_replacement")
@@ -75,4 +75,4 @@ def epoch_order(labels, rng, mode="permutation"):
         _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         weights = 1.0 / counts[inverse]
         return rng.choice(len(labels), len(labels), replace=True, p=weights / weights.sum())
-    raise ConfigError(f"pretrain_sampling={mode!r} is not one of {SAMPLING_MODES}: pass --config.pretrain_sampling=permutation")
+    raise ValueError(f"epoch order mode {mode!r} is not one of {SAMPLING_MODES}")

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spcl_jax.errors import ConfigError
 from spcl_jax.models.batch_norm import BatchNorm
 
 # (block kind, blocks per stage) for each supported depth.
@@ -23,6 +22,7 @@ _EXPANSION = {"basic": 1, "bottleneck": 4}
 _STAGE_PLANES = (64, 128, 256, 512)
 _STAGE_STRIDES = (1, 2, 2, 2)
 STEMS = ("cifar", "imagenet")
+STEM_CHOICES = ("auto",) + STEMS
 REMAT = ("none", "block")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -181,11 +181,14 @@ class ResNet(nnx.Module):
         return jnp.mean(self.feature_map(x).astype(jnp.float32), axis=(1, 2))
 
 
+MODELS = tuple(f"resnet{depth}" for depth in _ARCHITECTURES)
+
+
 def _depth(model_name):
     depth = model_name.removeprefix("resnet")
     if not model_name.startswith("resnet") or not depth.isdigit() or int(depth) not in _ARCHITECTURES:
         valid = ", ".join(f"resnet{d}" for d in _ARCHITECTURES)
-        raise ConfigError(f"model={model_name!r} is not supported; valid: {valid}")
+        raise ValueError(f"model {model_name!r} is not supported; valid: {valid}")
     return int(depth)
 
 
@@ -200,7 +203,7 @@ def resolve_stem(stem, image_size):
     if stem == "auto":
         return "cifar" if image_size <= 64 else "imagenet"
     if stem not in STEMS:
-        raise ConfigError(f"stem={stem!r} is not supported; valid: auto, {', '.join(STEMS)}")
+        raise ValueError(f"stem {stem!r} is not supported; valid: {', '.join(STEM_CHOICES)}")
     return stem
 
 
@@ -208,9 +211,9 @@ def build_encoder(config, *, rngs):
     """ResNet from config.model, config.stem, config.image_size, config.width_multiplier, config.dtype and
     config.remat."""
     if config.dtype not in DTYPES:
-        raise ConfigError(f"dtype={config.dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+        raise ValueError(f"dtype {config.dtype!r} is not supported; valid: {', '.join(DTYPES)}")
     if config.width_multiplier <= 0:
-        raise ConfigError(f"width_multiplier={config.width_multiplier} must be positive")
+        raise ValueError(f"width_multiplier {config.width_multiplier} must be positive")
     return ResNet(
         _depth(config.model),
         stem=resolve_stem(config.stem, config.image_size),
