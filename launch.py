@@ -8,12 +8,10 @@ Ctrl-C during pretraining saves a checkpoint after the current step and exits 14
 Ctrl-C stops at once); the same command resumes. A workdir in use by another run is refused.
 """
 import datetime
-import logging as std_logging
 import os
 import sys
-import threading
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -72,36 +70,22 @@ def _default_workdir(config_path):
     return os.path.join("runs", name, stamp)
 
 
-class _LibraryInfoFilter(std_logging.Filter):
-    """Keeps orbax's and jax's per-save/compile INFO chatter out of the run log; their warnings and errors
-    show as one line each, without the traceback (a failed background save logs several), unless verbose."""
-
-    def __init__(self, keep_tracebacks=False):
-        super().__init__()
-        self.keep_tracebacks = keep_tracebacks
-
-    def filter(self, record):
-        quiet = any(part in record.pathname for part in ("/orbax/", "/jax/_src/"))
-        if quiet and not self.keep_tracebacks:
-            record.exc_info, record.exc_text = None, None
-        return record.levelno >= std_logging.WARNING or not quiet
-
-
 def _start_runtime(config):
     """Initialises JAX (and its distributed runtime for multi-process runs); returns the jax module."""
+    from spcl_jax import runtime
+
     if config.gpu_id:
         os.environ["CUDA_VISIBLE_DEVICES"] = config.gpu_id
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter(keep_tracebacks=config.verbose))
+    runtime.configure(config.compilation_cache_dir, verbose=config.verbose)
     import jax
 
-    if config.compilation_cache_dir:  # a restart or resume loads its programs instead of compiling them again
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
-
+    timeouts = dict(initialization_timeout_seconds=_INIT_TIMEOUT.value,
+                    heartbeat_timeout_seconds=_HEARTBEAT.value, program="launch.py")
     if _COORDINATOR.value and not config.no_distributed:
-        _connect(jax, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                 process_id=_PROCESS_ID.value)
-    elif _auto_cluster() and not config.no_distributed:
-        _connect(jax)
+        runtime.connect(**timeouts, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                        process_id=_PROCESS_ID.value)
+    elif runtime.auto_cluster() and not config.no_distributed:
+        runtime.connect(**timeouts)
     return jax
 
 
@@ -122,40 +106,6 @@ def _check_distributed_flags():
              "with 0 <= process_id < num_processes")
 
 
-def _connect(jax, **explicit):
-    """jax.distributed.initialize, bounded: when not every process has connected within
-    --initialization_timeout_seconds this prints one line and exits 2 (JAX itself would abort with a C++
-    stack trace blaming a dead task). A peer lost later is JAX's: it aborts the survivors (SIGABRT)
-    after --heartbeat_timeout_seconds."""
-    timeout = _INIT_TIMEOUT.value
-    where = explicit.get("coordinator_address", "the address the cluster gave")
-
-    def give_up():
-        print(f"launch.py: error: not every process connected to the coordinator at {where} within {timeout} s; "
-              "start all processes with the same --coordinator_address (process 0's host) and --num_processes, "
-              "or raise --initialization_timeout_seconds", file=sys.stderr, flush=True)
-        os._exit(EXIT_USAGE)
-
-    watchdog = threading.Timer(timeout, give_up)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        jax.distributed.initialize(**explicit, initialization_timeout=timeout + 30,
-                                   heartbeat_timeout_seconds=_HEARTBEAT.value)
-        from spcl_jax import sharding
-
-        sharding.connect_processes()
-    finally:
-        watchdog.cancel()
-
-
-def _auto_cluster():
-    """True under launchers JAX detects by itself (SLURM with several tasks, Open MPI, TPU pods)."""
-    env = os.environ
-    return (int(env.get("SLURM_NTASKS", "1")) > 1 or "OMPI_COMM_WORLD_SIZE" in env
-            or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
-
-
 def main(argv):
     if len(argv) > 1:
         _die(f"unexpected arguments {argv[1:]}; options are given as --config.<key>=<value>")
@@ -170,8 +120,6 @@ def main(argv):
     from spcl_jax import checkpoint, config_validation
     from spcl_jax.errors import UserError
 
-    if config.verbose:
-        logging.set_verbosity(logging.DEBUG)
     try:
         jax = _start_runtime(config)
         config_validation.validate(config, default.get_config(), jax.device_count())

@@ -29,8 +29,8 @@ PRESETS = {
         Row("resnet50", 224, "float32", 64)]),
 }
 
-# XLA:CPU's YNNPACK fusion types: jaxlib 0.10's default, and what spcl_jax/__init__.py keeps (convolutions on XLA's own
-# kernels). For compiler_options, which take exact lists.
+# XLA:CPU's YNNPACK fusion types: jaxlib 0.10's default, and what spcl_jax.runtime.configure() keeps (convolutions
+# on XLA's own kernels). For compiler_options, which take exact lists.
 YNNPACK_DEFAULT = {"xla_cpu_experimental_ynn_fusion_type":
                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 YNNPACK_WITHOUT_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":

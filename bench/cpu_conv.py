@@ -3,7 +3,7 @@
     python bench/cpu_conv.py                        # the distinct 3x3 convolutions at 32 px, batch 32
     python bench/cpu_conv.py --batch 8 --shapes 16x128x128x1
 
-Why spcl_jax/__init__.py takes convolutions off YNNPACK: each 3x3 convolution (NHWC, pad 1) runs as
+Why spcl_jax.runtime.configure() takes convolutions off YNNPACK: each 3x3 convolution (NHWC, pad 1) runs as
 "ynnpack" (jaxlib 0.10's default on CPU), "xla" (XLA's own Eigen kernel, what spcl_jax sets), "im2col"
 (9 shifted slices concatenated, one matmul, on YNNPACK like every matmul) and, when torch is importable,
 PyTorch's (oneDNN, NCHW, its default threads). fwd+bwd = the output and both gradients.
@@ -104,7 +104,7 @@ def main(argv=None):
     use_torch = importlib.util.find_spec("torch") is not None
     rows = [measure(args.batch, *shape, args.reps, use_torch) for shape in shapes]
     columns = [("shape", "H x W x C_in -> C_out /stride", "{}"), ("gflop", "GFLOP fwd", "{:.2f}")] + [
-        (f"{name} {kind}_ms", f"{name} {kind} ms", "{:.1f}")
+        (f"{name} {kind}_ms", f"{name} {kind} ms", "{:.3g}")
         for name in VARIANTS if use_torch or name != "torch" for kind in ("fwd", "fwd+bwd")]
     if use_torch:
         import torch

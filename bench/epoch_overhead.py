@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 from bench.train_step import build_step, synthetic_splits  # noqa: E402
-from spcl_jax import features, kmeans, sharding, train  # noqa: E402
+from spcl_jax import features, kmeans, runtime, sharding, train  # noqa: E402
 from spcl_jax.data import ArraySource  # noqa: E402
 from spcl_jax.metrics import MetricWriter  # noqa: E402
 
@@ -172,6 +172,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    runtime.configure()
     args = parse_args(argv)
     mesh = sharding.data_mesh()
     row = dataclasses.replace(PRESETS[args.preset]["row"], batch=args.batch)

@@ -35,6 +35,7 @@ from sklearn.datasets import load_sample_images
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
+from spcl_jax import runtime  # noqa: E402
 from spcl_jax.data import crops, pipeline, records  # noqa: E402
 from spcl_jax.data.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from spcl_jax.data.imagefolder import check_images  # noqa: E402
@@ -143,6 +144,7 @@ def spread(values):
 
 
 def main(argv=None):
+    runtime.configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=common.positive(int), default=256)
     parser.add_argument("--batch", type=common.positive(int), default=32)

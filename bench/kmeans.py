@@ -21,6 +21,7 @@ import numpy as np
 
 from bench import common
 from spcl_jax import kmeans as km
+from spcl_jax import runtime
 
 CPU_SIZES = "50000x128x512,200000x128x1000"
 GPU_SIZE = (1281167, 128, 3000)
@@ -107,6 +108,7 @@ def parse_sizes(text):
 
 
 def main(argv=None):
+    runtime.configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=parse_sizes, default=CPU_SIZES,
                         help="comma-separated NxDxK (default %(default)s)")

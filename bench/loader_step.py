@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from bench import common  # noqa: E402
 from bench.input_pipeline import write_jpegs  # noqa: E402
+from spcl_jax import runtime  # noqa: E402
 from spcl_jax.metrics import read_metrics  # noqa: E402
 
 PRESETS = {
@@ -83,6 +84,7 @@ def run(preset, workers, folder):
 
 
 def main(argv=None):
+    runtime.configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     parser.add_argument("--workers", type=int, default=-1, help="worker processes (-1: usable cores - 1)")

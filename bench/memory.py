@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 from bench.train_step import config_for, synthetic_splits  # noqa: E402
-from spcl_jax import train  # noqa: E402
+from spcl_jax import runtime, train  # noqa: E402
 from spcl_jax.method import METHODS  # noqa: E402
 
 COLUMNS = [("remat", "remat", "{}"), ("model", "model", "{}"), ("px", "px", "{}"), ("dtype", "dtype", "{}"),
@@ -64,6 +64,7 @@ def measure(row, width, batches, remat):
 
 
 def main(argv=None):
+    runtime.configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet50")
     parser.add_argument("--px", type=common.positive(int), default=224)

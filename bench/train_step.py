@@ -13,7 +13,7 @@ included). ResNet-18 runs with configs/cifar10.py (CIFAR stem, 32 px), ResNet-50
 PyTorch) on the same rows in a child process, so that the two frameworks never share the GPU's memory (JAX
 keeps what it allocates); `--compare-torch interleaved` (for CPUs) runs both in this process, one step of
 each in turn, so that load from other jobs hits both alike. `--ynnpack-convs` also times our step compiled
-with jaxlib 0.10's default CPU convolutions (YNNPACK; spcl_jax/__init__.py turns them off), in turn too.
+with jaxlib 0.10's default CPU convolutions (YNNPACK; spcl_jax.runtime.configure() turns them off), in turn too.
 """
 import argparse
 import functools
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from bench import common  # noqa: E402
 from configs import cifar10, imagenet  # noqa: E402
-from spcl_jax import sharding, train  # noqa: E402
+from spcl_jax import runtime, sharding, train  # noqa: E402
 from spcl_jax.data import ArraySource  # noqa: E402
 from spcl_jax.data.datasets import load_size  # noqa: E402
 from spcl_jax.data.decode import canvas_shape  # noqa: E402
@@ -183,6 +183,7 @@ def report(ours, torch, width):
 
 
 def main(argv=None):
+    runtime.configure()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_size_flags(parser)
     parser.add_argument("--compare-torch", nargs="?", const="process", choices=["process", "interleaved"],

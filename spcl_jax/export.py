@@ -22,7 +22,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from spcl_jax import checkpoint
+from spcl_jax import checkpoint, runtime
 from spcl_jax.data import datasets
 from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import _ARCHITECTURES
@@ -184,6 +184,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output .npz (a .json description is written beside it)")
     parser.add_argument("--step", type=int, default=-1, help="checkpoint step to export (-1 = newest)")
     args = parser.parse_args(argv)
+    runtime.configure()
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on opening a checkpoint read-only
     try:
         description, arrays = export(args.checkpoint, args.out, args.step)

@@ -32,9 +32,8 @@ LIMB_BITS = 8
 LIMBS = 3
 MAX_EXACT_ROWS = 2 ** (31 - LIMB_BITS)
 EIGEN_FLOOR = 1e-5  # default: eigenvalues below this fraction of the largest one are raised to it before ^-1/2
-# Default distance block per chunk: a CPU's cache-sized block (on the 2-core CPU, K=512, 2k-row chunks
-# beat 1k, 4k and 8k rows; BENCHMARKS.md), a big one for GPUs (on an H200, K=3000: 32k-row chunks
-# ran 9% faster than 4k-row ones).
+# Default distance block per chunk: cache-sized on CPUs, large on accelerators, where bigger chunks mean fewer,
+# fuller matmuls (measured sizes: BENCHMARKS.md, k-means).
 CHUNK_BYTES = {"cpu": 4 << 20, "accelerator": 256 << 20}
 
 

@@ -34,12 +34,9 @@ def to_global(local_arrays, sharding):
 
 
 def connect_processes():
-    """Right after the processes connect, one collective over every device and one across processes.
-
-    On CPU, gloo sets up each group of devices at its first collective and waits 30 s at most for the
-    peers to join that rendezvous. Later the processes drift apart (process 0 loads big programs from the
-    compilation cache, which only it writes, while the others spend tens of seconds compiling them); a
-    2-process test run once failed this way at its first train step. Here they all arrive together."""
+    """Right after the processes connect, one collective over every device and one across processes, while
+    they are still in step: on CPU, gloo sets up each group of devices at its first collective and waits 30 s
+    at most for the peers to join it, and processes drift apart later (RELIABILITY.md, design notes)."""
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("spcl_jax: processes connected")

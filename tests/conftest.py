@@ -13,6 +13,9 @@ os.environ["HOME"] = os.path.join(tempfile.gettempdir(), "spcl_jax_test_home")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["HOME"], ".cache", "spcl_jax", "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+from spcl_jax import runtime  # noqa: E402  (after the environment it reads)
+
+runtime.configure()
 
 
 def pytest_configure(config):

@@ -1,5 +1,5 @@
 """Smoke tests of every bench/ script at tiny sizes: each runs to the end and prints its table, with the
-expected columns and finite numbers; and the CPU convolution setting the benchmarks led to (spcl_jax/__init__.py).
+expected columns and finite numbers; and the CPU convolution setting the benchmarks led to (spcl_jax.runtime.configure).
 
 The scripts run in this process (their `main` with a command line), on its 8 fake CPU devices. The
 train_step and epoch_overhead runs build the same SPCL step (bench/train_step.py's `build_step` with the
@@ -18,7 +18,6 @@ import jax
 import numpy as np
 import pytest
 
-import spcl_jax
 from bench import ablation, common, cpu_conv, epoch_overhead, input_pipeline, kmeans, loader_step, memory, train_step
 
 TINY = ["--batch", "8", "--width", "0.0625"]  # shared by train_step and epoch_overhead: one compiled step
@@ -251,14 +250,3 @@ def test_cpu_convolutions_run_on_xla_kernels_and_match_float64():
     for compiled in (ours, ynnpack):
         for got, want in zip(compiled(x, w, cotangent), reference):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-def test_an_xla_flags_choice_of_ynnpack_fusions_wins(monkeypatch):
-    chosen = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
-    monkeypatch.setenv("XLA_FLAGS", chosen)
-    importlib.reload(spcl_jax)
-    assert os.environ["XLA_FLAGS"] == chosen
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    importlib.reload(spcl_jax)
-    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                                       "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution")

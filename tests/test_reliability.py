@@ -276,25 +276,6 @@ def test_a_state_past_a_non_finite_loss_is_never_saved(tmp_path, own_signals):
     assert_state_equal(restored, fake_state(2))
 
 
-def test_library_errors_show_as_one_line_unless_verbose():
-    try:
-        raise OSError(errno.ENOSPC, "No space left on device")
-    except OSError:
-        exc_info = sys.exc_info()
-    orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
-
-    def record(level, pathname):
-        return std_logging.LogRecord("absl", level, pathname, 1, "save failed", (), exc_info)
-
-    error = record(std_logging.ERROR, orbax_file)
-    assert launch_py._LibraryInfoFilter().filter(error) and error.exc_info is None
-    verbose = record(std_logging.ERROR, orbax_file)
-    assert launch_py._LibraryInfoFilter(keep_tracebacks=True).filter(verbose) and verbose.exc_info is exc_info
-    assert not launch_py._LibraryInfoFilter().filter(record(std_logging.INFO, orbax_file))
-    ours = record(std_logging.ERROR, os.path.join(ROOT, "spcl_jax", "train.py"))
-    assert launch_py._LibraryInfoFilter().filter(ours) and ours.exc_info is exc_info
-
-
 @pytest.fixture(scope="module")
 def three_steps(tmp_path_factory):
     """A workdir whose checkpoints hold steps 1, 2 and 3 of the fake state."""
