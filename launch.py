@@ -35,8 +35,13 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job Ctrl-C ended
 
 
+def _program():
+    """launch.py, or the console script's name (spcl-train) when started through it."""
+    return os.path.basename(sys.argv[0]) or "launch.py"
+
+
 def _die(message):
-    print(f"launch.py: error: {message}", file=sys.stderr)
+    print(f"{_program()}: error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
 
 
@@ -80,7 +85,7 @@ def _start_runtime(config):
     import jax
 
     timeouts = dict(initialization_timeout_seconds=_INIT_TIMEOUT.value,
-                    heartbeat_timeout_seconds=_HEARTBEAT.value, program="launch.py")
+                    heartbeat_timeout_seconds=_HEARTBEAT.value, program=_program())
     if _COORDINATOR.value and not config.no_distributed:
         runtime.connect(**timeouts, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                         process_id=_PROCESS_ID.value)
@@ -132,14 +137,18 @@ def main(argv):
     except UserError as e:
         _die(str(e))
     except checkpoint.Preempted as e:
-        print(f"launch.py: {e}", file=sys.stderr)
+        print(f"{_program()}: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
     except KeyboardInterrupt:
-        print("launch.py: interrupted; the newest checkpoint (if any) resumes with the same command",
+        print(f"{_program()}: interrupted; the newest checkpoint (if any) resumes with the same command",
               file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def run():
+    """The `spcl-train` console script."""
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,7 +1,7 @@
 """The paper's ablation on the embedded data: every method, and SPCL as the original wrote it, on digits.
 
-    python bench/ablation.py --out RESULTS.md          # 6 variants x 3 seeds of configs/digits.py, about an hour on 2 cores
-    python bench/ablation.py --seeds 1 --epochs 2 --variants spcl,simclr   # a smoke run
+    python -m bench.ablation --out RESULTS.md          # 6 variants x 3 seeds of configs/digits.py, about an hour on 2 cores
+    python -m bench.ablation --seeds 1 --epochs 2 --variants spcl,simclr   # a smoke run
 
 Each run is `launch.py --config configs/digits.py --config.seed=<s>` with only the method (and, for
 `spcl-as-written`, the as-written switches) changed: the same network, data, epochs, batch and
@@ -21,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 
+from bench import common
+from spcl_jax.metrics import read_metrics
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-
-from bench import common  # noqa: E402
-from spcl_jax.metrics import read_metrics  # noqa: E402
 
 # SPCL with every switch that reproduces the original's as-written behaviour and runs at the digits config's
 # K = 30 > 10 classes (prototype_classifier_width=n_classes needs K <= classes: left out). DIFFERENCES.md.
@@ -79,7 +78,7 @@ def report(rows, args, started, seconds):
     for variant, results in rows.items():
         cells = [cell([r[key] for r in results], key != "kmeans/nmi") for key, _ in METRICS]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    command = "python bench/ablation.py " + " ".join(args.argv)
+    command = "python -m bench.ablation " + " ".join(args.argv)
     return "\n".join([
         "# Results: the ablation on the embedded digits data", "",
         f"Command: `{command.strip()}`, started {started:%Y-%m-%d %H:%M} UTC, {seconds / 60:.0f} min.",

@@ -1,7 +1,7 @@
 """CPU convolutions of a CIFAR ResNet-18: XLA's two kernels and im2col + dot against PyTorch's, fwd and fwd+bwd.
 
-    python bench/cpu_conv.py                        # the distinct 3x3 convolutions at 32 px, batch 32
-    python bench/cpu_conv.py --batch 8 --shapes 16x128x128x1
+    python -m bench.cpu_conv                        # the distinct 3x3 convolutions at 32 px, batch 32
+    python -m bench.cpu_conv --batch 8 --shapes 16x128x128x1
 
 Why spcl_jax.runtime.configure() takes convolutions off YNNPACK: each 3x3 convolution (NHWC, pad 1) runs as
 "ynnpack" (jaxlib 0.10's default on CPU), "xla" (XLA's own Eigen kernel, what spcl_jax sets), "im2col"
@@ -11,16 +11,12 @@ Median of --reps rounds in which the variants take turns, so that load from othe
 """
 import argparse
 import importlib.util
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
+from bench import common
 
 # (size, in channels, out channels, stride) of the 3x3 convolutions of ResNet-18's CIFAR stages, 32 px input.
 SHAPES = "32x64x64x1,16x128x128x1,8x256x256x1,4x512x512x1,32x64x128x2"

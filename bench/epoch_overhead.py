@@ -1,7 +1,7 @@
 """One SPCL epoch: time in training steps against the feature pass, k-means and pair planning, and their growth.
 
-    python bench/epoch_overhead.py --preset cpu   # ResNet-18 at 1/16 width, N 1,024-8,192, K 128-1,024, 2-4 min
-    python bench/epoch_overhead.py --preset gpu   # CIFAR-10 scale: 50,000 images of 32 px, ResNet-18, K=512,
+    python -m bench.epoch_overhead --preset cpu   # ResNet-18 at 1/16 width, N 1,024-8,192, K 128-1,024, 2-4 min
+    python -m bench.epoch_overhead --preset gpu   # CIFAR-10 scale: 50,000 images of 32 px, ResNet-18, K=512,
                                                   # batch 512 pairs, bfloat16; N 12,500-100,000, K 128-2,048
 
 Everything runs through the library on synthetic data (random uint8 images, random labels): `train.cluster`
@@ -18,21 +18,17 @@ epoch = cluster + planning + steps; overhead = (cluster + planning) / epoch.
 import argparse
 import dataclasses
 import math
-import os
-import sys
 import time
 import types
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
-from bench.train_step import build_step, synthetic_splits  # noqa: E402
-from spcl_jax import features, kmeans, runtime, sharding, train  # noqa: E402
-from spcl_jax.data import ArraySource  # noqa: E402
-from spcl_jax.metrics import MetricWriter  # noqa: E402
+from bench import common
+from bench.train_step import build_step, synthetic_splits
+from spcl_jax import features, kmeans, runtime, sharding, train
+from spcl_jax.data import ArraySource
+from spcl_jax.metrics import MetricWriter
 
 PRESETS = {
     "cpu": dict(row=common.Row("resnet18", 32, "float32", 64), width=0.0625, n0=4096, k0=512,

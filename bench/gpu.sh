@@ -31,11 +31,11 @@ tables() {  # tables SECONDS SCRIPT ARGS...: a script that rewrites its tables t
 }
 
 echo "# spcl_jax benchmarks ($(date -u '+%Y-%m-%d %H:%M UTC'), bench/gpu.sh)" > "$out"
-{ printf '\n## k-means\n\n```\n'; limited 45 python bench/kmeans.py --gpu; printf '```\n'; } | tee -a "$out"
-tables 150 bench/train_step.py --preset gpu --compare-torch
-tables 130 bench/epoch_overhead.py --preset gpu
-{ printf '\n## Input pipeline\n\n'; limited 25 python bench/input_pipeline.py --images 128; } | tee -a "$out"
-{ printf '\n## Prepared records feeding the ResNet-50 step\n\n'; limited 150 python bench/loader_step.py --preset gpu; } \
+{ printf '\n## k-means\n\n```\n'; limited 45 python -m bench.kmeans --gpu; printf '```\n'; } | tee -a "$out"
+tables 150 -m bench.train_step --preset gpu --compare-torch
+tables 130 -m bench.epoch_overhead --preset gpu
+{ printf '\n## Input pipeline\n\n'; limited 25 python -m bench.input_pipeline --images 128; } | tee -a "$out"
+{ printf '\n## Prepared records feeding the ResNet-50 step\n\n'; limited 150 python -m bench.loader_step --preset gpu; } \
   | tee -a "$out"
-{ printf '\n## Train-step memory, with and without remat\n\n'; limited 100 python bench/memory.py; } | tee -a "$out"
+{ printf '\n## Train-step memory, with and without remat\n\n'; limited 100 python -m bench.memory; } | tee -a "$out"
 echo "tables written to $out"

@@ -1,6 +1,6 @@
 """Input pipeline: host CPU per image, loader throughput by worker count, and the device-side views.
 
-    python bench/input_pipeline.py [--images 256] [--batch 32] [--workers 1,2] [--repeats 5] [--json]
+    python -m bench.input_pipeline [--images 256] [--batch 32] [--workers 1,2] [--repeats 5] [--json]
 
 Writes ImageNet-like JPEGs (500x375 and 375x500 windows of scikit-learn's two bundled photos, quality
 90) to a temporary folder and measures, in one run:
@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -32,14 +31,12 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
-from spcl_jax import runtime  # noqa: E402
-from spcl_jax.data import crops, pipeline, records  # noqa: E402
-from spcl_jax.data.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from spcl_jax.data.imagefolder import check_images  # noqa: E402
-from spcl_jax.data.sources import FileSource  # noqa: E402
+from bench import common
+from spcl_jax import runtime
+from spcl_jax.data import crops, pipeline, records
+from spcl_jax.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from spcl_jax.data.imagefolder import check_images
+from spcl_jax.data.sources import FileSource
 
 COLUMNS = [("stage", "stage", "{}"), ("value", "value", "{}"), ("unit", "unit", "{}"), ("note", "note", "{}")]
 SPECS = (("a", "pretrain"), ("a", "pretrain"))  # two views per image, as SimCLR; a pair step holds two images

@@ -1,7 +1,7 @@
 """The prepared-records loader feeding the real trainer: images/s consumed and data/wait_fraction, end to end.
 
-    python bench/loader_step.py --preset gpu    # ResNet-50 at 224, bfloat16 (configs/imagenet.py), 256 pairs/step
-    python bench/loader_step.py --preset cpu    # a smoke run: ResNet-50 at 1/16 width, 72 px
+    python -m bench.loader_step --preset gpu    # ResNet-50 at 224, bfloat16 (configs/imagenet.py), 256 pairs/step
+    python -m bench.loader_step --preset cpu    # a smoke run: ResNet-50 at 1/16 width, 72 px
 
 Writes ImageNet-layout JPEGs (500x375 and 375x500 windows of scikit-learn's bundled photos, as
 bench/input_pipeline.py), prepares them as records (`python -m spcl_jax.data.prepare imagenet --out`),
@@ -19,13 +19,12 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from bench import common
+from bench.input_pipeline import write_jpegs
+from spcl_jax import runtime
+from spcl_jax.metrics import read_metrics
 
-from bench import common  # noqa: E402
-from bench.input_pipeline import write_jpegs  # noqa: E402
-from spcl_jax import runtime  # noqa: E402
-from spcl_jax.metrics import read_metrics  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 PRESETS = {
     "gpu": dict(images=6144, batch=256, steps=20, overrides=[]),

@@ -1,8 +1,8 @@
 """Device memory of the SPCL train step from XLA's memory analysis, and the largest batch that fits, with and
 without rematerialised residual blocks (`--config.remat=block`).
 
-    python bench/memory.py                       # ResNet-50, 224 px, bfloat16 (configs/imagenet.py), 3-6 min on a CPU
-    python bench/memory.py --model resnet18 --px 32 --width 0.0625 --batches 2,4   # a smoke run
+    python -m bench.memory                       # ResNet-50, 224 px, bfloat16 (configs/imagenet.py), 3-6 min on a CPU
+    python -m bench.memory --model resnet18 --px 32 --width 0.0625 --batches 2,4   # a smoke run
 
 Compiles (does not run) the jitted, donated train step of configs/imagenet.py (ResNet-18: configs/cifar10.py)
 on one device for two batch sizes and reads `compiled.memory_analysis()`: arguments + outputs + temporaries -
@@ -12,19 +12,15 @@ for the memory sizes given (80 GiB H100, 141 GiB H200). XLA's analysis on the CP
 GPU's (same program, other fusion and layout choices: a guide, not a guarantee).
 """
 import argparse
-import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
-from bench.train_step import config_for, synthetic_splits  # noqa: E402
-from spcl_jax import runtime, train  # noqa: E402
-from spcl_jax.method import METHODS  # noqa: E402
+from bench import common
+from bench.train_step import config_for, synthetic_splits
+from spcl_jax import runtime, train
+from spcl_jax.method import METHODS
 
 COLUMNS = [("remat", "remat", "{}"), ("model", "model", "{}"), ("px", "px", "{}"), ("dtype", "dtype", "{}"),
            ("per_pair_mib", "MiB per pair", "{:.1f}"), ("fixed_gib", "fixed GiB", "{:.2f}"),

@@ -1,7 +1,7 @@
 """The original's SPCL train step in PyTorch (DIFFERENCES.md: one SPCL epoch, losses, LARS, model), timed on the same rows as bench/train_step.py.
 
     pip install -r bench/requirements.txt        # torch, a benchmark-only dependency
-    python bench/torch_spcl.py --preset cpu      # or --preset gpu (CUDA when available); --help: sizes
+    python -m bench.torch_spcl --preset cpu      # or --preset gpu (CUDA when available); --help: sizes
 
 The step: four separate encoder calls (hand-written torchvision-style ResNet, CIFAR or ImageNet stem,
 channels_last on CUDA), four projection-head calls (Linear D->D, BN, ReLU, Linear D->128, BN), NT-Xent within
@@ -13,8 +13,6 @@ original so that LARS's 'bn'/'bias' name filter picks the same parameters.
 """
 import argparse
 import json
-import os
-import sys
 import time
 from collections import OrderedDict
 
@@ -27,9 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
+from bench import common
 
 TEMPERATURE, LR, WEIGHT_DECAY = 0.5, 1.0, 1e-6  # config.conf
 

@@ -1,8 +1,8 @@
 """SPCL train-step throughput of spcl_jax: views/s, XLA-counted TFLOP/s and the fraction of the chip's peak.
 
-    python bench/train_step.py --preset cpu                      # ResNet-18 at 1/16 width, about a minute
-    python bench/train_step.py --preset cpu-full --compare-torch interleaved --ynnpack-convs   # the CPU gap
-    python bench/train_step.py --preset gpu --compare-torch --out bench_results.md
+    python -m bench.train_step --preset cpu                      # ResNet-18 at 1/16 width, about a minute
+    python -m bench.train_step --preset cpu-full --compare-torch interleaved --ynnpack-convs   # the CPU gap
+    python -m bench.train_step --preset gpu --compare-torch --out bench_results.md
 
 Times `train.build(...)[0].train_step` (the jitted, donated step: on-device augmentation of the uint8
 pairs into 4 views, 4 encoder + 4 projection passes, NT-Xent, prototype CE, siamese metric, LARS) on
@@ -30,16 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from bench import common
+from configs import cifar10, imagenet
+from spcl_jax import runtime, sharding, train
+from spcl_jax.data import ArraySource
+from spcl_jax.data.datasets import load_size
+from spcl_jax.data.decode import canvas_shape
+from spcl_jax.method import METHODS
 
-from bench import common  # noqa: E402
-from configs import cifar10, imagenet  # noqa: E402
-from spcl_jax import runtime, sharding, train  # noqa: E402
-from spcl_jax.data import ArraySource  # noqa: E402
-from spcl_jax.data.datasets import load_size  # noqa: E402
-from spcl_jax.data.decode import canvas_shape  # noqa: E402
-from spcl_jax.method import METHODS  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONFIGS = {"resnet18": cifar10, "resnet50": imagenet}
 COMBINED = common.COLUMNS[:4] + [
@@ -137,8 +136,8 @@ def torch_results(args):
     """bench/torch_spcl.py's results for the same sizes from a child process, or None when it fails."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "torch.json")
-        command = [sys.executable, os.path.join(HERE, "torch_spcl.py"), "--json", path] + common.size_argv(args)
-        if subprocess.run(command).returncode != 0:
+        command = [sys.executable, "-m", "bench.torch_spcl", "--json", path] + common.size_argv(args)
+        if subprocess.run(command, cwd=os.path.dirname(HERE)).returncode != 0:
             print("bench/torch_spcl.py failed: no comparison", flush=True)
             return None
         with open(path) as f:

@@ -16,7 +16,3 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 from spcl_jax import runtime  # noqa: E402  (after the environment it reads)
 
 runtime.configure()
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test that takes more than a few seconds")
