@@ -9,7 +9,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import re
 import subprocess
 import sys

@@ -5,7 +5,7 @@ from configs import default
 from spcl_jax import config_validation
 from spcl_jax.errors import ConfigError
 from spcl_jax.metrics import read_metrics
-from test_train import launch
+from conftest import launch
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from spcl_jax import checkpoint
 from spcl_jax.models.param_groups import _key_name
 from spcl_jax.metrics import read_metrics
 from spcl_jax.method import METHODS
-from test_train import ROOT, TINY
+from conftest import ROOT, TINY, launch_cli
 
 HEARTBEAT = 10
 # pca_dim=0: PCA-whitening divides by small eigenvalues and turns the ~1e-7 float noise of summing over
@@ -239,11 +239,9 @@ def test_a_dead_peer_ends_the_other_process_within_the_heartbeat(stopped):
 @pytest.mark.slow
 def test_an_unreachable_coordinator_ends_with_one_clear_line(tmp_path):
     began = time.monotonic()
-    process = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py",
-         f"--workdir={tmp_path / 'run'}", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2",
-         "--process_id=1", "--initialization_timeout_seconds=3"],
-        cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=120)
+    process = launch_cli("--config", "configs/digits.py", f"--workdir={tmp_path / 'run'}",
+                         f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", "--process_id=1",
+                         "--initialization_timeout_seconds=3", env=_env(2), timeout=120)
     assert process.returncode == 2, process.stderr[-3000:]
     lines = [line for line in process.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(
@@ -258,14 +256,11 @@ def test_an_unreachable_coordinator_ends_with_one_clear_line(tmp_path):
     (["--coordinator_address=host0:1234", "--num_processes=2", "--process_id=2"], "0 <= process_id < num_processes"),
     (["--num_processes=2", "--process_id=0"], "--num_processes and --process_id need --coordinator_address"),
 ], ids=["no-port", "no-count", "id-out-of-range", "no-address"])
-def test_bad_distributed_flags_end_with_one_line(tmp_path, flags, message):
-    process = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py",
-         f"--workdir={tmp_path / 'run'}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert process.returncode == 2
-    assert process.stderr.startswith("launch.py: error: ") and process.stderr.count("\n") == 1, process.stderr
-    assert message in process.stderr
-    assert not (tmp_path / "run").exists()
+def test_bad_distributed_flags_end_with_one_line(in_process_launch, capsys, flags, message):
+    assert in_process_launch(flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("launch.py: error: ") and err.count("\n") == 1, err
+    assert message in err
 
 
 @pytest.mark.slow

@@ -1,8 +1,6 @@
 """The prepared record format: round trip against the folder, resume after an interruption, bad files."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from configs.default import get_config
 from spcl_jax.data import load_splits, prepare, records
 from spcl_jax.errors import DataError
 from spcl_jax.metrics import read_metrics
-from test_train import ROOT
+from conftest import launch_cli
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -133,14 +131,14 @@ def test_configs_imagenet_trains_from_prepared_records(tmp_path):
     assert prepare.main(["imagenet", "--dataset_path", str(tmp_path / "src"), "--out", str(out), "--max_side", "82",
                          "--workers", "1"]) == 0
     workdir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/imagenet.py", f"--workdir={workdir}",
-         f"--config.dataset_path={out}", "--config.image_size=72", "--config.n_classes=3", "--config.pre_classes=3",
-         "--config.val_sample=1", "--config.width_multiplier=0.0625", "--config.batch_size=16",
-         "--config.num_prototypes=4", "--config.pca_dim=4", "--config.n_epochs=1", "--config.warmup_epochs=1",
-         "--config.max_steps_per_epoch=2", "--config.finetune_epochs=1", "--config.finetune_batch_size=16",
-         "--config.knn_k=5", "--config.log_every_steps=1", "--config.num_workers=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=850)
+    result = launch_cli(
+        "--config", "configs/imagenet.py", f"--workdir={workdir}",
+        f"--config.dataset_path={out}", "--config.image_size=72", "--config.n_classes=3", "--config.pre_classes=3",
+        "--config.val_sample=1", "--config.width_multiplier=0.0625", "--config.batch_size=16",
+        "--config.num_prototypes=4", "--config.pca_dim=4", "--config.n_epochs=1", "--config.warmup_epochs=1",
+        "--config.max_steps_per_epoch=2", "--config.finetune_epochs=1", "--config.finetune_batch_size=16",
+        "--config.knn_k=5", "--config.log_every_steps=1", "--config.num_workers=1",
+        timeout=850)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "input: decoded by 1 worker process(es), num_workers=1" in result.stderr
     records_seen = read_metrics(workdir)

@@ -1,5 +1,6 @@
-"""spcl_jax.runtime: the process-wide set-up is explicit (importing the library changes nothing), the CPU
-convolution choice yields to XLA_FLAGS, and library log records are filtered as the run log needs."""
+"""spcl_jax.runtime: the process-wide set-up is explicit (importing the library changes nothing and does not
+start JAX until load_encoder is used), the CPU convolution choice yields to XLA_FLAGS, and library log
+records are filtered as the run log needs."""
 import errno
 import logging as std_logging
 import os
@@ -9,13 +10,13 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 
+from conftest import ROOT
 from spcl_jax import runtime
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_importing_the_library_sets_nothing_up():
-    code = ("import os, spcl_jax, spcl_jax.checkpoint, spcl_jax.train, orbax.checkpoint as ocp, jax; "
+    code = ("import sys, spcl_jax; assert 'jax' not in sys.modules; assert callable(spcl_jax.load_encoder); "
+            "import os, spcl_jax.checkpoint, spcl_jax.train, orbax.checkpoint as ocp, jax; "
             "print(os.environ.get('XLA_FLAGS', ''), "
             "ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel)")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")

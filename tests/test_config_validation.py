@@ -1,0 +1,137 @@
+"""spcl_jax.config_validation: every kind of bad input is refused in one line (through launch.py's own parsing
+and main, in this process; the checks against the loaded data run in test_launch), the schema, the dataset
+configs, and a fuzz of 300 override sets."""
+import os
+
+import numpy as np
+import pytest
+
+from configs import default
+from conftest import ROOT
+from spcl_jax import config_validation
+from spcl_jax.errors import ConfigError
+
+BAD = [
+    (["--config.batch_siz=3"], "unknown config key 'batch_siz'"),
+    (["--config.batch_size=abc"], "--config.batch_size=abc"),
+    (["--config.learning_rate=-1"], "learning_rate=-1.0; valid: a number > 0"),
+    (["--config.learning_rate=0"], "learning_rate=0.0; valid: a number > 0"),
+    (["--config.n_epochs=0"], "n_epochs=0; valid: a number > 0"),
+    (["--config.batch_size=12"], "batch_size=12; valid: a multiple of the global device count 8"),
+    (["--config.num_prototypes=1"], "num_prototypes=1; valid: an integer >= 2"),
+    (["--config.method=spcl", "--config.batch_size=24", "--config.pair_sampling=exact_half",
+      "--config.num_prototypes=7", "--config.dataset=digits", "--config.mode=linear_eval"],
+     "load_checkpoint_dir=''; valid: a checkpoint directory"),
+    (["--config.dataset=mnist"], "dataset='mnist'; valid: digits | cifar10"),
+    (["--config.model=resnet7"], "model='resnet7'; valid: resnet18 | resnet34"),
+    (["--config.optimiser=rmsprop"], "optimiser='rmsprop'; valid: lars | sgd | adam"),
+    (["--config.cluster_loss=MSE"], "cluster_loss='MSE'; valid: CE | SCE"),
+    (["--config.metric_loss=SCE"], "metric_loss='SCE'; valid: BCE | L1 | L2"),
+    (["--config.method=byol"], "method='byol'; valid: spcl | simclr"),
+    (["--config.jitter_p=1.5"], "jitter_p=1.5; valid: a probability in [0, 1]"),
+    (["--config.crop_scale=(0.5,)"], "crop_scale=(0.5,)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=lambda v: str(v)[:40])
+def test_bad_input_is_one_line_and_exit_2(in_process_launch, capsys, overrides, message):
+    assert in_process_launch(overrides) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("launch.py: error: ")
+    assert message in lines[0]
+
+
+def test_every_dataset_config_is_valid_and_overrides_only_deltas():
+    import importlib
+
+    reference = default.get_config()
+    for name in ("digits", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "tinyimagenet"):
+        module = importlib.import_module(f"configs.{name}")
+        assert "python launch.py --config configs/" in module.__doc__
+        config = module.get_config()
+        if config.dataset in ("imagenet", "imagenet100", "tinyimagenet"):
+            config.dataset_path = "/data/x"
+        assert config_validation.validate(config, reference, 8).name == "spcl"
+
+
+def test_every_default_option_has_a_comment():
+    path = os.path.join(ROOT, "configs", "default.py")
+    for line in open(path):
+        if line.strip().startswith("c.") and "=" in line:
+            assert "#" in line, line
+
+
+def test_schema_rejects_unknown_and_mistyped_keys():
+    reference = default.get_config()
+    config = default.get_config()
+    config.unlock()
+    config.extra = 1
+    with pytest.raises(ConfigError, match="unknown key 'extra'"):
+        config_validation.validate(config, reference, 1)
+    config = default.get_config()
+    config.unlock()
+    del config["temperature"]
+    config.temperature = "hot"
+    with pytest.raises(ConfigError, match="temperature='hot'; valid: a value of type float"):
+        config_validation.validate(config, reference, 1)
+
+
+def test_as_written_classifier_width_needs_few_prototypes():
+    config = default.get_config()
+    config.prototype_classifier_width = "n_classes"
+    with pytest.raises(ConfigError, match="prototype_classifier_width"):
+        config_validation.validate(config, default.get_config(), 1)
+    config.num_prototypes = 10
+    assert config_validation.validate(config, default.get_config(), 1).name == "spcl"
+
+
+def test_odd_batch_is_refused_for_the_exact_half_pair_sampler():
+    config = default.get_config()
+    config.batch_size = 13
+    with pytest.raises(ConfigError, match="batch_size=13; valid: an even number"):
+        config_validation.validate(config, default.get_config(), 1)
+    config.pair_sampling = "bernoulli"
+    assert config_validation.validate(config, default.get_config(), 1).name == "spcl"
+
+
+def _fuzz_value(rng, key, reference):
+    """A random, often wrong, value for `key` as a command-line string."""
+    want = reference[key]
+    pool = ["", "0", "-1", "1", "2", "7", "-0.5", "0.5", "1e6", "-1e6", "1e308", "1e309", "nan", "inf", "-inf",
+            "True", "False", "None", "abc", "'x'", "()", "(1,)", "(0.5, 0.1)", "(0.1, 0.5)", "(1, 2, 3)", "[1, 2]",
+            "(nan, 1)", "99999999999999999999999", "0x10", "1_000", "{}", "é", " 8", "8 "]
+    if isinstance(want, str) and rng.random() < 0.4:
+        pool = list(config_validation.choices().get(key, ())) or pool
+    if isinstance(want, (int, float)) and not isinstance(want, bool) and rng.random() < 0.4:
+        nearby = [want * 10.0 ** int(rng.integers(-3, 4)), -want, want + 1, 0]
+        return str(type(want)(nearby[int(rng.integers(len(nearby)))]))
+    return str(rng.choice(pool))
+
+
+def test_fuzzed_configs_are_accepted_or_refused_in_one_line(in_process_launch, capsys):
+    """300 random override sets (fixed seed): wrong types, out-of-range, NaN/huge/empty values, unknown
+    keys, tuples of the wrong length. Each must pass validation or end with one line and exit 2."""
+    rng = np.random.default_rng(10)
+    reference = default.get_config()
+    keys = sorted(reference.keys())
+    outcomes = {0: 0, 2: 0}
+    for _ in range(300):
+        overrides = []
+        for _ in range(rng.integers(1, 4)):
+            key = str(rng.choice(keys)) if rng.random() < 0.85 else "".join(rng.choice(list("abcxyz_."), 6))
+            overrides.append(f"--config.{key}={_fuzz_value(rng, key, reference) if key in reference else '1'}")
+        code = in_process_launch(overrides)
+        err = capsys.readouterr().err
+        assert code in outcomes, (overrides, code, err)
+        outcomes[code] += 1
+        lines = [line for line in err.splitlines() if line.strip()]
+        if code == 2:
+            assert len(lines) == 1 and lines[0].startswith("launch.py: error: "), (overrides, err)
+        assert "Traceback" not in err, (overrides, err)
+        if code == 0:
+            numbers = [v for value in in_process_launch.accepted.values()
+                       for v in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(v, float)]
+            assert all(np.isfinite(numbers)), overrides
+    assert min(outcomes.values()) > 20, outcomes  # both outcomes exercised
