@@ -6,9 +6,14 @@ Bad input (unknown key, wrong type, invalid value, missing data or checkpoint) e
 one line on stderr naming the problem and exit status 2, before anything is written. SIGTERM or
 Ctrl-C during pretraining saves a checkpoint after the current step and exits 143 or 130 (a second
 Ctrl-C stops at once); the same command resumes. A workdir in use by another run is refused.
+
+Where things are documented: every config option, each with a comment, in configs/default.py; running,
+the outputs (train.log, metrics.jsonl, results) and these flags in README.md. --print_config and
+--dry_run show what a run would use, without training or writing anything.
 """
 import datetime
 import os
+import shlex
 import sys
 
 from absl import app, flags
@@ -27,6 +32,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100, "A peer silent for this long ends a multi-process run with an error.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (after the overrides and validation, `method` resolved) as "
+    "JSON and exit, writing nothing.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Validate the config, load the data, build the model and the mesh, print a summary (examples, "
+    "classes, parameters, devices, steps) and exit without training or writing anything.")
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout_seconds", 300, "Multi-process runs: how long each process waits for all of them to "
     "connect to the coordinator before it gives up with an error.")
@@ -41,8 +52,23 @@ def _program():
 
 
 def _die(message):
-    print(f"{_program()}: error: {message}", file=sys.stderr)
+    from spcl_jax import progress  # also into train.log, once the run has one
+
+    progress.show(f"{_program()}: error: {message}", sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+def _preview(config, workdir):
+    """--print_config and --dry_run: show, write nothing, exit 0."""
+    if not (_PRINT_CONFIG.value or _DRY_RUN.value):
+        return
+    from spcl_jax import preflight
+
+    if _PRINT_CONFIG.value:
+        preflight.print_config(config)
+    if _DRY_RUN.value:
+        preflight.dry_run(config, workdir)
+    sys.exit(0)
 
 
 def _parse_flags(argv):
@@ -56,6 +82,8 @@ def _parse_flags(argv):
             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
         if path is not None and not os.path.isfile(path):
             _die(f"config file {path!r} not found; valid: a file like configs/digits.py")
+        if path is not None:
+            _check_config_file(path)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -69,7 +97,61 @@ def _parse_flags(argv):
         _die(f"bad --config override: {' '.join(str(e).split())}")
 
 
-def _default_workdir(config_path):
+def _check_config_file(path):
+    """One line for a config file that does not load, or whose get_config() does not return a full ConfigDict
+    (absl would show a traceback, or take a missing get_config() for an unknown key)."""
+    import importlib.util
+    import traceback
+
+    import ml_collections
+
+    from configs import default
+
+    def where(error):
+        lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+                 if os.path.abspath(frame.filename) == os.path.abspath(path)]
+        return f" at line {lines[-1]}" if lines else ""
+
+    try:
+        spec = importlib.util.spec_from_file_location("_spcl_config_file", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        _die(f"config file {path} line {e.lineno}: {e.msg}; fix it (a config file is Python, like configs/digits.py)")
+    except Exception as e:
+        _die(f"config file {path} cannot be loaded ({type(e).__name__}: {e}{where(e)}); fix it or its imports")
+    if not callable(getattr(module, "get_config", None)):
+        _die(f"config file {path} defines no get_config(); valid: a file like configs/digits.py, whose get_config() "
+             "returns the config")
+    try:
+        config = module.get_config()
+    except Exception as e:
+        _die(f"get_config() in {path} raised {type(e).__name__}: {e}{where(e)}")
+    if not isinstance(config, ml_collections.ConfigDict):
+        _die(f"get_config() in {path} returned a {type(config).__name__}; valid: an ml_collections.ConfigDict, e.g. "
+             "configs.default.get_config() with changes")
+    missing = sorted(set(default.get_config()) - set(config))
+    if missing:
+        _die(f"get_config() in {path} returned a config without {', '.join(missing[:5])}"
+             f"{f' and {len(missing) - 5} more keys' if len(missing) > 5 else ''}; valid: start from "
+             "configs.default.get_config(), which holds every option")
+
+
+def _resume_command(workdir):
+    """The command line as typed, with the workdir made explicit: what resumes this run."""
+    args = sys.argv[1:]
+    program = ["python", sys.argv[0]] if sys.argv[0].endswith(".py") else [_program()]
+    if not any(a == "--workdir" or a.startswith("--workdir=") for a in args):
+        args = [*args, f"--workdir={workdir}"]
+    return shlex.join(program + args)
+
+
+def _default_workdir(config, config_path):
+    """Pretraining: runs/<config name>/<UTC timestamp>; evaluating a checkpoint: next to the run it evaluates."""
+    from spcl_jax import evaluate, method
+
+    if not method.pretrains(config):
+        return evaluate.default_workdir(config)
     name = os.path.splitext(os.path.basename(config_path))[0]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return os.path.join("runs", name, stamp)
@@ -123,25 +205,28 @@ def main(argv):
     _check_distributed_flags()
     from configs import default
     from spcl_jax import checkpoint, config_validation
-    from spcl_jax.errors import UserError
+    from spcl_jax.errors import SAME_COMMAND, UserError
 
+    workdir = None
+    with_command = lambda message: message.replace(SAME_COMMAND, _resume_command(workdir)) if workdir else message  # noqa: E731
     try:
         jax = _start_runtime(config)
         config_validation.validate(config, default.get_config(), jax.device_count())
-        if jax.process_count() > 1 and not _WORKDIR.value:  # each process would stamp its own default
+        if jax.process_count() > 1 and not _WORKDIR.value and config.mode == "pretrain":  # each would stamp its own
             _die("a multi-process run needs --workdir: one directory that every process sees")
-        workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
+        workdir = _WORKDIR.value or _default_workdir(config, flags.FLAGS["config"].config_filename)
+        _preview(config, workdir)
         from spcl_jax import train
 
         train.run_mode(config, workdir)
     except UserError as e:
-        _die(str(e))
+        _die(with_command(str(e)))
     except checkpoint.Preempted as e:
-        print(f"{_program()}: {e}", file=sys.stderr)
+        print(f"{_program()}: {with_command(str(e))}", file=sys.stderr)
         sys.exit(e.exit_status)
     except KeyboardInterrupt:
-        print(f"{_program()}: interrupted; the newest checkpoint (if any) resumes with the same command",
-              file=sys.stderr)
+        print(f"{_program()}: interrupted; to resume from the newest checkpoint (if any), run "
+              f"{with_command(SAME_COMMAND)}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
 
 

@@ -83,7 +83,7 @@ def real_epoch(setup, state, pseudo):
     """(state, seconds) of `train.run_epoch`, after one step that compiled the train step."""
     warm_up = train.load_batch(setup, 0, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
     state = jax.block_until_ready(setup.train_step(state, warm_up)[0])
-    no_checkpoints = types.SimpleNamespace(stop_requested=lambda **_: False)  # checkpoint_every_steps is 0
+    no_checkpoints = types.SimpleNamespace(stop_requested=lambda **_: False, facts={})  # checkpoint_every_steps is 0
     loop = train.Loop(setup, MetricWriter("", enabled=False), no_checkpoints, "")
     (state, _), seconds = timed(lambda: train.run_epoch(loop, state, pseudo, 0, 0))
     return state, seconds

@@ -24,13 +24,14 @@ def get_config():
     c.supervised = config_dict.placeholder(bool)  # original flag: supervised training on labels
     c.finetune = False  # original flag: linear evaluation only, from load_checkpoint_dir (same as mode=linear_eval)
     c.eval_disent = False  # original flag: SVM probe on random halves of a checkpoint's frozen features (DIFFERENCES.md, eval_disent)
-    c.seed = 420  # global seed (the original's), drives init, augmentation, k-means and pair sampling
+    c.seed = 420  # global seed (the original's), drives init, augmentation, k-means and pair sampling; 0 to 2**32 - 1
+    #   (JAX keeps 32 bits of a seed: 2**32 would repeat seed 0; numpy refuses negative seeds)
 
     # ---- data ----
     c.dataset = "cifar10"  # digits | cifar10 | cifar100 | stl10 | imagenet | imagenet100 | tinyimagenet | imagefolder
     c.dataset_path = ""  # root of an image folder (imagenet/imagenet100/tinyimagenet/imagefolder)
     c.data_dir = ""  # tensorflow-datasets data dir ("" = the tfds default, ~/tensorflow_datasets)
-    c.image_size = 32  # crop size S fed to the network
+    c.image_size = 32  # crop size S fed to the network; at least its downsampling: 8 (cifar stem), 32 (imagenet stem)
     c.n_classes = 10  # classes in train/valid/test (linear evaluation)
     c.pre_classes = 10  # classes whose images form the pretrain set
     c.train_sample = -1  # train/pretrain images per class; -1 = all (standard protocol; the original used 100, B-11)
@@ -41,13 +42,13 @@ def get_config():
     c.num_workers = -1  # input worker processes decoding images ahead of the step; -1 = usable cores - 1; 0 = none
 
     # ---- augmentation (DIFFERENCES.md, augmentation recipes) ----
-    c.jitter_d = 1.0  # colour-jitter strength d: (0.8d, 0.8d, 0.8d, 0.2d)
+    c.jitter_d = 1.0  # colour-jitter strength d: (0.8d, 0.8d, 0.8d, 0.2d); 0 to 2.5 (a hue shift 0.2d of at most half a turn, as torchvision)
     c.jitter_p = 0.8  # probability of colour jitter
     c.grey_p = 0.2  # probability of grayscale
     c.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range
     c.blur_p = 0.5  # probability of blur (datasets the original blurs: imagenet, imagenet100)
     c.blur = False  # whether this dataset's pretrain views are blurred (set by the dataset configs)
-    c.crop_scale = (0.08, 1.0)  # random-resized-crop scale range
+    c.crop_scale = (0.08, 1.0)  # random-resized-crop scale range (low, high): 0 < low <= high <= 1, fractions of the image
     c.hflip_p = 0.5  # horizontal-flip probability (0.5 as the original; digits turn it off: a flip changes a digit)
     c.aug_order = "colour_first"  # colour_first (as the original) | crop_first (SimCLR order)
     c.no_twocrop = False  # original flag; must stay False (every pretraining method needs two views)
@@ -65,7 +66,8 @@ def get_config():
     c.encoder_bn_mode = "train"  # train | frozen_init_stats (as written, B-4: encoder BN stuck at init stats)
 
     # ---- losses ----
-    c.temperature = 0.5  # NT-Xent temperature tau
+    c.temperature = 0.5  # NT-Xent temperature tau; 0.01 to 10 (SimCLR sweeps 0.05 to 1 and uses 0.5, CLIP stops at 0.01;
+    #   the loss grows as 1/tau: 1e-8 diverges to ~4e14)
     c.contras_weight = 1.0  # lambda_c, NT-Xent weight
     c.cluster_weight = 1.0  # lambda_p, prototype classification weight
     c.metric_weight = 1.0  # lambda_m, siamese metric weight
@@ -75,16 +77,18 @@ def get_config():
 
     # ---- prototypes ----
     c.clustering = "Kmeans"  # clustering algorithm; Kmeans is the only one (the original's PIC never existed)
-    c.num_prototypes = 512  # K, number of k-means prototypes
+    c.num_prototypes = 512  # K, number of k-means prototypes; 2 to the pretrain set size N, N - 1 for spcl and metric
+    #   (their positive pairs need a prototype with two images)
     c.kmeans_iters = 20  # Lloyd iterations per clustering
     c.kmeans_init = "random"  # random (K distinct points, faiss default) | kmeans++
     c.pca_dim = 256  # PCA-whitening output dim before k-means (min with D); 0 = off
-    c.pca_eigen_floor = 1e-5  # raise eigenvalues below this x the largest before ^-1/2; 0 = none, as faiss
+    c.pca_eigen_floor = 1e-5  # raise eigenvalues below this x the largest before ^-1/2; 0 = none, as faiss; < 1 (1 = no whitening)
     c.reassign = 1  # re-cluster every `reassign` epochs (the original accepted and ignored it)
     c.classifier_init_freq = 1  # re-initialise the prototype classifier every this many epochs
     c.cluster_feature_view = "augmented"  # augmented (the original's choice, B-8) | eval (clean view, DeepCluster)
     c.feature_pass_order = "dataset"  # dataset | sampler (as written, B-3: features in sampler order, labels misaligned)
-    c.rebuild_member_table = True  # rebuild cluster->members from pseudo labels (False = as written, B-2: ground-truth class buckets drawn from [0, K))
+    c.rebuild_member_table = True  # rebuild cluster->members from pseudo labels (False = as written, B-2: ground-truth class
+    #   buckets drawn from [0, K); with spcl and metric it needs pre_classes >= 2)
     c.pair_sampling = "exact_half"  # exact_half (B/2 positives per batch) | bernoulli (as written, B-9: coin per pair)
 
     # ---- optimisation ----
@@ -92,27 +96,31 @@ def get_config():
     c.warmup_epochs = 10  # linear warmup epochs W
     c.batch_size = 512  # global batch B (pairs for spcl/metric, images otherwise)
     c.learning_rate = 1.0  # peak lr of warmup+cosine (unscaled, as the original); classifier SGD uses lr*B/256
-    c.weight_decay = 1e-6  # weight decay of the pretraining optimiser and the classifier SGD
+    c.weight_decay = 1e-6  # weight decay of the pretraining optimiser and the classifier SGD; in [0, 1) (published: 1e-6 to 0.1;
+    #   1 at lr 1 zeroes the weights every step)
     c.optimiser = "lars"  # lars | sgd | adam
     c.lars_mode = "simclr"  # simclr (bias/norm excluded from decay and trust ratio) | as_written (B-5)
     c.lars_eta = 1e-3  # LARS trust coefficient
-    c.momentum = 0.9  # momentum of LARS/SGD (Nesterov)
+    c.momentum = 0.9  # momentum of LARS/SGD (Nesterov); in [0, 1) (1 never forgets a gradient)
     c.lr_stepping = "epoch"  # epoch (piecewise constant, as the original) | step
     c.epoch0_zero_lr = False  # as written (B-6): epoch 0 runs at lr ~ 1e-13
     c.no_warmup_peak = "unscaled"  # warmup_epochs=0: cosine from learning_rate | scaled (as written, B-6: lr*B/256)
     c.patience = 100  # original option: logs epochs without train-loss improvement (never stops)
     c.grad_clip_norm = 0.0  # global gradient-norm clip; 0 = off
+    c.divergence_factor = 20.0  # stop when a logged mean loss exceeds this multiple of the run's first-step loss
+    #   (a finite explosion; a non-finite loss or gradient always stops); 0 = off
 
     # ---- evaluation ----
     c.evaluate_after_pretrain = True  # run linear and kNN evaluation after pretraining, as the original
     c.linear_eval_protocol = "original"  # original (augmented crops every epoch, DIFFERENCES.md, linear evaluation) | fast (cached features)
     c.finetune_epochs = 100  # linear-evaluation epochs (0 = no linear head, kNN only)
     c.finetune_learning_rate = 0.1  # linear-eval lr (x B/256)
-    c.finetune_weight_decay = 0.0  # linear-eval weight decay
+    c.finetune_weight_decay = 0.0  # linear-eval weight decay; in [0, 1), as weight_decay
     c.finetune_optimiser = "sgd"  # sgd | lars
     c.finetune_batch_size = 512  # linear-eval batch size
     c.knn_k = 200  # neighbours of the kNN classifier
-    c.knn_temperature = 0.07  # kNN vote temperature (InstDisc protocol, as solo-learn)
+    c.knn_temperature = 0.07  # kNN vote temperature (InstDisc protocol, as solo-learn); 0.02 to 10 (the vote weights
+    #   exp(1/T) overflow float32 below T = 0.012)
     c.knn_every_epochs = 0  # during pretraining, kNN top-1 on valid (test without one) every N epochs; 0 = off
     c.eval_random_init_baseline = False  # also evaluate the same encoder at random initialisation
     c.eval_metric_weighting = "sample"  # sample | batch (as written, B-17: unweighted mean over batches of batch_size)
@@ -126,7 +134,8 @@ def get_config():
     c.visual_freq = 1  # draw it at the clusterings of epochs 1, 1 + visual_freq, 1 + 2*visual_freq, ...
     c.debug = False  # original flag: eval_disent uses only the first 32 samples of each split
     c.checkpoint_every_steps = 0  # extra save every N steps (0 = only at epoch ends)
-    c.keep_checkpoints = 2  # newest checkpoints to keep
+    c.keep_checkpoints = 2  # newest checkpoints to keep, 2..1000: the newest is confirmed healthy only by the next
+    #   step's loss, so one more is kept for a divergence to fall back to
     c.overwrite_checkpoints = False  # start fresh in a workdir whose checkpoints belong to another config
     c.no_distributed = False  # original flag: never call jax.distributed.initialize
     c.gpu_id = ""  # original flag: sets CUDA_VISIBLE_DEVICES before JAX starts ("" = leave as is)

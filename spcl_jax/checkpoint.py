@@ -8,6 +8,9 @@ writable) or a step that cannot be read ends the run with one CheckpointError li
 intact.
 """
 import contextlib
+import errno
+import hashlib
+import json
 import os
 import signal
 
@@ -16,8 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from spcl_jax import sharding
-from spcl_jax.errors import CheckpointError
+from spcl_jax import sharding, workdir as workdirs
+from spcl_jax.errors import SAME_COMMAND, CheckpointError, WorkdirError
 from spcl_jax.models.param_groups import _key_name
 
 # Keys that decide what the parameters mean: resuming with a different value is refused.
@@ -30,12 +33,29 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
-    """SIGTERM or a first Ctrl-C arrived; a checkpoint was saved and the run stopped cleanly."""
+    """SIGTERM or a first Ctrl-C arrived; a checkpoint was saved and the run stopped cleanly (`evaluating`: after
+    pretraining was complete, before or during its evaluation)."""
 
-    def __init__(self, signum, step):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved, run the "
-                         "same command to resume")
+    def __init__(self, signum, step, *, evaluating=False):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} at the evaluation after pretraining; pretraining is complete (checkpoint of step "
+            f"{step}): to run the evaluation, run {SAME_COMMAND}" if evaluating else
+            f"stopped by {name} at step {step}; checkpoint saved; to resume, run {SAME_COMMAND}")
         self.exit_status = 128 + signum  # what a shell reports for a process the signal ended
+
+
+@contextlib.contextmanager
+def stop_at_once_on_sigterm(step):
+    """During the evaluation after pretraining, SIGTERM stops at once with a `Preempted` saying so."""
+    def stop(signum, frame):
+        raise Preempted(signum, step, evaluating=True)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _reason(error):
@@ -51,11 +71,45 @@ def checkpoint_dir(workdir):
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
-def resolved_config(config, method):
-    """The config as saved with every checkpoint (JSON types), with the resolved method's name."""
+def resolved_config(config, method, facts=None):
+    """The config as saved with every checkpoint (JSON types), with the resolved method's name and, when
+    given, the facts of the run that a resume must find unchanged (`run_facts`)."""
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
     values["method"] = method.name
+    if facts is not None:
+        values["run_facts"] = facts
     return values
+
+
+def write_config_json(workdir, config, method, facts=None):
+    """`<workdir>/config.json`: the resolved config (and run facts) of what the workdir holds, written whole."""
+    text = json.dumps(resolved_config(config, method, facts), indent=2, sort_keys=True)
+    path = os.path.join(workdir, "config.json")
+    try:
+        workdirs.write_atomic(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise WorkdirError(f"writing {path} failed ({e.strerror or e}); free disk space or pass another --workdir"
+                           ) from e
+
+
+def _digest(values):
+    return hashlib.sha256("\n".join(map(str, values)).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(splits):
+    """What identifies the pretraining data: a resume over other data would index other images (or fail)."""
+    pretrain = splits.pretrain
+    fingerprint = {"pretrain_examples": len(pretrain), "classes": splits.num_classes,
+                   "labels": _digest(pretrain.labels.tolist()), "pool_positions": _digest(pretrain.index.tolist())}
+    paths = getattr(pretrain, "paths", None)
+    if paths is not None:  # image files: their names under the dataset root (a moved copy still matches)
+        fingerprint["files"] = _digest("/".join(paths[int(i)].split(os.sep)[-2:]) for i in pretrain.index)
+    return fingerprint
+
+
+def run_facts(steps_per_epoch, splits):
+    """Facts saved with every checkpoint that must hold on resume (see `Manager.restore_or`)."""
+    return {"steps_per_epoch": int(steps_per_epoch), "data": data_fingerprint(splits)}
 
 
 def open_manager(directory, *, keep=2, read_only=False):
@@ -70,6 +124,35 @@ def _to_saved(state, pseudo, num_pretrain):
     return dict(state, pseudo_labels=labels)
 
 
+def _permission_denied(step_dir, error):
+    """The first path of a step that this user cannot read (or the error's own permission text), else ''."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for e in chain:
+        if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES, errno.EPERM):
+            return str(getattr(e, "filename", None) or e)
+    for root, folders, files in os.walk(step_dir, onerror=lambda e: chain.append(e)):
+        for name in folders + files:
+            path = os.path.join(root, name)
+            if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+                return path
+    if any(isinstance(e, PermissionError) for e in chain) or "permission denied" in str(error).lower():
+        return _reason(error)
+    return ""
+
+
+DAMAGE_SIGNS = ("OUT_OF_RANGE", "DATA_LOSS", "not valid for value of size", "Unexpected end", "JSONDecodeError",
+                "Expecting value", "No such file", "NOT_FOUND", "truncated", "corrupt")
+
+
+def _damaged(step_dir, error):
+    """Whether a read error proves damaged files (truncated, missing or undecodable), not e.g. a mount."""
+    text = f"{type(error).__name__}: {error}"
+    missing = not all(os.path.isdir(os.path.join(step_dir, item)) for item in ("config", "state"))
+    return missing or any(sign.lower() in text.lower() for sign in DAMAGE_SIGNS)
+
+
 def _finished_steps(directory):
     """Steps whose save completed (orbax renames a step's temporary directory to the bare number)."""
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
@@ -77,20 +160,27 @@ def _finished_steps(directory):
 
 class Manager:
     """Saves at epoch ends, every `checkpoint_every_steps` and on SIGTERM or Ctrl-C; restores the newest on
-    start. A second Ctrl-C stops at once (KeyboardInterrupt); `close` gives the signals back."""
+    start. A second Ctrl-C stops at once (KeyboardInterrupt); `close` gives the signals back.
 
-    def __init__(self, workdir, config, method):
-        self.config, self.method = config, method
+    `facts` (see `run_facts`) are saved with every step; a resume refuses different ones.
+    """
+
+    def __init__(self, workdir, config, method, facts=None):
+        self.config, self.method, self.facts = config, method, facts
+        self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
-        try:
-            self._manager = open_manager(self.directory, keep=config.keep_checkpoints)
-        except OSError as e:
-            raise CheckpointError(f"cannot write checkpoints to {self.directory}: {e.strerror or e}; "
-                                  "pass a writable --workdir") from e
+        self._manager = self._open()
         self.stop_signal = None
         self._num_pretrain = None
         self._pending = None  # the step of a save that may still be running in the background
         self._previous_handlers = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
+
+    def _open(self):
+        try:
+            return open_manager(self.directory, keep=self.config.keep_checkpoints)
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoints to {self.directory}: {e.strerror or e}; "
+                                  "pass a writable --workdir") from e
 
     def _request_stop(self, signum, frame):
         if signum == signal.SIGINT and self.stop_signal is not None:
@@ -112,7 +202,11 @@ class Manager:
         return self.stop_signal is not None
 
     def restore_or(self, state, num_pretrain):
-        """(state, pseudo labels) of the newest checkpoint in the workdir, or the given fresh state."""
+        """(state, pseudo labels) of the newest checkpoint in the workdir, or the given fresh state.
+
+        A checkpoint of another run (identity keys, data or steps per epoch differ) is refused, or with
+        `overwrite_checkpoints` moved aside with the run's other outputs; accepted changes are logged.
+        """
         self._num_pretrain = num_pretrain
         step = self._manager.latest_step()
         if step is None:
@@ -122,16 +216,18 @@ class Manager:
             saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except Exception as e:  # orbax raises many types for truncated or damaged files
             raise self._unreadable(step, e) from e
-        current = resolved_config(self.config, self.method)
-        differing = sorted(k for k in IDENTITY_KEYS if saved.get(k) != current[k])
-        if differing and not self.config.overwrite_checkpoints:
-            raise CheckpointError(
-                f"{self.directory} holds a run with different {', '.join(differing)} "
-                f"({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in differing)}); "
-                "use a new --workdir, or --config.overwrite_checkpoints=True to start fresh here")
+        differing = self._differences(saved)
         if differing:
-            logging.warning("overwrite_checkpoints: ignoring the checkpoints in %s", self.directory)
+            described = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
+            if not self.config.overwrite_checkpoints:
+                raise CheckpointError(
+                    f"{self.directory} holds another run (step {step}; {described}); use a new --workdir, or "
+                    "--config.overwrite_checkpoints=True to move that run aside and start fresh here")
+            self._set_aside(step, described)
             return state, None
+        self._log_changes(saved)
+        if self.facts is not None and "first_step_loss" in (saved.get("run_facts") or {}):
+            self.facts["first_step_loss"] = saved["run_facts"]["first_step_loss"]
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saved(state, None, num_pretrain))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -142,11 +238,67 @@ class Manager:
         logging.info("resuming from the checkpoint of step %d in %s", step, self.directory)
         return restored, (None if (pseudo < 0).any() else pseudo)
 
+    def _differences(self, saved):
+        """{what: (saved, now)} of everything that makes the saved checkpoint another run's."""
+        current = resolved_config(self.config, self.method)
+        differing = {k: (saved.get(k), current[k]) for k in IDENTITY_KEYS if saved.get(k) != current[k]}
+        saved_facts, facts = saved.get("run_facts"), self.facts
+        if saved_facts is None or facts is None:  # written before facts were saved, or a test's bare Manager
+            return differing
+        for key, value in facts["data"].items():
+            if saved_facts["data"].get(key) != value:
+                differing[f"data {key}"] = (saved_facts["data"].get(key), value)
+        if saved_facts["steps_per_epoch"] != facts["steps_per_epoch"]:  # the saved step would map elsewhere
+            differing["steps per epoch (max_steps_per_epoch, batch_size, data)"] = (
+                saved_facts["steps_per_epoch"], facts["steps_per_epoch"])
+        return differing
+
+    def _log_changes(self, saved):
+        current = resolved_config(self.config, self.method)
+        for key in sorted(k for k in current if k in saved and saved[k] != current[k]):
+            logging.warning("resuming with a changed %s: %r -> %r", key, saved[key], current[key])
+
+    def _set_aside(self, step, described):
+        """overwrite_checkpoints: the previous run's checkpoints and outputs move to a new folder of the
+        workdir (process 0; the others wait), so the new run starts clean and nothing is deleted."""
+        self._manager.close()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoints: before setting aside")
+        if jax.process_index() == 0:
+            folder = workdirs.set_aside(self.workdir)
+            logging.warning("overwrite_checkpoints: the run of step %d in %s (%s) was moved to %s; delete it when "
+                            "you no longer need it", step, self.directory, described, folder)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints: set aside")
+        self._manager = self._open()
+
     def _unreadable(self, step, error):
+        """Deleting is advised only for a step whose files are provably damaged; permissions are named."""
+        step_dir = os.path.join(self.directory, str(step))
+        denied = _permission_denied(step_dir, error)
+        if denied:
+            return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: permission denied "
+                                   f"({denied}); give this user read access (chmod -R u+rwX {step_dir}) or run as "
+                                   "the user who wrote it")
         older = [s for s in _finished_steps(self.directory) if s < step]
         fallback = f"resume from step {older[-1]}" if older else "start afresh"
-        return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({_reason(error)}); "
-                               f"delete {os.path.join(self.directory, str(step))} to {fallback}, or pass a new --workdir")
+        if _damaged(step_dir, error):
+            advice = f"delete {step_dir} to {fallback}, or pass a new --workdir"
+        else:
+            advice = f"if it is damaged, move it aside (mv {step_dir} {step_dir}.unreadable) to {fallback}"
+        return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({_reason(error)}); {advice}")
+
+    def set_aside_from(self, step, reason):
+        """Moves saved steps >= `step` to `<step>.<reason>` (process 0) and stops saving; returns the newest
+        step left, or None."""
+        self.wait()
+        self._shutdown()
+        if jax.process_index() == 0:
+            for late in (s for s in _finished_steps(self.directory) if s >= step):
+                os.replace(os.path.join(self.directory, str(late)), os.path.join(self.directory, f"{late}.{reason}"))
+        return max(_finished_steps(self.directory), default=None)
 
     def save(self, state, pseudo, *, epoch_end):
         step = int(state["step"])
@@ -156,7 +308,7 @@ class Manager:
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_to_saved(state, pseudo, self._num_pretrain)),
-                config=ocp.args.JsonSave(resolved_config(self.config, self.method))), force=True)
+                config=ocp.args.JsonSave(resolved_config(self.config, self.method, self.facts))), force=True)
         except Exception as e:
             raise self._save_failed(step, e) from e
         self._pending = step
@@ -175,8 +327,8 @@ class Manager:
         intact = _finished_steps(self.directory)
         kept = f"the checkpoint of step {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
         return CheckpointError(f"saving the checkpoint of step {step} to {self.directory} failed ({_reason(error)}); "
-                               f"{kept}: free disk space or pass a writable --workdir, then run the same command "
-                               "to resume")
+                               f"{kept}: free disk space (or make the workdir writable), then to resume, run "
+                               f"{SAME_COMMAND}")
 
     def close(self):
         """Waits for the last save, then gives SIGTERM and SIGINT back to their previous handlers."""
@@ -196,8 +348,12 @@ def _open_step(directory, step):
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist; pass the "
                               "<workdir>/checkpoints of a pretraining run")
-    manager = open_manager(os.path.abspath(directory), read_only=True)
-    steps = manager.all_steps()
+    try:
+        manager = open_manager(os.path.abspath(directory), read_only=True)
+        steps = manager.all_steps()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint directory {directory} cannot be read ({e.strerror or e}); give this user "
+                              f"read access (chmod -R u+rwX {directory}) or pass a readable one") from e
     if not steps:
         inner = os.path.join(directory, "checkpoints")
         raise CheckpointError(f"no checkpoint in {directory}; pass " + (

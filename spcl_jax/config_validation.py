@@ -31,15 +31,34 @@ def choices():
     }
 
 
-POSITIVE = ("learning_rate", "n_epochs", "batch_size", "temperature", "image_size", "n_classes",
+POSITIVE = ("learning_rate", "n_epochs", "batch_size", "n_classes",
             "pre_classes", "kmeans_iters", "reassign", "classifier_init_freq", "proj_dim",
             "width_multiplier", "finetune_learning_rate", "finetune_batch_size", "knn_k",
-            "knn_temperature", "log_every_steps", "keep_checkpoints", "visual_freq", "lars_eta")
-NON_NEGATIVE = ("warmup_epochs", "weight_decay", "finetune_weight_decay", "finetune_epochs",
-                "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim", "pca_eigen_floor",
-                "checkpoint_every_steps", "grad_clip_norm", "patience", "dip_weight",
+            "log_every_steps", "visual_freq", "lars_eta")
+NON_NEGATIVE = ("warmup_epochs", "finetune_epochs",
+                "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim",
+                "checkpoint_every_steps", "grad_clip_norm", "divergence_factor", "patience", "dip_weight",
                 "knn_every_epochs")
-PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "hflip_p", "momentum")
+PROBABILITIES = ("jitter_p", "grey_p", "blur_p", "hflip_p")
+
+
+def _interval(low, high, closed=True, what="a number"):
+    """(low, high, whether high is allowed, the range in words)."""
+    return low, high, closed, f"{what} in [{low}, {high}{']' if closed else ')'}"
+
+
+# Values outside these are accepted by the code but nonsense or numerically broken; configs/default.py says why.
+RANGES = {
+    "seed": _interval(0, 2**32 - 1, what="an integer"),
+    "temperature": _interval(0.01, 10),
+    "knn_temperature": _interval(0.02, 10),
+    "jitter_d": _interval(0, 2.5),
+    "momentum": _interval(0, 1, closed=False),
+    "weight_decay": _interval(0, 1, closed=False),
+    "finetune_weight_decay": _interval(0, 1, closed=False),
+    "pca_eigen_floor": _interval(0, 1, closed=False),
+    "keep_checkpoints": _interval(2, 1000, what="an integer"),
+}
 
 
 def _fail(key, value, valid):
@@ -59,20 +78,21 @@ def check_schema(config, reference):
             raise ConfigError(f"invalid config: missing key {key!r}; start config files from "
                               "configs/default.py")
         want, got = reference[key], config[key]
-        if got is None or want is None:
-            continue
-        if isinstance(want, bool):
-            ok = isinstance(got, bool)
-        elif isinstance(want, int):
-            ok = isinstance(got, int) and not isinstance(got, bool)
-        elif isinstance(want, float):
-            ok = isinstance(got, (int, float)) and not isinstance(got, bool)
-        elif isinstance(want, (tuple, list)):
-            ok = isinstance(got, (tuple, list)) and len(got) == len(want)
-        else:
-            ok = isinstance(got, type(want))
-        if not ok:
+        if got is not None and want is not None and not _same_type(want, got):
             _fail(key, got, f"a value of type {type(want).__name__} like {want!r}")
+
+
+def _same_type(want, got):
+    """`got` has the type of `want` (an int where a float is wanted; tuples element by element)."""
+    if isinstance(want, bool):
+        return isinstance(got, bool)
+    if isinstance(want, int):
+        return isinstance(got, int) and not isinstance(got, bool)
+    if isinstance(want, float):
+        return isinstance(got, (int, float)) and not isinstance(got, bool)
+    if isinstance(want, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(got) == len(want) and all(map(_same_type, want, got))
+    return isinstance(got, type(want))
 
 
 def check_values(config, device_count):
@@ -92,6 +112,10 @@ def check_values(config, device_count):
     for key in PROBABILITIES:
         if not 0 <= config[key] <= 1:
             _fail(key, config[key], "a probability in [0, 1]")
+    for key, (low, high, closed, valid) in RANGES.items():
+        if not (low <= config[key] <= high if closed else low <= config[key] < high):
+            _fail(key, config[key], valid)
+    check_image_size(config)
     for key in ("blur_sigma", "crop_scale"):
         lo, hi = config[key]
         if not 0 < lo <= hi:
@@ -115,6 +139,10 @@ def check_values(config, device_count):
     if config.checkpoint_step < -1:
         _fail("checkpoint_step", config.checkpoint_step, "-1 (newest) or a saved step >= 0")
     method = methods.resolve(config)
+    if method.pairs and not config.rebuild_member_table and config.pre_classes < 2:
+        _fail("pre_classes", config.pre_classes,
+              f"an integer >= 2 with rebuild_member_table=False ({method.name}'s pairs then come from the ground-truth "
+              "classes, B-2, and a pair of different prototypes needs two)")
     if config.prototype_classifier_width == "n_classes" and config.num_prototypes > config.n_classes:
         _fail("prototype_classifier_width", "n_classes",
               f"num_prototypes (the as-written width needs num_prototypes <= n_classes="
@@ -128,7 +156,7 @@ def check_values(config, device_count):
     if config.finetune_batch_size % device_count:
         _fail("finetune_batch_size", config.finetune_batch_size,
               f"a multiple of the global device count {device_count}")
-    if config.mode != "pretrain" or config.finetune or config.eval_disent:
+    if not methods.pretrains(config):
         if not config.load_checkpoint_dir:
             _fail("load_checkpoint_dir", config.load_checkpoint_dir,
                   f"a checkpoint directory (mode={config.mode} evaluates a saved encoder)")
@@ -139,11 +167,29 @@ def check_values(config, device_count):
     return method
 
 
+def check_image_size(config):
+    """Crops at least as big as the network's downsampling, so the last stage sees image, not padding."""
+    from spcl_jax import models
+
+    stride = models.total_stride(config.stem, config.image_size)
+    if config.image_size < stride:
+        _fail("image_size", config.image_size,
+              f"an integer >= {stride} (the network with stem={config.stem} downsamples by {stride})")
+
+
 def check_pretrain_size(config, num_pretrain):
-    """K prototypes need at least K examples (checked once the dataset size is known)."""
-    if methods.resolve(config).clustering and config.num_prototypes > num_pretrain:
+    """K prototypes need at least K examples, and K < N when training on pairs from the prototypes: with one
+    image per prototype there is no same-prototype pair (checked once the dataset size is known)."""
+    method = methods.resolve(config)
+    if not method.clustering:
+        return
+    if config.num_prototypes > num_pretrain:
         _fail("num_prototypes", config.num_prototypes,
               f"at most the pretrain set size {num_pretrain}")
+    if method.pairs and config.rebuild_member_table and config.num_prototypes == num_pretrain:
+        _fail("num_prototypes", config.num_prototypes,
+              f"at most {num_pretrain - 1}, one less than the pretrain set size {num_pretrain} ({method.name} pairs "
+              "two images of one prototype)")
 
 
 def validate(config, reference, device_count):

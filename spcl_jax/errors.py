@@ -3,6 +3,9 @@
 `launch.py` prints these without a traceback and exits with status 2; anything else is a bug.
 """
 
+# Messages that end a resumable run say "... run the same command"; launch.py puts the exact command in its place.
+SAME_COMMAND = "the same command"
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint); the message is the whole report."""

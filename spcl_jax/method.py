@@ -53,6 +53,12 @@ NAMES = tuple(METHODS)
 _FLAGS = {(True, True): "spcl", (True, False): "cluster", (False, True): "metric", (False, False): "simclr"}
 
 
+def pretrains(config):
+    """Whether the config pretrains (else it evaluates a saved encoder: mode=linear_eval|knn_eval, or the
+    original's `finetune` / `eval_disent` switches)."""
+    return config.mode == "pretrain" and not config.finetune and not config.eval_disent
+
+
 def resolve(config):
     """The config's `Method`: the original's flags choose it when any of them is set, else `config.method`.
     A method name that is not one of NAMES raises KeyError (the config validator names it first)."""

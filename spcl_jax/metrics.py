@@ -19,13 +19,14 @@ class MetricWriter:
 
     def __init__(self, workdir, *, enabled=True):
         self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         self._jsonl = None
         if enabled:
             from tensorboardX import SummaryWriter
 
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            self._jsonl = open(self.path, "a", buffering=1)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step, epoch, scalars):

@@ -68,10 +68,15 @@ class LibraryInfoFilter(std_logging.Filter):
         super().__init__()
         self.keep_tracebacks = keep_tracebacks
 
+    # orbax warnings that mean nothing to a user: a read-only manager (evaluation, export) announcing itself
+    MEANINGLESS = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
     def filter(self, record):
         quiet = any(part in record.pathname for part in ("/orbax/", "/jax/_src/"))
         if quiet and not self.keep_tracebacks:
             record.exc_info, record.exc_text = None, None
+        if quiet and any(str(record.msg).startswith(text) for text in self.MEANINGLESS):
+            return False
         return record.levelno >= std_logging.WARNING or not quiet
 
 

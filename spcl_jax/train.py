@@ -6,7 +6,6 @@ own SGD; then the epoch's steps over a pair plan (spcl/metric) or a permutation 
 finally linear and kNN evaluation, `figs/losses.png` and the results table in `results.json` and `results.md`.
 """
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -18,16 +17,15 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from tqdm import tqdm
 
 from spcl_jax import augment, checkpoint, config_validation, data, evaluate, features, kmeans, losses
 from spcl_jax import method as methods
-from spcl_jax import models, network, optim, prototypes, sharding, streams, visual
+from spcl_jax import models, network, optim, progress, prototypes, sharding, streams, visual
 from spcl_jax.data import pipeline
-from spcl_jax.errors import ConfigError, UserError
+from spcl_jax.errors import SAME_COMMAND, ConfigError, UserError, WorkdirError
 from spcl_jax.metrics import MetricWriter, read_metrics
 from spcl_jax.network import prototype_classifier_width
-from spcl_jax.workdir import claim_workdir, write_atomic
+from spcl_jax.workdir import check_outputs, claim_workdir
 
 
 MODES = ("pretrain", "linear_eval", "knn_eval")
@@ -38,8 +36,8 @@ WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than thi
 VISUAL_POINTS = 5000  # examples in the `visual_cls` figure: a fixed random subset (datasets may be sorted by class)
 
 
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; the message names the step and the loss terms."""
+class DivergedError(UserError):
+    """The loss or gradient became non-finite, or the loss exploded; the message names the step and the terms."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +66,45 @@ class Run:
         return getattr(self.splits, self.method.source_split)
 
 
+class DivergenceGuard:
+    """Stops a run whose loss or gradient turned non-finite (the step flags it on the device) or whose logged
+    mean loss exceeds `divergence_factor` times the loss of the run's first step (kept in the checkpoints'
+    run facts, so a resume keeps it).
+
+    A step's loss is computed on the state before it, so a saved state is confirmed healthy only by a later
+    check. Every save is preceded by a check; on divergence the checkpoints not yet confirmed are moved
+    aside (`<step>.diverged`), so the newest checkpoint left, and resumed from, is a healthy one.
+    """
+
+    def __init__(self, factor, facts):
+        self.factor, self.facts = factor, {} if facts is None else facts
+
+    def first_step(self, metrics):
+        """Call with the metrics of the run's very first step."""
+        self.facts["first_step_loss"] = float(metrics["train/loss"])
+
+    def check(self, state, means, step, checked_before, manager):
+        """`means` of the steps after `checked_before` (the step of the previous check) up to `step` (0-based)."""
+        bad = int(state["first_nonfinite_step"])
+        reference = self.facts.get("first_step_loss")
+        loss = means["train/loss"]
+        if bad >= 0:
+            what, unconfirmed = f"non-finite loss or gradient at step {bad + 1} (noticed at step {step + 1})", bad
+        elif self.factor and reference is not None and loss > self.factor * abs(reference):
+            what = (f"the loss exploded by step {step + 1}: {loss:.4g} is more than divergence_factor={self.factor:g} "
+                    f"times the first step's {reference:.4g}")
+            unconfirmed = checked_before
+        else:
+            return
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(means.items()) if "loss" in k or "grad_norm" in k)
+        newest = manager.set_aside_from(unconfirmed, "diverged")
+        resume = (f"to resume from the checkpoint of step {newest} (the newest before it diverged), run "
+                  f"{SAME_COMMAND} with that change" if newest is not None else
+                  f"then run {SAME_COMMAND} with that change (no checkpoint before it diverged)")
+        raise DivergedError(f"{what}: {terms}; lower learning_rate or set grad_clip_norm (divergence_factor=0 turns "
+                            f"the explosion check off), {resume}")
+
+
 @dataclasses.dataclass
 class Loop:
     """What the training loop writes to: the run's metrics, its checkpoints and its workdir."""
@@ -77,6 +114,15 @@ class Loop:
     manager: checkpoint.Manager
     workdir: str
     warned_waiting: bool = False
+    pace: progress.Pace = dataclasses.field(init=False)
+    guard: DivergenceGuard = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        config, steps = self.run.config, self.run.steps_per_epoch
+        self.guard = DivergenceGuard(config.divergence_factor, self.manager.facts)
+        clusters = self.run.method.clustering
+        self.pace = progress.Pace(config.n_epochs * steps, [epoch * steps for epoch in range(config.n_epochs)
+                                                            if clusters and epoch % config.reassign == 0])
 
 
 def view_specs(method, config):
@@ -149,13 +195,14 @@ def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifie
         classifier_updates, classifier_opt_state = classifier_tx.update(
             classifier_grads, state["classifier_opt_state"], state["classifier_params"])
         classifier_params = optax.apply_updates(state["classifier_params"], classifier_updates)
-        finite = jnp.isfinite(total)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         new_state = dict(
             params=params, batch_stats=batch_stats, opt_state=opt_state, classifier_params=classifier_params,
             classifier_opt_state=classifier_opt_state, step=state["step"] + 1,
             first_nonfinite_step=jnp.where((state["first_nonfinite_step"] < 0) & ~finite, state["step"],
                                            state["first_nonfinite_step"]))
-        metrics = {"train/loss": total, "train/grad_norm": optax.tree.norm(grads)}
+        metrics = {"train/loss": total, "train/grad_norm": grad_norm}
         metrics.update({f"train/loss_{k}": v for k, v in terms.items()})
         metrics.update({f"train/{k}": v for k, v in diagnostics.items()})
         return new_state, metrics
@@ -310,35 +357,34 @@ class Patience:
         self.best, self.count = (loss, 0) if loss < self.best else (self.best, self.count + 1)
 
 
-def check_finite(state, metrics, step):
-    bad = int(state["first_nonfinite_step"])
-    if bad >= 0:
-        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()) if "loss" in k)
-        raise NonFiniteLossError(
-            f"non-finite loss at step {bad + 1} (noticed at step {step + 1}): {terms}; lower learning_rate "
-            "or set grad_clip_norm; the last checkpoint is untouched and resumes with the same command")
-
-
-def write_run_config(config, method, workdir):
-    text = json.dumps(checkpoint.resolved_config(config, method), indent=2, sort_keys=True)
-    write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(text.encode()))
-
-
 def train_and_evaluate(config, workdir):
     """Pretrain with the config's method, then (unless switched off) linear and kNN evaluation."""
     method = methods.resolve(config)
+    check_outputs(workdir)
     splits = data.load_splits(config)
     config_validation.check_pretrain_size(config, len(splits.pretrain))
     run, state = build(config, method, splits, sharding.data_mesh())
     is_main = jax.process_index() == 0
     if is_main:  # the processes of one run share its workdir
         claim_workdir(workdir)
-    loop = Loop(run, MetricWriter(workdir, enabled=is_main), checkpoint.Manager(workdir, config, method), workdir)
-    state, pseudo = loop.manager.restore_or(state, len(splits.pretrain))
+    facts = checkpoint.run_facts(run.steps_per_epoch, splits)
+    manager = checkpoint.Manager(workdir, config, method, facts)
+    state, pseudo = manager.restore_or(state, len(splits.pretrain))  # may move another run's outputs aside
+    loop = Loop(run, MetricWriter(workdir, enabled=is_main), manager, workdir)
     if is_main:
-        write_run_config(config, method, workdir)
+        progress.log_to_file(workdir)  # after restore_or: a refused resume leaves the workdir as it was
+        checkpoint.write_config_json(workdir, config, method, facts)
     log_start(run, workdir)
     start_step = int(state["step"])
+    finished = evaluate.finished_results(workdir, config, method, start_step)
+    if start_step == config.n_epochs * run.steps_per_epoch and (finished or not config.evaluate_after_pretrain):
+        loop.manager.close()
+        loop.writer.close()
+        logging.info("this run is finished (step %d of %d)%s", start_step, start_step,
+                     "; its results:" if finished else "; evaluate_after_pretrain is off")
+        if finished:
+            evaluate.show_results(finished, workdir)
+        return state, finished["metrics"] if finished else {}
     patience = Patience()
     monitor = evaluate.Evaluator(config, splits, run.graphdef, run.mesh) if config.knn_every_epochs else None
     for epoch in range(start_step // run.steps_per_epoch, config.n_epochs):
@@ -353,25 +399,35 @@ def train_and_evaluate(config, workdir):
         if monitor and (epoch + 1) % config.knn_every_epochs == 0:
             summary.update(monitor.knn_monitor(state["params"], state["batch_stats"]))
         loop.writer.write(int(state["step"]), epoch, summary)
-        logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)%s",
+        logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)%s, "
+                     "ETA %s",
                      epoch + 1, config.n_epochs, epoch_means["train/loss"],
                      ", ".join(f"{k.removeprefix('train/loss_')} {v:.4f}" for k, v in epoch_means.items()
                                if k.startswith("train/loss_")),
                      epoch_means["train/lr"], time.time() - began, patience.count, config.patience,
-                     "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("knn_monitor/")))
+                     "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("knn_monitor/")),
+                     loop.pace.eta(int(state["step"])))
+    step = int(state["step"])
+    if loop.manager.stop_requested():  # a signal after the last step: pretraining is saved, say so and stop
+        loop.manager.close()
+        raise checkpoint.Preempted(loop.manager.stop_signal, step, evaluating=config.evaluate_after_pretrain)
     loop.manager.close()  # last save complete; Ctrl-C and SIGTERM act at once again during evaluation
-    results = evaluate.after_pretraining(run, state, loop.writer) if config.evaluate_after_pretrain else {}
+    results = {}
+    if config.evaluate_after_pretrain:
+        with checkpoint.stop_at_once_on_sigterm(step):
+            results = evaluate.after_pretraining(run, state, loop.writer)
     loop.writer.close()
     if is_main:
-        write_summary(run, int(state["step"]), results, workdir)
+        write_summary(run, step, results, workdir)
     return state, results
 
 
 def log_start(run, workdir):
     """What runs where: processes and devices, the method and data, the batch split, the input, the lr."""
     config = run.config
-    logging.info("process %d of %d with %d of %d devices; workdir %s", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), workdir)
+    logging.info("process %d of %d with %d of %d devices; workdir %s (the same options with --workdir=%s resume "
+                 "this run)", jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 workdir, workdir)
     logging.info("method=%s dataset=%s pretrain=%d examples; global batch %d = %d per host x %d hosts "
                  "= %d per device x %d devices; %d steps per epoch (incomplete last batch dropped)",
                  run.method.name, config.dataset, len(run.splits.pretrain), config.batch_size,
@@ -398,13 +454,14 @@ def start_epoch(loop, state, pseudo, epoch):
     config = run.config
     step = int(state["step"])
     if run.method.clustering and (epoch % config.reassign == 0 or pseudo is None):
-        began = time.time()
+        clustering = progress.Announcement(f"epoch {epoch + 1}: clustering {len(run.splits.pretrain):,} examples")
         draw = config.visual_cls and epoch % config.visual_freq == 0
         pseudo, stats, points = cluster(run, state, epoch, streams.kmeans_key(config.seed, epoch), projection=draw)
         stats = {f"kmeans/{k}": v for k, v in stats.items()}
-        stats["kmeans/seconds"] = time.time() - began
+        stats["kmeans/seconds"] = clustering.seconds
+        loop.pace.clustered(stats["kmeans/seconds"])
         writer.write(step, epoch, stats)
-        logging.info("epoch %d clustering: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+        clustering.done(f"epoch {epoch + 1}: clustered", ": " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         if draw and jax.process_index() == 0:
             shown = streams.figure_subset(config.seed).permutation(len(pseudo))[:VISUAL_POINTS]
             image = visual.cluster_figure(points[shown], pseudo[shown], run.splits.pretrain.labels[shown], epoch + 1)
@@ -419,26 +476,42 @@ def start_epoch(loop, state, pseudo, epoch):
     return state, pseudo
 
 
+def train_step(loop, state, batch):
+    """`run.train_step`. This process's first call compiles it: announced and timed, waiting for its result."""
+    if loop.pace.started:
+        return loop.run.train_step(state, batch)
+    compiling = progress.Announcement("compiling the training step")
+    state, metrics = loop.run.train_step(state, batch)
+    state["step"].block_until_ready()
+    compiling.done("compiled", " (its first step included)")
+    loop.pace.start(int(state["step"]))
+    return state, metrics
+
+
 def run_epoch(loop, state, pseudo, epoch, first_step):
     """The steps of `epoch` from `first_step` on; (state, the epoch's mean metrics)."""
-    run, writer, manager = loop.run, loop.writer, loop.manager
+    run, manager = loop.run, loop.manager
     config = run.config
     plan = epoch_plan(run, epoch, pseudo)
     maker = epoch_pass(run, epoch, plan)
     totals, count, last_time, last_step, last_wait = {}, 0, time.time(), int(state["step"]), 0.0
     epoch_sums, epoch_count = {}, 0
-    bar = tqdm(total=run.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.n_epochs}",
-               unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = progress.Bar(epoch, config.n_epochs, run.steps_per_epoch, first_step, loop.pace,
+                       enabled=jax.process_index() == 0)
     with bar, pipeline.Loader(maker, num_workers=config.num_workers, start=first_step) as loader:
         for i, host_batch in zip(range(first_step, run.steps_per_epoch), loader):
             step = epoch * run.steps_per_epoch + i
-            state, metrics = run.train_step(state, make_batch(run, plan, maker, i, host_batch, pseudo))
+            state, metrics = train_step(loop, state, make_batch(run, plan, maker, i, host_batch, pseudo))
+            bar.dispatched(metrics["train/loss"])  # not state["step"]: the next step donates the state
+            if step == 0:
+                loop.guard.first_step(metrics)
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
             count += 1
-            bar.update(1)
             last = i == run.steps_per_epoch - 1
-            logged = (step + 1) % config.log_every_steps == 0 or last
-            if logged:
+            save_due = config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not last
+            logged = (step + 1) % config.log_every_steps == 0 or last or save_due  # every save is checked first
+            stop = manager.stop_requested(agree=logged)  # multi-process runs stop at the next logged step
+            if logged or stop:
                 sums = {k: float(v) for k, v in totals.items()}
                 epoch_sums = {k: epoch_sums.get(k, 0.0) + v for k, v in sums.items()}
                 epoch_count += count
@@ -448,21 +521,35 @@ def run_epoch(loop, state, pseudo, epoch, first_step):
                 means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * len(run.specs)
                                                  / max(now - last_time, 1e-9))
                 means["data/wait_fraction"] = min((loader.wait_seconds - last_wait) / max(now - last_time, 1e-9), 1.0)
-                check_finite(state, means, step)
-                writer.write(step + 1, epoch, means)
+                loop.guard.check(state, means, step, last_step, manager)
+                write_or_save(loop, state, pseudo, step + 1, epoch, means)
                 warn_if_waiting(loop, means["data/wait_fraction"])
-                bar.set_postfix(loss=f"{means['train/loss']:.4f}", lr=f"{means['train/lr']:.3g}",
-                                img_s=f"{means['train/images_per_sec']:.0f}")
+                bar.logged(means["train/loss"], means["train/lr"], means["train/images_per_sec"])
                 totals, count, last_time, last_step, last_wait = {}, 0, now, step + 1, loader.wait_seconds
-            if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not last:
+            if save_due:
                 manager.save(state, pseudo, epoch_end=False)
-            if manager.stop_requested(agree=logged):  # multi-process runs stop at the next logged step
+            if stop:
                 manager.save(state, pseudo, epoch_end=False)
                 manager.close()
                 raise checkpoint.Preempted(manager.stop_signal, step + 1)
     epoch_means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
     epoch_means["train/lr"] = float(run.schedule(jnp.int32(epoch * run.steps_per_epoch)))
     return state, epoch_means
+
+
+def write_or_save(loop, state, pseudo, step, epoch, scalars):
+    """`writer.write`; when that fails (disk full), the state is saved if it can be and the run stops."""
+    try:
+        loop.writer.write(step, epoch, scalars)
+    except OSError as e:
+        try:
+            loop.manager.save(state, pseudo, epoch_end=False)
+            loop.manager.close()
+            kept = f"the checkpoint of step {int(state['step'])} was saved"
+        except UserError:
+            kept = "no checkpoint could be saved either (the newest left is intact)"
+        raise WorkdirError(f"writing {loop.writer.path} failed ({e.strerror or e}); {kept}: free disk space, then "
+                           f"to resume, run {SAME_COMMAND}") from e
 
 
 def warn_if_waiting(loop, wait_fraction):
@@ -481,6 +568,6 @@ def warn_if_waiting(loop, wait_fraction):
 
 def run_mode(config, workdir):
     """What `launch.py` calls: pretraining or, for `mode=linear_eval|knn_eval`, evaluation of a checkpoint."""
-    if config.mode == "pretrain" and not config.finetune and not config.eval_disent:
+    if methods.pretrains(config):
         return train_and_evaluate(config, workdir)
     return evaluate.evaluate_checkpoint(config, workdir)

@@ -5,11 +5,12 @@ and files that appear whole or not at all.
 the process. The kernel drops the lock when the process ends, however it ends, so a SIGKILLed or
 crashed run leaves no stale lock behind. The file names the holder, for the second run's message.
 """
+import datetime
 import errno
 import fcntl
 import os
+import secrets
 import socket
-import tempfile
 
 from absl import logging
 
@@ -52,8 +53,7 @@ def claim_workdir(workdir):
 
 def write_atomic(path, write):
     """`write(file)` into a temporary file beside `path`, then rename: readers never see a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, temporary = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -63,3 +63,43 @@ def write_atomic(path, write):
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def _create_beside(path):
+    """(descriptor, name) of a new hidden file beside `path`, with the mode `open(path, "w")` would give it
+    (0o666 less the umask; `tempfile.mkstemp` makes 0o600 files, which other users of a shared run could not
+    read)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:  # another writer drew the same name
+            continue
+
+
+OUTPUT_DIRS = ("checkpoints", "tensorboard", "figs")
+OUTPUT_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md", "train.log")
+RUN_OUTPUTS = OUTPUT_DIRS + OUTPUT_FILES
+
+
+def check_outputs(workdir):
+    """Refuses a workdir where an output the run writes has the wrong kind (e.g. `checkpoints` a file,
+    `metrics.jsonl` a directory), before anything is compiled or written."""
+    for names, wanted, is_kind in ((OUTPUT_DIRS, "directory", os.path.isdir), (OUTPUT_FILES, "file", os.path.isfile)):
+        for name in names:
+            path = os.path.join(workdir, name)
+            if os.path.lexists(path) and not is_kind(path):
+                raise WorkdirError(f"{path} is not a {wanted}, and the run writes its {name} there; move it away or "
+                                   "pass another --workdir")
+
+
+def set_aside(workdir):
+    """Moves the run outputs of `workdir` into a new `replaced-<UTC time>` folder of it; returns its path."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    folder = os.path.join(workdir, f"replaced-{stamp}")
+    os.makedirs(folder)
+    for name in RUN_OUTPUTS:
+        if os.path.lexists(os.path.join(workdir, name)):
+            os.replace(os.path.join(workdir, name), os.path.join(folder, name))
+    return folder

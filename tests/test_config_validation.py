@@ -30,6 +30,26 @@ BAD = [
     (["--config.method=byol"], "method='byol'; valid: spcl | simclr"),
     (["--config.jitter_p=1.5"], "jitter_p=1.5; valid: a probability in [0, 1]"),
     (["--config.crop_scale=(0.5,)"], "crop_scale=(0.5,)"),
+    (["--config.keep_checkpoints=1"], "keep_checkpoints=1; valid: an integer in [2, 1000]"),
+    (["--config.divergence_factor=-1"], "divergence_factor=-1.0; valid: a number >= 0"),
+    (["--config.crop_scale=(0.5,\"a\")"], "crop_scale=(0.5, 'a'); valid: a value of type tuple like (0.08, 1.0)"),
+    (["--config.crop_scale=(0.5,1.5)"], "crop_scale=(0.5, 1.5); valid: (low, high) with high <= 1"),
+    (["--config.temperature=1e-8"], "temperature=1e-08; valid: a number in [0.01, 10]"),
+    (["--config.temperature=100"], "temperature=100.0; valid: a number in [0.01, 10]"),
+    (["--config.knn_temperature=0.001"], "knn_temperature=0.001; valid: a number in [0.02, 10]"),
+    (["--config.momentum=1"], "momentum=1.0; valid: a number in [0, 1)"),
+    (["--config.weight_decay=1"], "weight_decay=1.0; valid: a number in [0, 1)"),
+    (["--config.finetune_weight_decay=-0.1"], "finetune_weight_decay=-0.1; valid: a number in [0, 1)"),
+    (["--config.pca_eigen_floor=1"], "pca_eigen_floor=1.0; valid: a number in [0, 1)"),
+    (["--config.jitter_d=3"], "jitter_d=3.0; valid: a number in [0, 2.5]"),
+    (["--config.jitter_d=-1"], "jitter_d=-1.0; valid: a number in [0, 2.5]"),
+    (["--config.seed=-1"], "seed=-1; valid: an integer in [0, 4294967295]"),
+    (["--config.seed=4294967296"], "seed=4294967296; valid: an integer in [0, 4294967295]"),
+    (["--config.seed=18446744073709551616"], "seed=18446744073709551616; valid: an integer in [0, 4294967295]"),
+    (["--config.image_size=1"], "image_size=1; valid: an integer >= 8 (the network with stem=auto downsamples by 8)"),
+    (["--config.stem=imagenet"], "image_size=16; valid: an integer >= 32 (the network with stem=imagenet downsamples"),
+    (["--config.rebuild_member_table=False", "--config.pre_classes=1"],
+     "pre_classes=1; valid: an integer >= 2 with rebuild_member_table=False (spcl's pairs then come from"),
 ]
 
 
@@ -87,6 +107,23 @@ def test_as_written_classifier_width_needs_few_prototypes():
     assert config_validation.validate(config, default.get_config(), 1).name == "spcl"
 
 
+def test_pair_methods_need_fewer_prototypes_than_images():
+    """K = N k-means prototypes hold one image each: no same-prototype pair for spcl or metric (K = N - 1 holds
+    two in one by pigeonhole); the prototype classifier of method=cluster trains with K = N."""
+    config = default.get_config()
+    config.num_prototypes = 100
+    with pytest.raises(ConfigError, match=r"num_prototypes=100; valid: at most 99, one less than the pretrain set "
+                                          r"size 100 \(spcl pairs two images of one prototype\)"):
+        config_validation.check_pretrain_size(config, 100)
+    config_validation.check_pretrain_size(config, 101)
+    with pytest.raises(ConfigError, match="num_prototypes=100; valid: at most the pretrain set size 99$"):
+        config_validation.check_pretrain_size(config, 99)
+    config.method = "cluster"
+    config_validation.check_pretrain_size(config, 100)
+    config.method, config.rebuild_member_table = "metric", False  # pairs from ground-truth classes (B-2)
+    config_validation.check_pretrain_size(config, 100)
+
+
 def test_odd_batch_is_refused_for_the_exact_half_pair_sampler():
     config = default.get_config()
     config.batch_size = 13
@@ -135,3 +172,41 @@ def test_fuzzed_configs_are_accepted_or_refused_in_one_line(in_process_launch, c
                        for v in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(v, float)]
             assert all(np.isfinite(numbers)), overrides
     assert min(outcomes.values()) > 20, outcomes  # both outcomes exercised
+
+
+CONFIG_FILES = {
+    "syntax error": ("def get_config(:\n", r"config file {path} line 1: .*; fix it \(a config file is Python, like "
+                                           r"configs/digits.py\)"),
+    "failing import": ("import no_such_module_xyz\n", r"config file {path} cannot be loaded \(ModuleNotFoundError: No "
+                                                      r"module named 'no_such_module_xyz' at line 1\); fix it or its imports"),
+    "exception in get_config": ("def get_config():\n    raise ValueError('boom')\n",
+                                r"get_config\(\) in {path} raised ValueError: boom at line 2"),
+    "no get_config": ("x = 1\n", r"config file {path} defines no get_config\(\); valid: a file like configs/digits.py, "
+                                 r"whose get_config\(\) returns the config"),
+    "returns a dict": ("def get_config():\n    return {}\n", r"get_config\(\) in {path} returned a dict; valid: an "
+                                                            r"ml_collections.ConfigDict, e.g. configs.default.get_config\(\) "
+                                                            r"with changes"),
+    "lacks keys": ("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'seed': 0})\n",
+                   r"get_config\(\) in {path} returned a config without [a-z_]+, [a-z_]+, [a-z_]+, [a-z_]+, [a-z_]+ and "
+                   r"\d+ more keys; valid: start from configs.default.get_config\(\), which holds every option"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_FILES)
+def test_a_broken_config_file_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
+    import re
+    import sys
+
+    import launch as launch_py
+
+    text, message = CONFIG_FILES[case]
+    path = tmp_path / "broken.py"
+    path.write_text(text)
+    argv = ["launch.py", "--config", str(path), f"--workdir={tmp_path / 'run'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        launch_py._parse_flags(argv)
+    assert stopped.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.fullmatch("launch.py: error: " + message.format(path=re.escape(str(path))), lines[0]), lines
+    assert sorted(os.listdir(tmp_path)) == ["broken.py"]

@@ -2,12 +2,20 @@
 import importlib.util
 import logging
 import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs.default import get_config
+from conftest import ROOT
 from spcl_jax.data import UNLABELED, epoch_order, load_splits
 from spcl_jax.data import digits
 from spcl_jax.data.imagefolder import IMAGENET100_CMC
@@ -226,6 +234,109 @@ def test_imagefolder_truncated_file_fails_at_decode(tmp_path, caplog):
     assert images.pixels[0].max() == 0 and images.pixels[1].max() > 0 and "0.jpg" in caplog.text
 
 
+def _huge_png(path, side=20000):
+    """A valid all-black 1-bit PNG of side x side pixels (400 megapixels for 20000) in about 48 KB."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    deflate = zlib.compressobj(9)
+    row = bytes(1 + side // 8)  # filter byte, then 1 bit per pixel
+    pixels = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def test_imagefolder_decompression_bombs_are_bad_files(tmp_path, capsys, caplog, monkeypatch):
+    from spcl_jax.data import decode, prepare
+
+    _folder(tmp_path, [2, 2])
+    _folder(tmp_path, [1, 1], split="val")
+    bomb = tmp_path / "train" / "class1" / "huge.png"
+    _huge_png(bomb)
+    config = _config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=2, pre_classes=2,
+                     val_sample=0, listing_cache_dir="")
+    with pytest.raises(DataError, match=r"huge.png is not a readable image \(Image size \(400000000 pixels\) "
+                                        r"exceeds limit.*skip_bad_images") as err:
+        load_splits(config)
+    assert "\n" not in str(err.value)
+    with pytest.raises(decode.DecodeError, match="exceeds limit"):
+        decode.decode_into(np.zeros((16, 24, 3), np.uint8), bomb.read_bytes())
+    assert prepare.main(["imagefolder", "--dataset_path", str(tmp_path)]) == 2
+    assert "huge.png is not a readable image" in capsys.readouterr().out
+    config.skip_bad_images = True
+    with caplog.at_level(logging.WARNING):
+        assert len(load_splits(config).train) == 4 and "skipping" in caplog.text and "huge.png" in caplog.text
+    bomb.unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 30 - 1)  # PIL only warns up to twice its limit
+    config.skip_bad_images = False
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(
+            DataError, match="40x30 pixels exceed PIL's decompression-bomb limit of 1199 pixels"):
+        load_splits(config)
+
+
+def _release_readers(fifo, stop, released):
+    """Opens `fifo` for writing, then closes it, whenever a reader waits on it (the reader sees end of file),
+    recording each time in `released`: code that opens the pipe fails the test instead of hanging it."""
+    while not stop.wait(0.05):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: nobody is reading
+            continue
+        released.append(fifo)
+
+
+def test_imagefolder_named_pipes_are_bad_files_not_a_hang(tmp_path, caplog):
+    _folder(tmp_path, [2, 2])
+    _folder(tmp_path, [1, 1], split="val")
+    fifo = tmp_path / "train" / "class0" / "stuck.png"
+    os.mkfifo(fifo)  # opening it for reading waits for a writer, forever
+    os.mkdir(tmp_path / "train" / "class1" / "nested")
+    stop, released = threading.Event(), []
+    threading.Thread(target=_release_readers, args=(fifo, stop, released), daemon=True).start()
+    config = _config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=2, pre_classes=2,
+                     val_sample=0, listing_cache_dir="")
+    try:
+        with pytest.raises(DataError, match=r"stuck.png is not a readable image \(a named pipe, not a regular "
+                                            r"file\) \(and 1 more\).*skip_bad_images") as err:
+            load_splits(config)
+        config.skip_bad_images = True
+        with caplog.at_level(logging.WARNING):
+            assert len(load_splits(config).train) == 4
+    finally:
+        stop.set()
+    assert released == [] and "\n" not in str(err.value)
+    assert "stuck.png: not a readable image (a named pipe" in caplog.text
+    assert "nested: not a readable image (a directory, not a regular file)" in caplog.text
+
+
+SCAN_THEN_CTRL_C = """
+import threading, time
+from spcl_jax.data import imagefolder
+imagefolder.header_error = lambda path: threading.Event().wait()  # a file system that never answers
+print("scanning", flush=True)
+began = time.monotonic()
+try:
+    imagefolder.header_errors([f"/mnt/hung/{i}.jpg" for i in range(100)])
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - began:.1f} s", flush=True)
+"""
+
+
+def test_ctrl_c_ends_a_stuck_header_scan_and_the_process_exits():
+    """The KeyboardInterrupt reaches the scanning thread at once, and the process exits although the scan's
+    threads are still stuck (a thread pool would join them: Ctrl-C would do nothing until they return)."""
+    child = subprocess.Popen([sys.executable, "-c", SCAN_THEN_CTRL_C], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "scanning"
+        time.sleep(0.5)
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out.startswith("interrupted after "), out
+    assert float(out.split()[2]) < 3
+
+
 def test_imagefolder_layout_errors(tmp_path):
     config = _config(dataset="imagefolder", dataset_path=str(tmp_path / "missing"), image_size=14)
     with pytest.raises(DataError, match="missing does not exist.*train/<class>/<image>"):
@@ -315,6 +426,8 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
     with pytest.raises(DataError, match=f"not prepared in {tmp_path}.*python -m spcl_jax.data.prepare cifar10") as err:
         load_splits(config)
     assert "\n" not in str(err.value)
+    assert ("`pip install tensorflow-cpu` (preparing needs it once, training never) then" in str(err.value)) == (
+        importlib.util.find_spec("tensorflow") is None)  # the whole way in one message
 
 
 def _fake_imagenet2012(data_dir, train=30, validation=10):

@@ -8,16 +8,21 @@ from conftest import launch_cli
 def test_help_documents_flags():
     result = launch_cli("--help")
     assert result.returncode == 0
-    for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id"):
+    for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id",
+                 "--print_config", "--dry_run"):
         assert flag in result.stdout
+    assert "every config option, each with a comment, in configs/default.py" in result.stdout
+    assert "README.md" in result.stdout
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["--config.batch_siz=3"], "unknown config key 'batch_siz'"),
     (["--config.batch_size=12"], "batch_size=12; valid: a multiple of the global device count 8"),
     (["--config.num_prototypes=5000"], "num_prototypes=5000; valid: at most the pretrain set size 1347"),
+    (["--config.num_prototypes=1347", "--config.pca_dim=0"],
+     "num_prototypes=1347; valid: at most 1346, one less than the pretrain set size 1347 (spcl pairs two images"),
     (["--config.batch_size=4096"], "batch_size=4096; valid: at most the training set size 1347"),
-], ids=["unknown key", "device count", "prototypes vs data", "batch vs data"])
+], ids=["unknown key", "device count", "prototypes vs data", "one image per prototype", "batch vs data"])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, overrides, message):
     workdir = tmp_path / "run"
     result = launch_cli("--config", "configs/digits.py", f"--workdir={workdir}", *overrides, timeout=120)

@@ -4,11 +4,13 @@ checkpoints, Ctrl-C and interrupt/resume cycles that end bit-identical.
 Cheap cases run in-process on a small fake state; the cases that need a real run use the tiny digits
 run of test_train, in-process where a signal can be sent to this process, else through launch.py.
 """
+import dataclasses
 import errno
 import glob
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -175,10 +177,27 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(busy_then_interrupted)
     assert run["first"].returncode == 130
     last = error_line(run["first_stderr"])
     step = finished_steps(run["workdir"])[-1]
-    assert last == f"launch.py: stopped by SIGINT at step {step}; checkpoint saved, run the same command to resume"
+    command = shlex.join(["python", os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py",
+                          f"--workdir={run['workdir']}", *TINY, *RUN, ON_SIGNAL_ONLY])
+    assert last == f"launch.py: stopped by SIGINT at step {step}; checkpoint saved; to resume, run {command}"
     assert "SIGINT: saving a checkpoint and stopping after this step (Ctrl-C again stops at once" in run["first_stderr"]
     assert 1 <= step < 8
     assert checkpoint.restore_network(str(run["workdir"] / "checkpoints"), -1)[1] == step
+    # The command it prints resumes (python -> this interpreter).
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from the checkpoint of step {step} in {run['workdir'] / 'checkpoints'}" in resumed.stderr
+
+
+def test_the_resume_command_names_the_workdir_a_default_run_got(monkeypatch):
+    import launch as launch_py
+
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--config", "configs/digits.py", "--config.seed=3"])
+    assert launch_py._resume_command("runs/digits/20261203T000000Z") == (
+        "python launch.py --config configs/digits.py --config.seed=3 --workdir=runs/digits/20261203T000000Z")
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/spcl-train", "--config=configs/my data.py", "--workdir", "w"])
+    assert launch_py._resume_command("w") == "spcl-train '--config=configs/my data.py' --workdir w"
 
 
 def test_a_second_ctrl_c_stops_at_once_and_close_gives_the_signals_back(tmp_path, own_signals):
@@ -249,8 +268,8 @@ def test_a_failed_save_is_one_line_and_the_previous_checkpoint_restores(tmp_path
         reason = r"\(OSError: \[Errno 30\] Read-only file system: '.*/checkpoints'\)"
     message = str(failed.value)
     assert re.fullmatch(f"saving the checkpoint of step 3 to {tmp_path / 'checkpoints'} failed {reason}; the "
-                        "checkpoint of step 2 is intact: free disk space or pass a writable --workdir, then run the "
-                        "same command to resume", message), message
+                        "checkpoint of step 2 is intact: free disk space \\(or make the workdir writable\\), then to "
+                        "resume, run the same command", message), message
     assert signal.getsignal(signal.SIGINT) == pytest_handler  # handed back after the failure
     monkeypatch.undo()
     assert finished_steps(tmp_path) == [1, 2]
@@ -477,3 +496,236 @@ def test_three_sigterm_resume_cycles_end_with_the_uninterrupted_parameters(tmp_p
     assert_same_run(state, uninterrupted)
     assert finished_steps(tmp_path) == [2, 4, 7, 8] and len(built) == 4
     assert trained_steps(tmp_path) == list(range(1, 9))
+
+
+# ---------------------------------------------------------------- a workdir that holds another run
+
+ONE_EPOCH = TINY + ["--config.method=spcl", "--config.n_epochs=1", "--config.evaluate_after_pretrain=False"]
+
+
+@pytest.fixture
+def checkpoint_warnings(monkeypatch):
+    """The checkpoint module's warnings, read at the call (absl's handler setup depends on earlier tests)."""
+    warnings = []
+    monkeypatch.setattr(checkpoint.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+    return warnings
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A finished one-epoch tiny run (2 steps)."""
+    previous = stop_handlers()
+    workdir = tmp_path_factory.mktemp("one_epoch")
+    train.train_and_evaluate(config_of(ONE_EPOCH), str(workdir))
+    assert stop_handlers() == previous
+    return workdir
+
+
+def test_overwriting_another_run_moves_it_aside_whole_and_never_mixes_steps(one_epoch, tmp_path, own_signals,
+                                                                            checkpoint_warnings):
+    shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
+    old_checkpoints, old_metrics = snapshot(tmp_path / "checkpoints"), read_metrics(tmp_path)
+    command = config_of(ONE_EPOCH + ["--config.width_multiplier=0.125", "--config.overwrite_checkpoints=True"])
+    train.train_and_evaluate(command, str(tmp_path))
+    [aside] = glob.glob(str(tmp_path / "replaced-*"))
+    assert checkpoint_warnings == [
+        f"overwrite_checkpoints: the run of step 2 in {tmp_path / 'checkpoints'} (width_multiplier: 0.0625 -> "
+        f"0.125) was moved to {aside}; delete it when you no longer need it"]
+    assert snapshot(os.path.join(aside, "checkpoints")) == old_checkpoints
+    assert read_metrics(aside) == old_metrics and os.path.isfile(os.path.join(aside, "config.json"))
+    # The workdir holds the new run only: its checkpoint, its config, its metrics.
+    assert finished_steps(tmp_path) == [2]
+    assert checkpoint.restore_config(str(tmp_path / "checkpoints"), -1)[0]["width_multiplier"] == 0.125
+    assert [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r] == [1, 2]
+    # The same command again resumes the new run: nothing more is moved aside.
+    state, _ = train.train_and_evaluate(command, str(tmp_path))
+    assert int(state["step"]) == 2 and len(glob.glob(str(tmp_path / "replaced-*"))) == 1
+
+
+def test_resuming_on_other_data_is_refused_naming_what_changed(one_epoch, tmp_path, monkeypatch, own_signals):
+    shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
+    load_splits = train.data.load_splits
+
+    def fewer_images(config):
+        splits = load_splits(config)
+        return dataclasses.replace(splits, pretrain=splits.pretrain.subset(np.arange(1000)))
+
+    monkeypatch.setattr(train.data, "load_splits", fewer_images)
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError) as refused:
+        train.train_and_evaluate(config_of(ONE_EPOCH + ["--config.n_epochs=2"]), str(tmp_path))
+    assert re.fullmatch(
+        f"{tmp_path / 'checkpoints'} holds another run \\(step 2; data pretrain_examples: 1347 -> 1000; data labels: "
+        "'[0-9a-f]+' -> '[0-9a-f]+'; data pool_positions: '[0-9a-f]+' -> '[0-9a-f]+'\\); use a new --workdir, or "
+        "--config.overwrite_checkpoints=True to move that run aside and start fresh here", str(refused.value))
+    assert snapshot(tmp_path) == before  # config.json untouched
+
+
+def test_a_changed_step_count_per_epoch_is_refused_and_other_changes_are_logged(one_epoch, tmp_path, own_signals,
+                                                                                checkpoint_warnings):
+    shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds another run \(step 2; steps per epoch \(max_steps_per_epoch, "
+                                              r"batch_size, data\): 2 -> 1\)"):
+        train.train_and_evaluate(config_of(ONE_EPOCH + ["--config.max_steps_per_epoch=1"]), str(tmp_path))
+    assert snapshot(tmp_path) == before
+    state, _ = train.train_and_evaluate(config_of(ONE_EPOCH + ["--config.n_epochs=2", "--config.learning_rate=0.5"]),
+                                        str(tmp_path))
+    assert int(state["step"]) == 4
+    assert checkpoint_warnings == ["resuming with a changed learning_rate: 1.0 -> 0.5",
+                                   "resuming with a changed n_epochs: 1 -> 2"]
+
+
+def test_a_permission_error_is_named_and_no_deletion_is_advised(three_steps, tmp_path, monkeypatch, own_signals):
+    """(This suite runs as root, which reads any file: the denial is simulated where orbax reads.)"""
+    shutil.copytree(three_steps, tmp_path, dirs_exist_ok=True)
+    denied = str(tmp_path / "checkpoints" / "3" / "state" / "manifest.ocdbt")
+
+    def permission_denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", denied)
+
+    manager = checkpoint.Manager(tmp_path, digits.get_config(), METHODS["spcl"])
+    monkeypatch.setattr(manager._manager, "restore", permission_denied)
+    with pytest.raises(CheckpointError) as refused:
+        manager.restore_or(fake_state(0), 5)
+    step_dir = tmp_path / "checkpoints" / "3"
+    assert str(refused.value) == (
+        f"checkpoint step 3 in {tmp_path / 'checkpoints'} cannot be read: permission denied ({denied}); give this "
+        f"user read access (chmod -R u+rwX {step_dir}) or run as the user who wrote it")
+    manager.close()
+
+
+def test_an_unexplained_read_error_advises_moving_the_step_aside_not_deleting_it(three_steps, tmp_path, monkeypatch,
+                                                                                 own_signals):
+    shutil.copytree(three_steps, tmp_path, dirs_exist_ok=True)
+    manager = checkpoint.Manager(tmp_path, digits.get_config(), METHODS["spcl"])
+
+    def stale_mount(*args, **kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(manager._manager, "restore", stale_mount)
+    with pytest.raises(CheckpointError) as refused:
+        manager.restore_or(fake_state(0), 5)
+    step_dir = tmp_path / "checkpoints" / "3"
+    assert str(refused.value).endswith(f"(OSError: [Errno 116] Stale file handle); if it is damaged, move it aside "
+                                       f"(mv {step_dir} {step_dir}.unreadable) to resume from step 2")
+    manager.close()
+    monkeypatch.undo()
+    os.rename(step_dir, f"{step_dir}.unreadable")  # what the message says to do works
+    restored, _ = checkpoint.Manager(tmp_path, digits.get_config(), METHODS["spcl"]).restore_or(fake_state(0), 5)
+    assert_state_equal(restored, fake_state(2))
+
+
+@pytest.mark.parametrize("name, kind", [("checkpoints", "directory"), ("metrics.jsonl", "file"),
+                                        ("config.json", "file"), ("tensorboard", "directory")])
+def test_an_output_path_of_the_wrong_kind_is_refused_before_compiling(tmp_path, monkeypatch, name, kind):
+    path = tmp_path / name
+    path.mkdir() if kind == "file" else path.write_text("in the way")
+    monkeypatch.setattr(train, "build", lambda *args: pytest.fail("compiled before checking the workdir"))
+    before = snapshot(tmp_path)
+    with pytest.raises(WorkdirError, match=f"^{path} is not a {kind}, and the run writes its {name} there; move it "
+                                           "away or pass another --workdir$"):
+        train.train_and_evaluate(config_of(ONE_EPOCH), str(tmp_path))
+    assert snapshot(tmp_path) == before
+
+
+def test_an_unreadable_checkpoint_directory_is_one_line_for_evaluation(three_steps, monkeypatch):
+    def permission_denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(three_steps / "checkpoints"))
+
+    monkeypatch.setattr(checkpoint, "open_manager", permission_denied)
+    directory = str(three_steps / "checkpoints")
+    with pytest.raises(CheckpointError, match=f"^checkpoint directory {directory} cannot be read \\(Permission denied\\); "
+                                              f"give this user read access \\(chmod -R u\\+rwX {directory}\\) or pass a "
+                                              "readable one$"):
+        checkpoint.restore_network(directory, -1)
+
+
+def test_a_full_disk_when_writing_config_json_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(WorkdirError, match=f"^writing {tmp_path / 'config.json'} failed \\(No space left on device\\); "
+                                           "free disk space or pass another --workdir$"):
+        checkpoint.write_config_json(str(tmp_path), digits.get_config(), METHODS["spcl"], facts={})
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_just_after_the_last_step_stops_before_the_evaluation_and_says_so(tmp_path, monkeypatch, own_signals):
+    run_epoch = train.run_epoch
+
+    def sigterm_after_the_epoch(*args):
+        result = run_epoch(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(train, "run_epoch", sigterm_after_the_epoch)
+    monkeypatch.setattr(train.evaluate, "after_pretraining", lambda *args: pytest.fail("evaluated after SIGTERM"))
+    with pytest.raises(checkpoint.Preempted) as stopped:
+        train.train_and_evaluate(config_of(ONE_EPOCH + ["--config.evaluate_after_pretrain=True"]), str(tmp_path))
+    assert str(stopped.value) == ("stopped by SIGTERM at the evaluation after pretraining; pretraining is complete "
+                                  "(checkpoint of step 2): to run the evaluation, run the same command")
+    assert stopped.value.exit_status == 143 and finished_steps(tmp_path) == [2]
+
+
+def test_sigterm_during_the_final_evaluation_stops_at_once_and_says_what_to_run(one_epoch, tmp_path, monkeypatch,
+                                                                              own_signals):
+    shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
+    evaluated = []
+
+    def slow_evaluation(*args):
+        evaluated.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        pytest.fail("SIGTERM did not stop the evaluation")
+
+    monkeypatch.setattr(train.evaluate, "after_pretraining", slow_evaluation)
+    previous, began = stop_handlers(), time.time()
+    with pytest.raises(checkpoint.Preempted, match=r"^stopped by SIGTERM at the evaluation after pretraining; "
+                                                   r"pretraining is complete \(checkpoint of step 2\)"):
+        train.train_and_evaluate(config_of(ONE_EPOCH + ["--config.evaluate_after_pretrain=True"]), str(tmp_path))
+    assert evaluated and time.time() - began < 25 and stop_handlers() == previous
+
+
+def test_a_finite_explosion_stops_and_the_newest_healthy_checkpoint_is_kept(tmp_path, own_signals):
+    """A healthy epoch, then the default LARS at learning_rate=1e6: the loss explodes but stays finite (no NaN
+    guard would fire). The step-5 checkpoint, whose state produced the explosion, moves aside; step 4 stays."""
+    run = ONE_EPOCH + ["--config.max_steps_per_epoch=4", "--config.checkpoint_every_steps=1",
+                       "--config.keep_checkpoints=2", "--config.learning_rate=0.1"]
+    train.train_and_evaluate(config_of(run), str(tmp_path))
+    with pytest.raises(train.DivergedError) as stopped:
+        train.train_and_evaluate(config_of(run + ["--config.n_epochs=3", "--config.learning_rate=1e6"]), str(tmp_path))
+    message = str(stopped.value)
+    match = re.fullmatch(r"the loss exploded by step 6: (\S+) is more than divergence_factor=20 times the first "
+                         r"step's (\S+): train/grad_norm=.*, train/loss=.*; lower learning_rate or set grad_clip_norm "
+                         r"\(divergence_factor=0 turns the explosion check off\), to resume from the checkpoint of step "
+                         r"4 \(the newest before it diverged\), run the same command with that change", message)
+    assert match, message
+    assert np.isfinite(float(match[1])) and float(match[1]) > 20 * float(match[2])
+    assert finished_steps(tmp_path) == [4] and os.path.isdir(tmp_path / "checkpoints" / "5.diverged")
+    # What the message says works: the same run with a sane learning rate resumes from step 4 and finishes.
+    state, _ = train.train_and_evaluate(config_of(run + ["--config.n_epochs=3"]), str(tmp_path))
+    assert int(state["step"]) == 12
+    assert all(np.isfinite(r["train/loss"]) for r in read_metrics(tmp_path) if r["step"] > 6 and "train/loss" in r)
+
+
+def test_a_full_disk_for_metrics_mid_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch,
+                                                                                    own_signals):
+    write = train.MetricWriter.write
+
+    def disk_full_at_step_3(self, step, epoch, scalars):
+        if step == 3 and "train/loss" in scalars:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, step, epoch, scalars)
+
+    run = ONE_EPOCH + ["--config.max_steps_per_epoch=4"]
+    monkeypatch.setattr(train.MetricWriter, "write", disk_full_at_step_3)
+    with pytest.raises(WorkdirError, match=f"^writing {tmp_path / 'metrics.jsonl'} failed \\(No space left on device\\); "
+                                           "the checkpoint of step 3 was saved: free disk space, then to resume, run the "
+                                           "same command$"):
+        train.train_and_evaluate(config_of(run), str(tmp_path))
+    monkeypatch.undo()
+    assert finished_steps(tmp_path) == [3]
+    state, _ = train.train_and_evaluate(config_of(run), str(tmp_path))
+    assert int(state["step"]) == 4 and trained_steps(tmp_path) == [1, 2, 4]

@@ -68,15 +68,24 @@ def _resize(image, height, width):
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
+def too_many_pixels(height, width):
+    """Why an image this big is refused (over PIL's decompression-bomb limit `Image.MAX_IMAGE_PIXELS`, where PIL
+    starts to warn), else None: one limit for every format and for the header scan of image folders."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and height * width > limit:
+        return f"{width}x{height} pixels exceed PIL's decompression-bomb limit of {limit} pixels"
+    return None
+
+
 def _decode_jpeg(data, canvas):
     """(pixels, raw (h, w)) with simplejpeg, or None when it cannot decode these bytes."""
     import simplejpeg
 
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        if height * width > Image.MAX_IMAGE_PIXELS:
-            raise DecodeError(f"{width}x{height} pixels exceed PIL's decompression-bomb limit of "
-                              f"{Image.MAX_IMAGE_PIXELS} pixels")
+        too_big = too_many_pixels(height, width)
+        if too_big:
+            raise DecodeError(too_big)
         fit = fitted_size(height, width, canvas)
         # The smallest DCT-domain reduction by at least 2 that still covers the fitted size, else none:
         # libjpeg-turbo's reductions by less than 2 decode slower than no reduction (BENCHMARKS.md).

@@ -1,20 +1,24 @@
 """Image-folder datasets: generic `root/<split>/<class>/<image>`, ImageNet, ImageNet-100, Tiny ImageNet.
 
 Files are listed and their headers checked when the dataset is opened (threaded; PIL reads only the
-first bytes), so a non-image or corrupt file stops the run before training starts, naming the file,
+first bytes), so a non-image, corrupt or oversized (decompression-bomb) file, or a named pipe, socket,
+device or directory where an image should be, stops the run before training starts, naming the file,
 or is dropped with a warning under `skip_bad_images`. Pixels are decoded later, batch by batch.
 The header checks of a split are cached (`listing_cache_dir`) under its class folders' (path,
 modification time, entry count): a resume or a second run lists the folders but opens no file.
 """
-import concurrent.futures
 import hashlib
 import json
 import logging
 import os
+import queue
+import stat
+import threading
 
 import numpy as np
 from PIL import Image
 
+from spcl_jax.data import decode
 from spcl_jax.errors import DataError
 
 # ImageNet-100 of the CMC paper (Tian, Krishnan & Isola 2019, "Contrastive Multiview Coding"):
@@ -51,20 +55,69 @@ def _list_dir(path):
         return _visible(e.name for e in entries)
 
 
-def header_error(path):
-    """None if PIL recognises the file as an image, else the reason."""
-    try:
-        with Image.open(path) as image:
-            image.size
+NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode):
+    """What a file that is not a regular file is ("a named pipe"), else None."""
+    if stat.S_ISREG(mode):
         return None
-    except (OSError, ValueError, SyntaxError) as e:
+    return next((name for is_kind, name in NOT_REGULAR if is_kind(mode)), "a special file")
+
+
+def header_error(path):
+    """None if PIL recognises the file as an image within PIL's decompression-bomb limit, else the reason.
+
+    Only regular files are opened, and without blocking: opening a named pipe or a device could wait forever.
+    """
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind:
+            return f"{kind}, not a regular file"
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f, Image.open(f) as image:
+            return decode.too_many_pixels(image.height, image.width)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return str(e) or type(e).__name__
 
 
 def header_errors(paths):
-    """{path: reason} of the files among `paths` that PIL does not recognise as images."""
-    with concurrent.futures.ThreadPoolExecutor(SCAN_THREADS) as pool:
-        return {path: error for path, error in zip(paths, pool.map(header_error, paths)) if error is not None}
+    """{path: reason} of the files among `paths` that PIL does not recognise as images.
+
+    Daemon threads check them while this thread waits on a queue, which Ctrl-C interrupts: a check stuck on
+    a hung file system then blocks neither the KeyboardInterrupt nor the interpreter's exit (a
+    ThreadPoolExecutor would join its stuck threads on both).
+    """
+    todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for path in paths:
+        todo.put(path)
+    for _ in range(min(SCAN_THREADS, len(paths))):
+        threading.Thread(target=_check_queued, args=(todo, done, stop), daemon=True).start()
+    errors = {}
+    try:
+        for _ in paths:
+            path, error = done.get()
+            if isinstance(error, Exception):
+                raise error
+            if error is not None:
+                errors[path] = error
+    finally:
+        stop.set()
+    return {path: errors[path] for path in paths if path in errors}
+
+
+def _check_queued(todo, done, stop):
+    """A scan thread: (path, header_error(path) or the exception it raised) of queued paths, until none is
+    left or the scan stopped."""
+    while not stop.is_set():
+        try:
+            path = todo.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            done.put((path, header_error(path)))
+        except Exception as e:  # raised again by the waiting thread
+            done.put((path, e))
 
 
 def cached_header_errors(paths, folders, cache_dir):

@@ -26,7 +26,13 @@ def tfds_data_dir(data_dir):
 
 
 def prepare_hint(dataset, data_dir):
-    return f"run `python -m spcl_jax.data.prepare {dataset} --data_dir {tfds_data_dir(data_dir)}` or pass --config.data_dir=DIR where it is prepared"
+    """The whole way to prepare `dataset`, in one go (preparing needs TensorFlow once; training never does)."""
+    import importlib.util
+
+    command = f"`python -m spcl_jax.data.prepare {dataset} --data_dir {tfds_data_dir(data_dir)}`"
+    if importlib.util.find_spec("tensorflow") is None:
+        command = f"`pip install tensorflow-cpu` (preparing needs it once, training never) then {command}"
+    return f"run {command}, or pass --config.data_dir=DIR where it is prepared"
 
 
 def open_split(dataset, split, data_dir, *, encoded_images=False):

@@ -1,7 +1,8 @@
 """Flax NNX models of SPCL: ResNet encoders and the projection, prototype, metric and linear heads."""
 from spcl_jax.models.heads import LinearHead, MetricLearner, ProjectionHead, PrototypeClassifier
 from spcl_jax.models.param_groups import is_norm_or_bias
-from spcl_jax.models.resnet import DTYPES, MODELS, REMAT, STEM_CHOICES, ResNet, build_encoder, feature_dim
+from spcl_jax.models.resnet import (DTYPES, MODELS, REMAT, STEM_CHOICES, ResNet, build_encoder, feature_dim,
+                                   total_stride)
 
 __all__ = [
     "LinearHead",
@@ -16,4 +17,5 @@ __all__ = [
     "STEM_CHOICES",
     "feature_dim",
     "is_norm_or_bias",
+    "total_stride",
 ]

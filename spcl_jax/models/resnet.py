@@ -4,6 +4,8 @@ PyTorch pads strided convolutions and the stem max-pool symmetrically, so every 
 (Flax's 'SAME' pads (0, 1) for stride 2). Parameters and BatchNorm statistics are float32 whatever the compute
 dtype; the pooled features are returned in float32 so that the losses never run in bfloat16.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,6 +24,7 @@ _EXPANSION = {"basic": 1, "bottleneck": 4}
 _STAGE_PLANES = (64, 128, 256, 512)
 _STAGE_STRIDES = (1, 2, 2, 2)
 STEMS = ("cifar", "imagenet")
+_STEM_STRIDES = {"cifar": 1, "imagenet": 4}  # imagenet: a stride-2 convolution, then a stride-2 max pool
 STEM_CHOICES = ("auto",) + STEMS
 REMAT = ("none", "block")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -205,6 +208,12 @@ def resolve_stem(stem, image_size):
     if stem not in STEMS:
         raise ValueError(f"stem {stem!r} is not supported; valid: {', '.join(STEM_CHOICES)}")
     return stem
+
+
+def total_stride(stem, image_size):
+    """Input pixels per side of one pixel of the last feature map: images smaller than this reach the last
+    stages as padding."""
+    return _STEM_STRIDES[resolve_stem(stem, image_size)] * math.prod(_STAGE_STRIDES)
 
 
 def build_encoder(config, *, rngs):
