@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -72,7 +71,7 @@ def cell(values, percent):
     return f"{mean:.2f} ± {spread:.2f}" if percent else f"{mean:.3f} ± {spread:.3f}"
 
 
-def report(rows, args, started, seconds):
+def report(rows, args, started, seconds, note):
     header = "| variant | " + " | ".join(title for _, title in METRICS) + " |"
     lines = [header, "|---|" + "---|" * len(METRICS)]
     for variant, results in rows.items():
@@ -82,7 +81,7 @@ def report(rows, args, started, seconds):
     return "\n".join([
         "# Results: the ablation on the embedded digits data", "",
         f"Command: `{command.strip()}`, started {started:%Y-%m-%d %H:%M} UTC, {seconds / 60:.0f} min.",
-        f"{common.machine_note()} (Python {platform.python_version()}).", "",
+        "```", note, "```", "",
         f"Seeds {', '.join(map(str, args.seeds))}; mean ± std over them. configs/digits.py"
         + (f" with {args.epochs} epochs" if args.epochs else "") + " for every variant, only the method changed;"
         " `spcl-as-written` adds the as-written switches of DIFFERENCES.md that run at K = 30 > 10 classes: "
@@ -106,6 +105,8 @@ def main(argv=None):
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants {unknown[0]!r}; valid: {', '.join(VARIANTS)}")
+    note = common.machine_note("child")  # "child": the launch.py processes need the accelerator
+    print(note, flush=True)
     started, began = datetime.datetime.now(datetime.timezone.utc), datetime.datetime.now()
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -114,9 +115,10 @@ def main(argv=None):
                 result = run(variant, seed, args.epochs, os.path.join(folder, f"{variant}-{seed}"))
                 rows.setdefault(variant, []).append(result)
                 print(f"{variant} seed {seed}: {json.dumps(result)}", flush=True)
-                text = report(rows, args, started, (datetime.datetime.now() - began).total_seconds())
+                text = report(rows, args, started, (datetime.datetime.now() - began).total_seconds(), note)
                 common.save(args.out, text)
     print(text)
+    print(common.load_after())
 
 
 if __name__ == "__main__":

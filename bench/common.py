@@ -1,4 +1,5 @@
-"""What the bench/ scripts share: the benchmark rows, peak FLOP/s, step timing, the table."""
+"""What the bench/ scripts share: the benchmark rows, peak FLOP/s, interleaved timing with its median and range,
+the machine note every script prints first (and the load after, last), the table."""
 import argparse
 import dataclasses
 import os
@@ -7,6 +8,7 @@ import time
 
 NUM_PROTOTYPES = 512  # K of configs/default.py, the prototype classifier's width on both sides
 VIEWS_PER_PAIR = 4  # SPCL: two augmented views of image A and two of image B
+SPREAD = "median (min–max)"  # how every timed cell reads: the median of the rounds and their range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +20,7 @@ class Row:
 
 
 PRESETS = {
-    "cpu": dict(width=0.0625, steps=3, rows=[Row("resnet18", 32, "float32", 16)]),
+    "cpu": dict(width=0.0625, steps=5, rows=[Row("resnet18", 32, "float32", 16)]),
     # The full-width network of the CPU convolution-gap measurement (BENCHMARKS.md, "The CPU convolution gap").
     "cpu-full": dict(width=1.0, steps=5, rows=[Row("resnet18", 32, "float32", 32)]),
     # In order of importance (bench/gpu.sh gives the whole sweep a time limit): the configs' own bfloat16 first.
@@ -47,17 +49,22 @@ def peak_tflops(device_name, dtype):
     return next((peaks[dtype] for kind, peaks in PEAK_TFLOPS.items() if kind in device_name), None)
 
 
-def result(row, seconds_per_step, setup_s, flops_per_step, device_name):
-    """One table row as a dict: the spec, ms/step, views/s, TFLOP/s and the fraction of the peak."""
+def result(row, seconds, setup_s, flops_per_step, device_name):
+    """One table row as a dict: the spec, ms/step (median and range of the rounds' `seconds`), views/s,
+    TFLOP/s and the fraction of the peak (of the median); `seconds` kept for ratios."""
+    seconds = list(seconds)
+    seconds_per_step = statistics.median(seconds)
     tflops = flops_per_step / seconds_per_step / 1e12
     peak = peak_tflops(device_name, row.dtype)
     return dict(dataclasses.asdict(row), setup_s=setup_s, ms_per_step=1e3 * seconds_per_step,
+                ms_spread=spread(seconds, 1e3), seconds=seconds, rounds=len(seconds),
                 views_per_s=VIEWS_PER_PAIR * row.batch / seconds_per_step, tflops=tflops,
                 pct_peak=None if peak is None else 100 * tflops / peak)
 
 
 COLUMNS = [("model", "model", "{}"), ("px", "px", "{}"), ("dtype", "dtype", "{}"), ("batch", "batch (pairs)", "{}"),
-           ("setup_s", "setup s", "{:.1f}"), ("ms_per_step", "ms/step", "{:.1f}"), ("views_per_s", "views/s", "{:.0f}"),
+           ("setup_s", "setup s", "{:.1f}"), ("ms_spread", f"ms/step, {SPREAD}", "{}"),
+           ("rounds", "rounds", "{}"), ("views_per_s", "views/s (median)", "{:.0f}"),
            ("tflops", "TFLOP/s", "{:.3g}"), ("pct_peak", "% peak", "{:.1f}")]
 
 
@@ -88,7 +95,9 @@ def positive_ints(text):
 def add_size_flags(parser):
     """The preset and its overrides, shared by train_step.py and torch_spcl.py (and passed from one to the other)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--steps", type=positive(int), help="timed steps per row (default: the preset's)")
+    parser.add_argument("--steps", "--repeats", dest="steps", type=positive(int),
+                        help="timed rounds per row, one step of each method per round (default: the preset's, "
+                             ">= 5)")
     parser.add_argument("--width", type=positive(float), help="width multiplier (default: the preset's)")
     parser.add_argument("--batch", type=positive(int), help="pairs per step, every row (default: the preset's)")
     parser.add_argument("--num-prototypes", type=positive(int), default=NUM_PROTOTYPES,
@@ -110,21 +119,72 @@ def sizes(args):
     return args.width or preset["width"], args.steps or preset["steps"], rows
 
 
-def time_interleaved(steps, count):
-    """Median seconds of each of `steps` ({name: fn running one step to completion}) over `count` rounds,
-    the steps taking turns within each round, so that load from other jobs hits them all alike."""
-    times = {name: [] for name in steps}
-    for _ in range(count):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def interleaved(fns, repeats=5, warmup=1, clock=time.perf_counter):
+    """{name: [seconds of each round]} of `fns` ({name: callable running one measurement to completion}).
+
+    Each fn is first called `warmup` times, untimed (compilation, caches, allocator), in order; then come
+    `repeats` rounds in which every fn runs once, the order rotated by one place each round (round r starts
+    with the r-th fn), so that load from other jobs and "who ran just before" hit every method alike and
+    round i of two methods can be compared as a pair (`ratio`). `clock`: time.perf_counter (wall) or
+    time.process_time (this process's CPU time). repeats >= 1; 5 or more for a number worth quoting.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            start = clock()
+            fns[name]()
+            times[name].append(clock() - start)
+    return times
 
 
-def machine_note():
-    """One line: CPU model, usable cores, load average and the versions of the libraries timed."""
-    import importlib.metadata
+def spread(values, scale=1.0, fmt="{:.1f}"):
+    """'median (min–max)' of `values` x `scale` (an en dash, so that the range never reads as a minus)."""
+    scaled = [v * scale for v in values]
+    return f"{fmt.format(statistics.median(scaled))} ({fmt.format(min(scaled))}–{fmt.format(max(scaled))})"
+
+
+def ratio(numerator, denominator, paired=True):
+    """(ratio of the medians, lowest, highest) of two series of timings.
+
+    paired (the same rounds of `interleaved`): the range is that of the per-round ratios. Not paired (separate
+    runs, e.g. two processes one after the other): the widest range the series allow, min/max to max/min.
+    The ratio of the medians always lies within the range."""
+    if not numerator or not denominator:
+        raise ValueError("ratio of an empty series")
+    middle = statistics.median(numerator) / statistics.median(denominator)
+    if paired:
+        if len(numerator) != len(denominator):
+            raise ValueError(f"paired series of different lengths: {len(numerator)} and {len(denominator)}")
+        per_round = [a / b for a, b in zip(numerator, denominator)]
+        return middle, min(per_round), max(per_round)
+    return middle, min(numerator) / max(denominator), max(numerator) / min(denominator)
+
+
+def ratio_cell(numerator, denominator, paired=True, fmt="{:.2f}"):
+    """'ratio of medians (lowest–highest)', see `ratio`."""
+    middle, low, high = ratio(numerator, denominator, paired)
+    return f"{fmt.format(middle)} ({fmt.format(low)}–{fmt.format(high)})"
+
+
+# Packages whose versions a note names when they are installed (the timed code and its baselines).
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "scikit-learn", "torch", "faiss-cpu", "pillow", "simplejpeg",
+             "grain")
+# Environment variables that change what is timed (threads, XLA options, platform), named when set.
+TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS",
+              "CUDA_VISIBLE_DEVICES")
+_DEVICE_PROBE = ("import jax; d = jax.devices()[0]; "
+                 "print(f'{d.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))')")
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo, else what platform knows)."""
     import platform
 
     model = platform.processor() or platform.machine()
@@ -133,19 +193,77 @@ def machine_note():
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    versions = []
-    for package in ("jax", "jaxlib", "flax", "optax", "numpy", "pillow", "simplejpeg", "grain", "torch", "faiss-cpu"):
+    return model
+
+
+def device_kind(where="jax"):
+    """What the benchmark runs on. "jax": JAX's first device, here (this starts JAX's backend: on a GPU it
+    takes JAX's share of the memory); "child": the same, asked in a short-lived child process (for scripts whose
+    children need the GPU); anything else is returned as given (e.g. torch's device name)."""
+    if where == "jax":
+        import jax
+
+        d = jax.devices()[0]
+        return f"{d.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))"
+    if where == "child":
+        import subprocess
+        import sys
+
         try:
-            versions.append(f"{package} {importlib.metadata.version(package)}")
+            done = subprocess.run([sys.executable, "-c", _DEVICE_PROBE], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return "unknown (the device probe timed out)"
+        lines = done.stdout.strip().splitlines()
+        return lines[-1] if done.returncode == 0 and lines else f"unknown (device probe exit status {done.returncode})"
+    return where
+
+
+def machine_info(device="jax"):
+    """The conditions of a measurement: date, CPU model, usable cores, load averages, Python, library versions,
+    the device (see `device_kind`) and the timing-relevant environment variables that are set."""
+    import datetime
+    import importlib.metadata
+    import platform
+
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return (f"machine: {model}, {len(os.sched_getaffinity(0))} usable cores, load average "
-            f"{os.getloadavg()[0]:.2f}; {', '.join(versions)}")
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                cpu=cpu_model(), usable_cores=len(os.sched_getaffinity(0)), cpus=os.cpu_count(),
+                load=os.getloadavg(), python=platform.python_version(), versions=versions,
+                device=device_kind(device), env={k: os.environ[k] for k in TIMING_ENV if os.environ.get(k)})
+
+
+def load_text(load=None):
+    load = os.getloadavg() if load is None else load
+    return (f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) on "
+            f"{len(os.sched_getaffinity(0))} usable cores")
+
+
+def machine_note(device="jax"):
+    """Three lines for the top of a benchmark's output (the first starts "machine: "): CPU, usable cores and
+    the load average before; versions; device, date and environment. See `machine_info`."""
+    info = machine_info(device)
+    env = "; ".join(f"{k}={v}" for k, v in info["env"].items()) or "no thread or XLA variables set"
+    return "\n".join([
+        f"machine: {info['cpu']}, {info['usable_cores']} usable cores (of {info['cpus']}); before: "
+        f"{load_text(info['load'])}",
+        f"versions: Python {info['python']}, " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+        f"device: {info['device']}; {info['date']}; {env}"])
+
+
+def load_after():
+    """The line for the bottom of a benchmark's output. In parentheses, like the other notes bench/gpu.sh
+    keeps from the scripts' output."""
+    return f"(after: {load_text()})"
 
 
 def load_note():
-    """The 1-minute load average against the CPU count: timings on a shared CPU are upper bounds."""
-    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    """The 1-minute load average now, short (for notes between rows)."""
+    return f"load average {os.getloadavg()[0]:.2f} (1 min) on {len(os.sched_getaffinity(0))} usable cores"
 
 
 def save(path, text):

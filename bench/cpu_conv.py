@@ -6,8 +6,11 @@
 Why spcl_jax.runtime.configure() takes convolutions off YNNPACK: each 3x3 convolution (NHWC, pad 1) runs as
 "ynnpack" (jaxlib 0.10's default on CPU), "xla" (XLA's own Eigen kernel, what spcl_jax sets), "im2col"
 (9 shifted slices concatenated, one matmul, on YNNPACK like every matmul) and, when torch is importable,
-PyTorch's (oneDNN, NCHW, its default threads). fwd+bwd = the output and both gradients.
-Median of --reps rounds in which the variants take turns, so that load from other jobs hits them alike.
+PyTorch's (oneDNN, NCHW, its default threads). fwd+bwd = the output and both gradients. float32.
+Each cell: median (min–max) ms of --repeats rounds (default 5) in which the variants take turns, after one
+untimed warm-up call each (bench/common.py `interleaved`), so that load from other jobs hits them alike. The
+ratio columns "A / xla" are A's median time over XLA's (>1 = XLA's kernel faster) with the range of the
+per-round ratios.
 """
 import argparse
 import importlib.util
@@ -22,6 +25,7 @@ from bench import common
 SHAPES = "32x64x64x1,16x128x128x1,8x256x256x1,4x512x512x1,32x64x128x2"
 KERNELS = {"ynnpack": common.YNNPACK_DEFAULT, "xla": common.YNNPACK_WITHOUT_CONVOLUTIONS}
 VARIANTS = ("ynnpack", "xla", "im2col", "torch")
+RATIOS = [(other, kind) for other in ("ynnpack", "torch") for kind in ("fwd", "fwd+bwd")]  # time ratios over xla
 
 
 def lax_conv(x, w, stride):
@@ -76,12 +80,13 @@ def measure(batch, size, cin, cout, stride, reps, use_torch):
     if use_torch:
         pairs["torch"] = torch_pair(x, w, stride)
     steps = {f"{name} {kind}": fn for name, pair in pairs.items() for kind, fn in zip(("fwd", "fwd+bwd"), pair)}
-    for step in steps.values():  # warm-up
-        step()
-    seconds = common.time_interleaved(steps, reps)
+    seconds = common.interleaved(steps, reps)
     gflop = 2 * batch * ((size - 1) // stride + 1) ** 2 * cin * cout * 9 / 1e9
     row = dict(shape=f"{size}x{size}x{cin}->{cout} /{stride}", gflop=gflop)
-    row.update({f"{name}_ms": 1e3 * s for name, s in seconds.items()})
+    row.update({f"{name}_ms": common.spread(s, 1e3, "{:.3g}") for name, s in seconds.items()})
+    for other, kind in RATIOS:
+        if f"{other} {kind}" in seconds:
+            row[f"{other}/xla {kind}"] = common.ratio_cell(seconds[f"{other} {kind}"], seconds[f"xla {kind}"])
     return row
 
 
@@ -89,7 +94,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=common.positive(int), default=32)
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated SIZExCINxCOUTxSTRIDE (default %(default)s)")
-    parser.add_argument("--reps", type=common.positive(int), default=5, help="timed rounds (median is reported)")
+    parser.add_argument("--repeats", "--reps", dest="reps", type=common.positive(int), default=5,
+                        help="timed rounds, the variants taking turns (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         shapes = [tuple(int(v) for v in item.split("x")) for item in args.shapes.split(",")]
@@ -98,19 +104,23 @@ def main(argv=None):
     if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
         parser.error(f"--shapes: expected comma-separated SIZExCINxCOUTxSTRIDE, positive integers; got {args.shapes!r}")
     use_torch = importlib.util.find_spec("torch") is not None
+    print(common.machine_note(), flush=True)
     rows = [measure(args.batch, *shape, args.reps, use_torch) for shape in shapes]
     columns = [("shape", "H x W x C_in -> C_out /stride", "{}"), ("gflop", "GFLOP fwd", "{:.2f}")] + [
-        (f"{name} {kind}_ms", f"{name} {kind} ms", "{:.3g}")
-        for name in VARIANTS if use_torch or name != "torch" for kind in ("fwd", "fwd+bwd")]
+        (f"{name} {kind}_ms", f"{name} {kind} ms", "{}")
+        for name in VARIANTS if use_torch or name != "torch" for kind in ("fwd", "fwd+bwd")] + [
+        (f"{other}/xla {kind}", f"{other} / xla {kind}", "{}")
+        for other, kind in RATIOS if use_torch or other != "torch"]
     if use_torch:
         import torch
 
         other = f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"
     else:
         other = "torch not importable (pip install -r bench/requirements.txt): no PyTorch columns"
-    print(f"jax {jax.__version__}, batch {args.batch}, median of {args.reps} interleaved rounds; {common.load_note()}; "
-          f"{other}")
+    print(f"jax {jax.__version__}, float32, NHWC, batch {args.batch}, {common.SPREAD} ms of {args.reps} interleaved "
+          f"rounds; {common.load_note()}; {other}")
     print(common.markdown(rows, columns))
+    print(common.load_after())
 
 
 if __name__ == "__main__":

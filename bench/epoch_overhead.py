@@ -11,13 +11,18 @@ and pair plan) and `train.run_epoch` (host loader, the jitted step, metrics), pl
 One network is built (bench/train_step.py's `build_step`, K0 prototypes); each row reuses it on the first N
 images with K prototypes. The training steps are timed with one real epoch at the reference (N0, K0) and
 given as steps x that epoch's seconds per step elsewhere: N changes only the number of steps, K only the
-prototype classifier's width. Times are warm (after a call that compiled; the feature pass: the faster of
-two); k-means compile s is its first call minus its second, paid once per (N, K) in a run.
-epoch = cluster + planning + steps; overhead = (cluster + planning) / epoch.
+prototype classifier's width. Times are warm (after a call that compiled): median (min–max) of --repeats
+rounds (default 5) in which the parts take turns (bench/common.py `interleaved`; at (N0, K0) the real epoch
+takes its turn too); k-means compile s is the first PCA + k-means call minus the median, paid once per (N, K)
+in a run. epoch = cluster + planning + steps (of the medians); overhead = (cluster + planning) / epoch, of the
+medians, with the range of the per-round overheads (other rows: each round's parts against the scaled median
+steps). Precision: the preset's dtype for the network (the configs' bfloat16 on GPUs), float32 for PCA and
+k-means; D after PCA-whitening = min(256, the network's feature dim), as the configs.
 """
 import argparse
 import dataclasses
 import math
+import statistics
 import time
 import types
 
@@ -36,11 +41,16 @@ PRESETS = {
     "gpu": dict(row=common.Row("resnet18", 32, "bfloat16", 512), width=1.0, n0=50000, k0=512,
                 sizes=(12500, 25000, 50000, 100000), ks=(128, 512, 2048)),
 }
-COLUMNS = [("n", "N", "{:,}"), ("k", "K", "{:,}"), ("steps", "steps", "{}"), ("steps_s", "train steps s", "{:.2f}"),
-           ("features_s", "feature pass s", "{:.2f}"), ("kmeans_s", "PCA + k-means s", "{:.2f}"),
-           ("kmeans_compile_s", "k-means compile s", "{:.1f}"), ("plan_s", "pair planning s", "{:.3f}"),
-           ("cluster_s", "train.cluster s", "{:.2f}"), ("epoch_s", "epoch s", "{:.2f}"),
-           ("overhead_pct", "overhead %", "{:.1f}"), ("steps_timing", "steps timed by", "{}")]
+COLUMNS = [("n", "N", "{:,}"), ("k", "K", "{:,}"), ("steps", "steps", "{}"),
+           ("steps_cell", f"train steps s, {common.SPREAD}", "{}"),
+           ("features_cell", f"feature pass s, {common.SPREAD}", "{}"),
+           ("kmeans_cell", f"PCA + k-means s, {common.SPREAD}", "{}"),
+           ("kmeans_compile_s", "k-means compile s", "{:.1f}"),
+           ("plan_cell", f"pair planning s, {common.SPREAD}", "{}"),
+           ("cluster_cell", f"train.cluster s, {common.SPREAD}", "{}"), ("epoch_s", "epoch s", "{:.2f}"),
+           ("overhead_cell", "overhead %, of the medians (range)", "{}"), ("rounds", "rounds", "{}"),
+           ("steps_timing", "steps timed by", "{}")]
+FORMATS = {"steps_s": "{:.2f}", "features_s": "{:.2f}", "kmeans_s": "{:.2f}", "plan_s": "{:.3f}", "cluster_s": "{:.2f}"}
 # What grows with N and K: (result key, name in the growth lines).
 PARTS = [("features_s", "feature pass"), ("kmeans_s", "PCA + k-means"), ("plan_s", "planning"),
          ("cluster_s", "train.cluster")]
@@ -79,38 +89,69 @@ def pca_kmeans(setup, feats, position, key):
     return kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, key, init=config.kmeans_init, valid=valid)
 
 
-def real_epoch(setup, state, pseudo):
-    """(state, seconds) of `train.run_epoch`, after one step that compiled the train step."""
+def epoch_runner(setup, holder, pseudo):
+    """A callable running one real `train.run_epoch` on holder["state"] (replaced by the new state), after one
+    step that compiled the train step (the step donates the state: every part reads it from the holder)."""
     warm_up = train.load_batch(setup, 0, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
-    state = jax.block_until_ready(setup.train_step(state, warm_up)[0])
+    holder["state"] = jax.block_until_ready(setup.train_step(holder["state"], warm_up)[0])
     no_checkpoints = types.SimpleNamespace(stop_requested=lambda **_: False, facts={})  # checkpoint_every_steps is 0
     loop = train.Loop(setup, MetricWriter("", enabled=False), no_checkpoints, "")
-    (state, _), seconds = timed(lambda: train.run_epoch(loop, state, pseudo, 0, 0))
-    return state, seconds
+
+    def run():
+        holder["state"], _ = train.run_epoch(loop, holder["state"], pseudo, 0, 0)
+        jax.block_until_ready(holder["state"])
+
+    return run
 
 
-def measure(setup, state, images, labels, n, k, key, first):
-    """(the row's setup, its pseudo labels, its table row without the step columns) of (n, k)."""
+def measure(setup, holder, images, labels, n, k, key, repeats, reference):
+    """(the row's setup, its table row without the step columns, per-round seconds of each part) of (n, k);
+    at the `reference` point the real epoch takes its turn in the rounds too ("steps_s")."""
     setup = for_row(setup, images, labels, n, k)
     kmeans_key, cluster_key = jax.random.split(key)
-    feature_pass(setup, state, (n, k))  # compiles the encoder (first row) and the buffer writes (new N)
-    (feats, position), features_s = min((timed(lambda: feature_pass(setup, state, (n, k))) for _ in range(2)),
-                                        key=lambda out: out[1])
+    seed = (n, k)
+    feature_pass(setup, holder["state"], seed)  # compiles the encoder (first row) and the buffer writes (new N)
+    feats, position = feature_pass(setup, holder["state"], seed)
     _, first_s = timed(lambda: pca_kmeans(setup, feats, position, kmeans_key))
-    _, kmeans_s = timed(lambda: pca_kmeans(setup, feats, position, kmeans_key))
-    if first:  # once per run: what train.cluster uses besides the above (key splits, the statistics' imports)
-        train.cluster(setup, state, 0, cluster_key)
-    (pseudo, _, _), cluster_s = timed(lambda: train.cluster(setup, state, 0, cluster_key))
-    _, plan_s = timed(lambda: train.epoch_plan(setup, 0, pseudo))
-    row = dict(n=n, k=k, steps=setup.steps_per_epoch, features_s=features_s, kmeans_s=kmeans_s,
-               kmeans_compile_s=max(first_s - kmeans_s, 0.0), plan_s=plan_s, cluster_s=cluster_s)
-    return setup, pseudo, row
+    pseudo = train.cluster(setup, holder["state"], 0, cluster_key)[0]  # warm (key splits, the statistics' imports)
+    parts = {"features_s": lambda: jax.block_until_ready(feature_pass(setup, holder["state"], seed)),
+             "kmeans_s": lambda: jax.block_until_ready(pca_kmeans(setup, feats, position, kmeans_key)),
+             "cluster_s": lambda: jax.block_until_ready(train.cluster(setup, holder["state"], 0, cluster_key)),
+             "plan_s": lambda: train.epoch_plan(setup, 0, pseudo)}
+    if reference:
+        parts["steps_s"] = epoch_runner(setup, holder, pseudo)
+    seconds = common.interleaved(parts, repeats, warmup=0)
+    row = dict(n=n, k=k, steps=setup.steps_per_epoch, rounds=repeats,
+               **{name: statistics.median(t) for name, t in seconds.items() if name != "steps_s"})
+    row["kmeans_compile_s"] = max(first_s - row["kmeans_s"], 0.0)
+    row["feature_dim"] = int(feats.shape[1])
+    row["kmeans_dim"] = min(setup.config.pca_dim or feats.shape[1], int(feats.shape[1]))
+    return setup, row, seconds
 
 
-def with_steps(row, steps_s, timing):
-    epoch_s = row["cluster_s"] + row["plan_s"] + steps_s
-    return dict(row, steps_s=steps_s, epoch_s=epoch_s, steps_timing=timing,
-                overhead_pct=100 * (row["cluster_s"] + row["plan_s"]) / epoch_s)
+def with_steps(row, steps_s, timing, seconds=None):
+    """The row with its step columns: steps_s (seconds, or per-round seconds at the reference), the epoch and
+    the overhead; `seconds` ({part: per-round seconds}) gives the cells their ranges."""
+    steps_rounds = list(steps_s) if isinstance(steps_s, (list, tuple)) else None
+    steps_median = statistics.median(steps_rounds) if steps_rounds else steps_s
+    extras = row["cluster_s"] + row["plan_s"]
+    epoch_s = extras + steps_median
+    out = dict(row, steps_s=steps_median, epoch_s=epoch_s, steps_timing=timing, overhead_pct=100 * extras / epoch_s)
+    seconds = dict(seconds or {})
+    if steps_rounds:
+        seconds["steps_s"] = steps_rounds
+    for name, fmt in FORMATS.items():
+        value = seconds.get(name)
+        cell = common.spread(value, 1.0, fmt) if value else fmt.format(out[name])
+        out[name.removesuffix("_s") + "_cell"] = cell + (" (scaled)" if name == "steps_s" and not value else "")
+    if "cluster_s" in seconds and "plan_s" in seconds:
+        rounds = len(seconds["cluster_s"])
+        steps = seconds.get("steps_s", [steps_median] * rounds)
+        per_round = [100 * (c + p) / (c + p + t) for c, p, t in zip(seconds["cluster_s"], seconds["plan_s"], steps)]
+        out["overhead_cell"] = f"{out['overhead_pct']:.1f} ({min(per_round):.1f}–{max(per_round):.1f})"
+    else:
+        out["overhead_cell"] = f"{out['overhead_pct']:.1f}"
+    return out
 
 
 def growth(rows, var, fixed, value):
@@ -125,20 +166,25 @@ def growth(rows, var, fixed, value):
     return f"growth with {var.upper()} ({fixed.upper()}={value:,}, {var.upper()} {lo[var]:,} -> {hi[var]:,}): {parts}"
 
 
-def report(rows, args, reference):
+def report(rows, args, reference, note, done=False):
     device = jax.devices()[0]
     row = PRESETS[args.preset]["row"]
     table = sorted(rows, key=lambda r: (r["k"] != args.k0, r["k"], r["n"]))
-    lines = ["## Epoch overhead", "",
+    lines = ["## Epoch overhead", "", "```", note, "```", "",
              f"spcl_jax on {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), "
              f"jax {jax.__version__}; {row.model} at {row.px} px, {row.dtype}, width {args.width}, batch "
-             f"{args.batch} pairs; reference N0={args.n0:,}, K0={args.k0:,}; {common.load_note()}.", "",
+             f"{args.batch} pairs; features of {rows[0]['feature_dim']} dims, k-means (float32) on "
+             f"D = {rows[0]['kmeans_dim']} after PCA-whitening; reference N0={args.n0:,}, K0={args.k0:,}; "
+             f"{args.repeats} rounds; {common.load_note()}.",
+             "",
              common.markdown(table, COLUMNS), ""]
     lines += [line for line in (growth(rows, "n", "k", args.k0), growth(rows, "k", "n", args.n0)) if line]
     if reference is not None:
         lines += ["", f"reference epoch (N0={args.n0:,}, K0={args.k0:,}): {reference['epoch_s']:.2f} s, overhead "
                   f"{reference['overhead_pct']:.1f}% (targets, CIFAR-10 scale on one H100 in bfloat16: "
                   "epoch < 15 s, overhead <= 10%)."]
+    if done:
+        lines += ["", common.load_after()]
     return "\n".join(lines) + "\n"
 
 
@@ -151,6 +197,8 @@ def parse_args(argv=None):
     parser.add_argument("--k0", type=common.positive(int), help="reference K (the step's prototype classifier width)")
     parser.add_argument("--batch", type=common.positive(int), help="pairs per step (default: the preset's)")
     parser.add_argument("--width", type=common.positive(float), help="width multiplier (default: the preset's)")
+    parser.add_argument("--repeats", type=common.positive(int), default=5,
+                        help="timed rounds per row, the parts taking turns (default %(default)s)")
     parser.add_argument("--out", help="also write the table (markdown) to this file, rewritten after every row")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -170,26 +218,29 @@ def parse_args(argv=None):
 def main(argv=None):
     runtime.configure()
     args = parse_args(argv)
+    note = common.machine_note()
+    print(note, flush=True)
     mesh = sharding.data_mesh()
     row = dataclasses.replace(PRESETS[args.preset]["row"], batch=args.batch)
     setup, state, _ = build_step(row, args.width, args.k0, mesh)
+    holder = {"state": state}
     pool = synthetic_splits(setup.config, max(n for n, _ in args.points), seed=2).pretrain
     images, labels = pool.load(np.arange(len(pool))).pixels, pool.labels
     key = jax.random.key(0)
     rows, reference, seconds_per_step = [], None, None
     for n, k in args.points:
-        row_setup, pseudo, result = measure(setup, state, images, labels, n, k, jax.random.fold_in(key, n * k),
-                                            first=reference is None)
+        row_setup, result, seconds = measure(setup, holder, images, labels, n, k, jax.random.fold_in(key, n * k),
+                                             args.repeats, reference=reference is None)
         if reference is None:
-            state, steps_s = real_epoch(row_setup, state, pseudo)
-            seconds_per_step = steps_s / row_setup.steps_per_epoch
-            reference = result = with_steps(result, steps_s, "run_epoch")
+            seconds_per_step = statistics.median(seconds["steps_s"]) / row_setup.steps_per_epoch
+            reference = result = with_steps(result, seconds["steps_s"], "run_epoch", seconds)
         else:
-            result = with_steps(result, seconds_per_step * row_setup.steps_per_epoch, "s/step of N0, K0")
+            result = with_steps(result, seconds_per_step * row_setup.steps_per_epoch, "s/step of N0, K0", seconds)
         rows.append(result)
-        print(f"N={n:,} K={k:,}: epoch {result['epoch_s']:.2f} s, overhead {result['overhead_pct']:.1f}%", flush=True)
-        common.save(args.out, report(rows, args, reference))
-    print(report(rows, args, reference))
+        print(f"N={n:,} K={k:,}: epoch {result['epoch_s']:.2f} s, overhead {result['overhead_cell']}%", flush=True)
+        common.save(args.out, report(rows, args, reference, note))
+    common.save(args.out, report(rows, args, reference, note, done=True))
+    print(report(rows, args, reference, note, done=True))
 
 
 if __name__ == "__main__":

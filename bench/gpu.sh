@@ -7,6 +7,7 @@
 # Each part runs under a time limit (45 + 150 + 130 + 25 + 150 + 100 s) so the whole stays under 10 minutes; a
 # part that fails or runs out of time leaves a note, and train_step.py and epoch_overhead.py keep the rows they
 # finished (both put their most important rows first).
+# The input pipeline's loader throughput (worker processes, 5 rounds) is a CPU measurement left to bench/all.sh.
 set -u
 out=$(realpath -m "${1:-bench_results.md}")
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ echo "# spcl_jax benchmarks ($(date -u '+%Y-%m-%d %H:%M UTC'), bench/gpu.sh)" > 
 { printf '\n## k-means\n\n```\n'; limited 45 python -m bench.kmeans --gpu; printf '```\n'; } | tee -a "$out"
 tables 150 -m bench.train_step --preset gpu --compare-torch
 tables 130 -m bench.epoch_overhead --preset gpu
-{ printf '\n## Input pipeline\n\n'; limited 25 python -m bench.input_pipeline --images 128; } | tee -a "$out"
+{ printf '\n## Input pipeline\n\n'; limited 25 python -m bench.input_pipeline --images 128 --skip-loader; } | tee -a "$out"
 { printf '\n## Prepared records feeding the ResNet-50 step\n\n'; limited 150 python -m bench.loader_step --preset gpu; } \
   | tee -a "$out"
 { printf '\n## Train-step memory, with and without remat\n\n'; limited 100 python -m bench.memory; } | tee -a "$out"

@@ -1,6 +1,6 @@
 """Input pipeline: host CPU per image, loader throughput by worker count, and the device-side views.
 
-    python -m bench.input_pipeline [--images 256] [--batch 32] [--workers 1,2] [--repeats 5] [--json]
+    python -m bench.input_pipeline [--images 256] [--batch 32] [--workers 1,2] [--repeats 5] [--json] [--skip-loader]
 
 Writes ImageNet-like JPEGs (500x375 and 375x500 windows of scikit-learn's two bundled photos, quality
 90) to a temporary folder and measures, in one run:
@@ -8,14 +8,20 @@ Writes ImageNet-like JPEGs (500x375 and 375x500 windows of scikit-learn's two bu
 * host CPU ms per image, per format (the JPEG files; the records `python -m spcl_jax.data.prepare` writes
   of them: shorter side 256, quality 90): the CPU time (this process) of `BatchMaker` making
   SimCLR-style batches (each image decoded whole into its canvas, plus the boxes and uniforms of its two
-  views), the formats taking turns over `--repeats` rounds (median and range);
+  views), the formats taking turns over `--repeats` rounds after one untimed pass each (median (min–max));
 * loader throughput: `pipeline.Loader` over the same batches, repeated to `--loader_images`, with each
-  worker count (images/s after the first batch, in steady state; the workers' start-up separately), and
-  what one worker process costs per image (its decoding, plus shared memory and hand-over), 1 / its rate;
+  worker count (images/s after the first batch, in steady state; the workers' start-up separately), every
+  (format, worker count) taking its turn in each of `--repeats` rounds (no warm-up round: the start-up is
+  reported apart), and what one worker process costs per image (its decoding, plus shared memory and
+  hand-over), 1 / its rate; the speed-up of the most workers over one is the ratio of the median rates with
+  the range of the per-round ratios (`--skip-loader` leaves this part out);
 * the cores one accelerator needs to be fed 1,750 images/s (an H100 at 3,500 views/s of ResNet-50) at
   those costs;
 * the device side (`augment.views`: crops, colours, blur from the 256x384 canvas to 224) on whatever
-  backend JAX picks, per 1,000 views.
+  backend JAX picks, per 1,000 views (median (min–max) of `--repeats` rounds).
+
+Everything goes through bench/common.py `interleaved`; the output starts with the machine note (CPU, cores,
+load, versions, device) and ends with the load after.
 
 `--json` ends the output with one JSON object holding every number (`folder_cpu_ms_per_image`, ...).
 """
@@ -84,15 +90,23 @@ def makers(formats, batch):
 
 
 def host_cpu_ms(passes, repeats):
-    """{format: [CPU ms per image of each round]}, the formats taking turns."""
-    times = {name: [] for name in passes}
-    for _ in range(repeats):
-        for name, maker in passes.items():
-            start = time.process_time()
-            for step in range(maker.num_steps):
-                maker(step)
-            times[name].append((time.process_time() - start) / (maker.num_steps * maker.batch_size) * 1e3)
-    return times
+    """{format: [CPU ms per image of each round]}, the formats taking turns (after one untimed pass each)."""
+    def whole_pass(maker):
+        for step in range(maker.num_steps):
+            maker(step)
+
+    seconds = common.interleaved({name: (lambda maker=maker: whole_pass(maker)) for name, maker in passes.items()},
+                                 repeats, clock=time.process_time)
+    return {name: [s / (passes[name].num_steps * passes[name].batch_size) * 1e3 for s in t]
+            for name, t in seconds.items()}
+
+
+def loader_rates(passes, workers, images, repeats):
+    """{(format, workers): [(images/s, start-up s) of each round]}, every (format, worker count) taking turns."""
+    out = {(name, w): [] for name in passes for w in workers}
+    common.interleaved({key: (lambda key=key: out[key].append(loader_rate(passes[key[0]], key[1], images)))
+                        for key in out}, repeats, warmup=0)
+    return out
 
 
 def loader_rate(maker, workers, images):
@@ -111,7 +125,8 @@ def loader_rate(maker, workers, images):
 
 
 def device_ms_per_1000_views(batch, reps):
-    """(ms per 1,000 views of the ImageNet recipe, compile s) of augment.views on the default JAX backend."""
+    """([ms per 1,000 views of the ImageNet recipe, each round], compile s) of augment.views on the default JAX
+    backend."""
     import jax
 
     from spcl_jax import augment
@@ -129,15 +144,8 @@ def device_ms_per_1000_views(batch, reps):
     start = time.perf_counter()
     fn(data).block_until_ready()
     compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(reps):
-        out = fn(data)
-    out.block_until_ready()
-    return (time.perf_counter() - start) / (reps * batch * len(SPECS)) * 1e6, compile_s
-
-
-def spread(values):
-    return f"{statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f}, n={len(values)})"
+    seconds = common.interleaved({"views": lambda: fn(data).block_until_ready()}, reps, warmup=0)["views"]
+    return [s / (batch * len(SPECS)) * 1e6 for s in seconds], compile_s
 
 
 def main(argv=None):
@@ -152,53 +160,67 @@ def main(argv=None):
                         help="images each loader run loads (the images repeated): long enough for a steady state")
     parser.add_argument("--aug_batch", type=common.positive(int), default=16)
     parser.add_argument("--json", action="store_true", help="end with one JSON object of every number")
+    parser.add_argument("--skip-loader", action="store_true",
+                        help="leave out the loader throughput (worker processes; bench/gpu.sh, for time)")
     args = parser.parse_args(argv)
     if args.images < 2 * args.batch:
         parser.error(f"--images {args.images} is below 2 x --batch {args.batch}: the loader needs two batches")
-    print(common.machine_note())
+    print(common.machine_note(), flush=True)
+    print(f"{args.images} images, batch {args.batch}, {args.repeats} interleaved rounds; {common.SPREAD} per cell; "
+          f"uint8 host batches, float32 device views", flush=True)
     rows, numbers = [], {}
     with tempfile.TemporaryDirectory() as folder:
         passes = makers(sources(folder, args.images), args.batch)
         load_before = os.getloadavg()[0]
-        for name, values in host_cpu_ms(passes, args.repeats).items():
+        per_format = host_cpu_ms(passes, args.repeats)
+        for name, values in per_format.items():
             median = statistics.median(values)
             numbers[f"{name}_cpu_ms_per_image"] = median
             numbers[f"{name}_cpu_ms_per_image_range"] = [min(values), max(values)]
-            rows.append(dict(stage=f"host CPU per image, {name}", value=spread(values), unit="ms",
+            rows.append(dict(stage=f"host CPU per image, {name}", value=common.spread(values, 1.0, "{:.3f}"), unit="ms",
                              note="decode into the canvas + both views' boxes and uniforms"))
             rows.append(dict(stage=f"cores per accelerator at {FEED_RATE:,} img/s, {name}",
                              value=f"{FEED_RATE * median / 1e3:.2f}", unit="cores", note="at the median CPU cost"))
-        folder_ms, prepared_ms = numbers["folder_cpu_ms_per_image"], numbers["prepared_cpu_ms_per_image"]
-        numbers["prepared_over_folder"] = prepared_ms / folder_ms
-        rows.append(dict(stage="host CPU per image, prepared / folder", value=f"{prepared_ms / folder_ms:.2f}",
-                         unit="ratio", note="of the medians"))
-        for name, maker in passes.items():
-            rates = {}
-            for workers in args.workers:
-                rate, startup = loader_rate(maker, workers, args.loader_images)
-                rates[workers] = rate
-                numbers[f"{name}_loader_images_per_s_{workers}_workers"] = rate
-                rows.append(dict(stage=f"loader, {name}, {workers} worker process(es)", value=f"{rate:,.0f}",
-                                 unit="img/s", note=f"steady state; start-up {startup:.1f} s"))
+        ratio, low, high = common.ratio(per_format["prepared"], per_format["folder"])
+        numbers["prepared_over_folder"] = ratio
+        numbers["prepared_over_folder_range"] = [low, high]
+        rows.append(dict(stage="host CPU per image, prepared / folder", value=f"{ratio:.2f} ({low:.2f}–{high:.2f})",
+                         unit="ratio", note="of the medians (range of the per-round ratios)"))
+        measured = {} if args.skip_loader else loader_rates(passes, args.workers, args.loader_images, args.repeats)
+        for name in passes if measured else ():
+            rates = {w: [rate for rate, _ in measured[name, w]] for w in args.workers}
+            for workers, values in rates.items():
+                startup = statistics.median(s for _, s in measured[name, workers])
+                numbers[f"{name}_loader_images_per_s_{workers}_workers"] = statistics.median(values)
+                numbers[f"{name}_loader_images_per_s_{workers}_workers_range"] = [min(values), max(values)]
+                rows.append(dict(stage=f"loader, {name}, {workers} worker process(es)",
+                                 value=common.spread(values, 1.0, "{:,.0f}"), unit="img/s",
+                                 note=f"steady state; start-up {startup:.1f} s (median)"))
             if 1 in rates:
-                worker_ms = 1e3 / rates[1]
-                numbers[f"{name}_worker_ms_per_image"] = worker_ms
-                rows.append(dict(stage=f"one worker process per image, {name}", value=f"{worker_ms:.3f}", unit="ms",
-                                 note=f"{FEED_RATE * worker_ms / 1e3:.2f} cores per accelerator at this cost"))
+                worker_ms = [1e3 / r for r in rates[1]]
+                numbers[f"{name}_worker_ms_per_image"] = statistics.median(worker_ms)
+                rows.append(dict(stage=f"one worker process per image, {name}",
+                                 value=common.spread(worker_ms, 1.0, "{:.3f}"), unit="ms",
+                                 note=f"{FEED_RATE * statistics.median(worker_ms) / 1e3:.2f} cores per accelerator "
+                                      "at this cost"))
             if 1 in rates and len(rates) > 1:
                 top = max(rates)
-                numbers[f"{name}_loader_speedup_{top}_over_1"] = rates[top] / rates[1]
-                rows[-1]["note"] += f"; {top} workers: {rates[top] / rates[1]:.2f}x one"
+                speedup, low, high = common.ratio(rates[top], rates[1])
+                numbers[f"{name}_loader_speedup_{top}_over_1"] = speedup
+                numbers[f"{name}_loader_speedup_{top}_over_1_range"] = [low, high]
+                rows[-1]["note"] += f"; {top} workers: {speedup:.2f}x one ({low:.2f}–{high:.2f})"
         load_after = os.getloadavg()[0]
     ms, compile_s = device_ms_per_1000_views(args.aug_batch, args.repeats)
-    numbers["device_ms_per_1000_views"] = ms
+    numbers["device_ms_per_1000_views"] = statistics.median(ms)
     import jax
 
-    rows.append(dict(stage="device views 256x384 canvas -> 224 (colours, blur, crop)", value=f"{ms:,.1f}",
+    rows.append(dict(stage="device views 256x384 canvas -> 224 (colours, blur, crop)",
+                     value=common.spread(ms, 1.0, "{:,.1f}"),
                      unit="ms / 1,000 views", note=f"{jax.devices()[0].device_kind}; compile {compile_s:.1f} s"))
     numbers.update(load_before=load_before, load_after=load_after)
-    print(f"load average before {load_before:.2f}, after {load_after:.2f}")
+    print(f"load average (1 min) before the host and loader parts {load_before:.2f}, after {load_after:.2f}")
     print(common.markdown(rows, COLUMNS))
+    print(common.load_after())
     if args.json:
         print(json.dumps(numbers))
 

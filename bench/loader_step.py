@@ -52,7 +52,7 @@ def imagenet_folder(root, count):
 
 
 def summary(values):
-    return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g}, n={len(values)})"
+    return f"{common.spread(values, 1.0, '{:.3g}')}, n={len(values)}"
 
 
 def run(preset, workers, folder):
@@ -89,10 +89,16 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=-1, help="worker processes (-1: usable cores - 1)")
     parser.add_argument("--json", action="store_true", help="end with one JSON object of the numbers")
     args = parser.parse_args(argv)
-    print(common.machine_note())
+    print(common.machine_note("child"), flush=True)  # "child": launch.py's process needs the accelerator
+    setting = PRESETS[args.preset]
+    overrides = " ".join(setting["overrides"]) or "no overrides"
+    print(f"configs/imagenet.py (ResNet-50, bfloat16, pca_dim 256, K = 512) with {overrides}; {setting['images']:,} "
+          f"images, {setting['steps']} steps of {setting['batch']} pairs; median (min–max) of the logged intervals "
+          "after the first", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         row = run(args.preset, args.workers, folder)
     print(common.markdown([row], COLUMNS))
+    print(common.load_after())
     if args.json:
         print(json.dumps({k: row[k] for k in ("images_per_s_median", "wait_median", "cluster_s")}))
 

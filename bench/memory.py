@@ -73,7 +73,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.batches) != 2 or args.batches[0] >= args.batches[1]:
         parser.error(f"--batches {args.batches}: give two increasing batch sizes")
-    print(common.machine_note())
+    print(common.machine_note(), flush=True)
+    print(f"{args.model} at {args.px} px, {args.dtype} compute (parameters float32), width {args.width}, batches "
+          f"{args.batches[0]} and {args.batches[1]} pairs; remat {args.remat}; compiled, not run", flush=True)
     row = common.Row(args.model, args.px, args.dtype, args.batches[0])
     results = [measure(row, args.width, args.batches, remat) for remat in args.remat.split(",")]
     columns = COLUMNS + [(f"fit_{g}", f"max pairs / {g} GiB device", "{:,.0f}") for g in args.device_gib]
@@ -81,6 +83,7 @@ def main(argv=None):
         for g in args.device_gib:
             r[f"fit_{g}"] = max((g * GIB - r["fixed"]) / r["per_pair"], 0.0)
     print(common.markdown(results, columns))
+    print(common.load_after())
 
 
 if __name__ == "__main__":

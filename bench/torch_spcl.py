@@ -231,20 +231,20 @@ def run(args):
     for row in rows:
         try:
             step, setup_s, flops = prepare(row, width, device, args.num_prototypes)
-            seconds = common.time_interleaved({"torch": step}, steps)["torch"]
+            seconds = common.interleaved({"torch": step}, steps, warmup=0)["torch"]  # prepare warmed up
         except RuntimeError as e:  # e.g. CUDA out of memory: report and go on with the next row
             print(f"torch {row}: failed: {str(e).splitlines()[0]}", flush=True)
         else:
             results.append(common.result(row, seconds, setup_s, flops, device_name(device)))
-            print(f"torch {row}: {results[-1]['ms_per_step']:.1f} ms/step", flush=True)
+            print(f"torch {row}: {results[-1]['ms_spread']} ms/step", flush=True)
     return results
 
 
 def note():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     return (f"PyTorch {torch.__version__} on {device}: the original's step without augmentation (random inputs "
-            "already on the device); cudnn.benchmark on, TF32 allowed; median step time; TFLOP/s from torch's "
-            "FlopCounterMode (convolutions and matmuls of one step).")
+            f"already on the device); cudnn.benchmark on, TF32 allowed; {common.SPREAD} step time of the rounds; "
+            "TFLOP/s from torch's FlopCounterMode (convolutions and matmuls of one step).")
 
 
 def main(argv=None):
@@ -252,9 +252,13 @@ def main(argv=None):
     common.add_size_flags(parser)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(common.machine_note(f"{device_name(device)} (torch {device.type}, {torch.get_num_threads()} CPU threads)"),
+          flush=True)
     results = run(args)
     print(common.markdown(results))
     print(note())
+    print(common.load_after())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(results=results, note=note()), f)

@@ -6,14 +6,19 @@
 
 Times `train.build(...)[0].train_step` (the jitted, donated step: on-device augmentation of the uint8
 pairs into 4 views, 4 encoder + 4 projection passes, NT-Xent, prototype CE, siamese metric, LARS) on
-one synthetic batch already on the device, after compilation and 2 warm-up steps; the median step time
-is reported. Each pair is 4 views. FLOPs are XLA's cost analysis of the compiled step (augmentation
+one synthetic batch already on the device, after compilation and 2 warm-up steps: median (min–max) of
+--steps rounds (>= 5 by default), in which every timed method runs one step, taking turns (bench/common.py
+`interleaved`). Each pair is 4 views. FLOPs are XLA's cost analysis of the compiled step (augmentation
 included). ResNet-18 runs with configs/cifar10.py (CIFAR stem, 32 px), ResNet-50 with configs/imagenet.py
 (224 px crops of 256 px images). `--compare-torch` first runs bench/torch_spcl.py (the original's step in
 PyTorch) on the same rows in a child process, so that the two frameworks never share the GPU's memory (JAX
 keeps what it allocates); `--compare-torch interleaved` (for CPUs) runs both in this process, one step of
 each in turn, so that load from other jobs hits both alike. `--ynnpack-convs` also times our step compiled
 with jaxlib 0.10's default CPU convolutions (YNNPACK; spcl_jax.runtime.configure() turns them off), in turn too.
+"ours/original" is the ratio of views/s (= original's median step time / ours; >1 = ours faster) with the
+range of the per-round ratios when interleaved, or the widest range of the two series when the original ran
+in a child process. The output starts with the machine note (CPU, cores, load, versions, device) and ends
+with the load after.
 """
 import argparse
 import functools
@@ -42,12 +47,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONFIGS = {"resnet18": cifar10, "resnet50": imagenet}
 COMBINED = common.COLUMNS[:4] + [
-    ("ms_per_step", "ours ms/step", "{:.1f}"), ("views_per_s", "ours views/s", "{:.0f}"),
+    ("ms_spread", f"ours ms/step, {common.SPREAD}", "{}"), ("views_per_s", "ours views/s", "{:.0f}"),
     ("tflops", "ours TFLOP/s", "{:.3g}"), ("pct_peak", "ours % peak", "{:.1f}"),
-    ("torch_ms_per_step", "original ms/step", "{:.1f}"), ("torch_views_per_s", "original views/s", "{:.0f}"),
-    ("torch_tflops", "original TFLOP/s", "{:.3g}"), ("ratio", "ours/original (views/s)", "{:.2f}")]
-YNNPACK_COLUMNS = [("ynnpack_ms_per_step", "ms/step, convolutions on YNNPACK", "{:.1f}"),
-                   ("ynnpack_ratio", "ours/original, convolutions on YNNPACK", "{:.2f}")]
+    ("torch_ms_spread", f"original ms/step, {common.SPREAD}", "{}"),
+    ("torch_views_per_s", "original views/s", "{:.0f}"), ("torch_tflops", "original TFLOP/s", "{:.3g}"),
+    ("ratio_cell", "ours/original (views/s), ratio of medians (range)", "{}")]
+YNNPACK_COLUMNS = [("ynnpack_ms_spread", f"ms/step, convolutions on YNNPACK, {common.SPREAD}", "{}"),
+                   ("ynnpack_ratio_cell", "ours/original, convolutions on YNNPACK (range)", "{}")]
+# In the first table: our step with YNNPACK convolutions against ours (time ratio, >1 = ours faster).
+OURS_YNNPACK_COLUMNS = YNNPACK_COLUMNS[:1] + [
+    ("ynnpack_over_ours_cell", "YNNPACK convolutions / ours (time), ratio of medians (range)", "{}")]
 
 
 def config_for(row, width, num_prototypes=common.NUM_PROTOTYPES):
@@ -126,7 +135,7 @@ def measure(row, width, steps, num_prototypes, *, ynnpack=False, torch_too=False
         from bench import torch_spcl
 
         runs["theirs"] = torch_spcl.prepare(row, width, torch.device("cpu"), num_prototypes)
-    seconds = common.time_interleaved({name: run[0] for name, run in runs.items()}, steps)
+    seconds = common.interleaved({name: run[0] for name, run in runs.items()}, steps, warmup=0)  # prepare warmed up
     return {name: common.result(row, seconds[name], setup_s, flops,
                                 "cpu" if name == "theirs" else jax.devices()[0].device_kind)
             for name, (_, setup_s, flops) in runs.items()}
@@ -141,19 +150,30 @@ def torch_results(args):
             print("bench/torch_spcl.py failed: no comparison", flush=True)
             return None
         with open(path) as f:
-            return json.load(f)
+            torch = json.load(f)
+    torch["note"] += (" Ran in a child process before ours (not interleaved): the ratio's range is the widest the "
+                      "two series allow, min/max to max/min.")
+    return torch
 
 
 def combine(ours, torch):
+    """Our rows with the original's columns and the ratios ours/original of views/s (of equal batches: the
+    original's step time over ours), ranges per round when `torch["paired"]` (interleaved in this process)."""
     spec = lambda r: (r["model"], r["px"], r["dtype"], r["batch"])  # noqa: E731
     theirs = {spec(r): r for r in torch["results"]}
+    paired = torch.get("paired", False)
     rows = []
     for r in ours:
         t = theirs.get(spec(r))
-        extra = {} if t is None else dict(torch_ms_per_step=t["ms_per_step"], torch_views_per_s=t["views_per_s"],
-                                          torch_tflops=t["tflops"], ratio=r["views_per_s"] / t["views_per_s"])
-        if t is not None and "ynnpack_views_per_s" in r:
-            extra["ynnpack_ratio"] = r["ynnpack_views_per_s"] / t["views_per_s"]
+        extra = {}
+        if t is not None:
+            middle, low, high = common.ratio(t["seconds"], r["seconds"], paired)
+            extra = dict(torch_ms_per_step=t["ms_per_step"], torch_ms_spread=t["ms_spread"],
+                         torch_views_per_s=t["views_per_s"], torch_tflops=t["tflops"], ratio=middle,
+                         ratio_range=(low, high), ratio_cell=common.ratio_cell(t["seconds"], r["seconds"], paired))
+            if "ynnpack_seconds" in r:
+                extra["ynnpack_ratio"] = common.ratio(t["seconds"], r["ynnpack_seconds"], paired)[0]
+                extra["ynnpack_ratio_cell"] = common.ratio_cell(t["seconds"], r["ynnpack_seconds"], paired)
         rows.append(dict(r, **extra))
     return rows
 
@@ -163,13 +183,15 @@ def ynnpack_columns(ours, columns):
     return columns if any("ynnpack_ms_per_step" in r for r in ours) else []
 
 
-def report(ours, torch, width):
+def report(ours, torch, width, note, done=False):
     device = jax.devices()[0]
-    lines = ["## SPCL train step", "",
+    lines = ["## SPCL train step", "", "```", note, "```", "",
              f"spcl_jax on {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), "
-             f"jax {jax.__version__}; width multiplier {width}; batch = pairs, 4 views each; {common.load_note()}.",
-             "", common.markdown(ours, common.COLUMNS + ynnpack_columns(ours, YNNPACK_COLUMNS[:1])), "",
-             "ours: the whole jitted step including on-device augmentation of the uint8 pairs; median step time; "
+             f"jax {jax.__version__}; width multiplier {width}; batch = pairs, 4 views each; precision = the dtype "
+             f"column (compute dtype; parameters float32); {common.load_note()}.",
+             "", common.markdown(ours, common.COLUMNS + ynnpack_columns(ours, OURS_YNNPACK_COLUMNS)), "",
+             "ours: the whole jitted step including on-device augmentation of the uint8 pairs; "
+             f"{common.SPREAD} of the rounds (one step each, the methods taking turns); "
              "setup s = build + compile + 2 warm-up steps; TFLOP/s from XLA's cost analysis of the compiled step; "
              "% peak against dense bf16 989 / fp32 67 TFLOP/s (H100 SXM, H200). float32 convolutions may run on "
              "TF32 tensor cores (JAX's default GPU precision), so float32 can pass 100%."]
@@ -178,6 +200,8 @@ def report(ours, torch, width):
                   common.markdown(combine(ours, torch), COMBINED + ynnpack_columns(ours, YNNPACK_COLUMNS)), "",
                   torch["note"],
                   "The comparison is conservative for us: our time includes augmentation, theirs does not."]
+    if done:
+        lines += ["", common.load_after()]
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +222,8 @@ def main(argv=None):
     if mode and importlib.util.find_spec("torch") is None:
         print("torch is not importable (pip install -r bench/requirements.txt): no comparison", flush=True)
         mode = None
+    note = common.machine_note("child" if mode == "process" else "jax")  # "child": JAX must leave the GPU to torch
+    print(note, flush=True)
     torch = torch_results(args) if mode == "process" else None  # before JAX takes the GPU
     theirs = []
     ours = []
@@ -211,17 +237,21 @@ def main(argv=None):
         result = results["ours"]
         if "ynnpack" in results:
             result.update(ynnpack_ms_per_step=results["ynnpack"]["ms_per_step"],
-                          ynnpack_views_per_s=results["ynnpack"]["views_per_s"])
+                          ynnpack_ms_spread=results["ynnpack"]["ms_spread"],
+                          ynnpack_views_per_s=results["ynnpack"]["views_per_s"],
+                          ynnpack_seconds=results["ynnpack"]["seconds"],
+                          ynnpack_over_ours_cell=common.ratio_cell(results["ynnpack"]["seconds"], result["seconds"]))
         ours.append(result)
-        print(f"ours {row}: {result['ms_per_step']:.1f} ms/step", flush=True)
+        print(f"ours {row}: {result['ms_spread']} ms/step", flush=True)
         if "theirs" in results:
             from bench import torch_spcl
 
             theirs.append(results["theirs"])
-            torch = dict(results=theirs, note=torch_spcl.note() + " Timed in the same process as ours, one step "
-                         "of each in turn.")
-        common.save(args.out, report(ours, torch, width))
-    print(report(ours, torch, width))
+            torch = dict(results=theirs, paired=True, note=torch_spcl.note() + " Timed in the same process as ours, "
+                         "one step of each in turn; the ratio's range is that of the per-round ratios.")
+        common.save(args.out, report(ours, torch, width, note))
+    common.save(args.out, report(ours, torch, width, note, done=True))
+    print(report(ours, torch, width, note, done=True))
 
 
 if __name__ == "__main__":
