@@ -32,8 +32,11 @@ def get_config():
     c.dataset_path = ""  # root of an image folder (imagenet/imagenet100/tinyimagenet/imagefolder)
     c.data_dir = ""  # tensorflow-datasets data dir ("" = the tfds default, ~/tensorflow_datasets)
     c.image_size = 32  # crop size S fed to the network; at least its downsampling: 8 (cifar stem), 32 (imagenet stem)
-    c.n_classes = 10  # classes in train/valid/test (linear evaluation)
-    c.pre_classes = 10  # classes whose images form the pretrain set
+    c.n_classes = 10  # classes in train/valid/test (linear evaluation); 0 = every class of the data (infer_from_data)
+    c.pre_classes = 10  # classes whose images form the pretrain set; 0 = every class of the data (infer_from_data)
+    c.infer_from_data = False  # once the data is listed, set n_classes and pre_classes left at 0, and lower
+    #   num_prototypes, batch_size, warmup_epochs and evaluate_after_pretrain to what the data allows, logging the
+    #   choices (configs/imagefolder.py: own folders); a resume infers the same
     c.train_sample = -1  # train/pretrain images per class; -1 = all (standard protocol; the original used 100, B-11)
     c.val_sample = 20  # validation images per class, held out of train
     c.imagenet100_classes = "first100"  # first100 (the original's: first 100 wnids) | cmc (the CMC paper's list)

@@ -1,10 +1,14 @@
 """Fail-fast checks of a resolved config, before any file is written or device is touched.
 
 Every problem becomes a `ConfigError` whose single line names the key, the bad value and what
-would be valid (big_vision's explicit contracts).
+would be valid (big_vision's explicit contracts). Once the data is listed, `fit_to_data` fits an
+`infer_from_data` config to it and checks it again, with the checks that need the data.
 """
+import copy
 import functools
 import math
+
+from absl import logging
 
 from spcl_jax import method as methods
 from spcl_jax.errors import ConfigError
@@ -31,9 +35,8 @@ def choices():
     }
 
 
-POSITIVE = ("learning_rate", "n_epochs", "batch_size", "n_classes",
-            "pre_classes", "kmeans_iters", "reassign", "classifier_init_freq", "proj_dim",
-            "width_multiplier", "finetune_learning_rate", "finetune_batch_size", "knn_k",
+POSITIVE = ("learning_rate", "n_epochs", "batch_size", "kmeans_iters", "reassign", "classifier_init_freq",
+            "proj_dim", "width_multiplier", "finetune_learning_rate", "finetune_batch_size", "knn_k",
             "log_every_steps", "visual_freq", "lars_eta")
 NON_NEGATIVE = ("warmup_epochs", "finetune_epochs",
                 "contras_weight", "cluster_weight", "metric_weight", "val_sample", "pca_dim",
@@ -109,6 +112,9 @@ def check_values(config, device_count):
     for key in NON_NEGATIVE:
         if config[key] < 0:
             _fail(key, config[key], "a number >= 0")
+    for key in ("n_classes", "pre_classes"):
+        if config[key] < 0 or (config[key] == 0 and not config.infer_from_data):
+            _fail(key, config[key], "a number > 0, or 0 (every class of the data) with infer_from_data=True")
     for key in PROBABILITIES:
         if not 0 <= config[key] <= 1:
             _fail(key, config[key], "a probability in [0, 1]")
@@ -139,11 +145,11 @@ def check_values(config, device_count):
     if config.checkpoint_step < -1:
         _fail("checkpoint_step", config.checkpoint_step, "-1 (newest) or a saved step >= 0")
     method = methods.resolve(config)
-    if method.pairs and not config.rebuild_member_table and config.pre_classes < 2:
+    if method.pairs and not config.rebuild_member_table and config.pre_classes == 1:  # 0: fit_to_data checks
         _fail("pre_classes", config.pre_classes,
               f"an integer >= 2 with rebuild_member_table=False ({method.name}'s pairs then come from the ground-truth "
               "classes, B-2, and a pair of different prototypes needs two)")
-    if config.prototype_classifier_width == "n_classes" and config.num_prototypes > config.n_classes:
+    if config.prototype_classifier_width == "n_classes" and 0 < config.n_classes < config.num_prototypes:
         _fail("prototype_classifier_width", "n_classes",
               f"num_prototypes (the as-written width needs num_prototypes <= n_classes="
               f"{config.n_classes}, DIFFERENCES.md B-1)")
@@ -190,6 +196,86 @@ def check_pretrain_size(config, num_pretrain):
         _fail("num_prototypes", config.num_prototypes,
               f"at most {num_pretrain - 1}, one less than the pretrain set size {num_pretrain} ({method.name} pairs "
               "two images of one prototype)")
+
+
+def check_eval_size(config, num_train, device_count):
+    """The original linear protocol shards its batches over the devices, so it needs a train split of at least
+    one image per device (checked once the data is known, before pretraining spends its time)."""
+    linear = config.finetune_epochs > 0 and config.mode != "knn_eval" and not config.eval_disent and (
+        config.evaluate_after_pretrain or not methods.pretrains(config))
+    if linear and config.linear_eval_protocol == "original" and num_train < device_count:
+        _fail("linear_eval_protocol", config.linear_eval_protocol,
+              f"fast, or a train split of at least {device_count} images (it has {num_train})")
+
+
+MIN_IMAGES_PER_PROTOTYPE = 39  # faiss's min_points_per_centroid: below it k-means warns of poorly fitted centroids
+
+
+def fit_to_data(config, splits, device_count):
+    """The config to run on `splits`: with `infer_from_data`, a copy fitted to the data (a config file cannot see
+    it), logged in one line and validated again; otherwise `config` itself. The same data gives the same values,
+    so a resume with the same command finds the checkpoint's config."""
+    if not config.infer_from_data:
+        return config
+    check_labels(config, splits)
+    fitted = _fitted_values(config, splits, device_count)
+    changes = [f"{key} {config[key]!r} -> {value!r} ({why})" for key, (value, why) in fitted.items()
+               if value != config[key]]
+    logging.info("infer_from_data: %s", "; ".join(changes) if changes else "the config fits the data unchanged")
+    config = copy.deepcopy(config)
+    config.update({key: value for key, (value, _) in fitted.items()})
+    check_values(config, device_count)
+    return config
+
+
+def _fitted_values(config, splits, device_count):
+    """{key: (value fitted to the data, why)}: every class for the 0s, a batch and K the data can fill, a warmup
+    that leaves most of the epochs to the cosine, and no evaluation without labels."""
+    method = methods.resolve(config)
+    images = len(getattr(splits, method.source_split))
+    halves = method.pairs and config.pair_sampling == "exact_half"
+    multiple = math.lcm(device_count, 2 if halves else 1)
+    fitted = {
+        "n_classes": (splits.num_classes, "every class of the data"),
+        "pre_classes": (splits.pre_classes, "every class of the data"),
+        "batch_size": (min(config.batch_size, max(multiple, images // multiple * multiple)),
+                       (f"at most the {images} {method.source_split} images, in multiples of {device_count} devices"
+                        + (" and of 2 for the pairs' halves" if halves else ""))),
+        "warmup_epochs": (min(config.warmup_epochs, config.n_epochs // 10),
+                          f"at most a tenth of n_epochs={config.n_epochs}"),
+        "evaluate_after_pretrain": (config.evaluate_after_pretrain and splits.num_classes > 0,
+                                    (f"linear/kNN evaluation needs labelled images: {config.dataset_path}/train has "
+                                     "no class folders")),
+    }
+    if method.clustering:
+        pretrain = len(splits.pretrain)
+        fitted["num_prototypes"] = (min(config.num_prototypes, max(2, pretrain // MIN_IMAGES_PER_PROTOTYPE)),
+                                    (f"{pretrain} pretraining images, {MIN_IMAGES_PER_PROTOTYPE} or more per "
+                                     "prototype as faiss asks of a k-means centroid, and 2 prototypes at least"))
+    return fitted
+
+
+def check_labels(config, splits):
+    """Unlabeled data (an image folder without class folders) is for pretraining only: the first option that needs
+    ground-truth labels is refused in one line."""
+    if splits.num_classes:
+        return
+    method = methods.resolve(config)
+    needs = (  # (whether the config needs labels, what does, the fix)
+        (not methods.pretrains(config), f"evaluating a checkpoint (mode={config.mode})",
+         "evaluate on a folder with train/<class>/ folders"),
+        (method.supervised, f"method={method.name}", "pass a self-supervised method, e.g. --config.method=spcl"),
+        (method.pairs and not config.rebuild_member_table,
+         "rebuild_member_table=False (pairs drawn from the ground-truth classes, B-2)",
+         "pass --config.rebuild_member_table=True"),
+        (method.prototype_classifier and config.prototype_classifier_width == "n_classes",
+         "prototype_classifier_width='n_classes'", "pass --config.prototype_classifier_width=num_prototypes"),
+        (config.knn_every_epochs > 0, f"knn_every_epochs={config.knn_every_epochs}", "pass --config.knn_every_epochs=0"),
+    )
+    for needed, what, fix in needs:
+        if needed:
+            raise ConfigError(f"invalid config: {what} needs labelled images, and {config.dataset_path}/train has no "
+                              f"class folders; {fix}")
 
 
 def validate(config, reference, device_count):

@@ -183,8 +183,8 @@ class Evaluator:
         """{'linear_eval/<split>_top1', ..._top<k>, 'knn/<split>_top1', ...} for valid and test.
 
         With a valid split the head is scored on valid after every finetune epoch and the head of the
-        best valid top-1 is reported too: 'linear_eval/best_valid_<split>_top1', ..._top<k> and
-        'linear_eval/best_valid_epoch' (1..finetune_epochs); the plain keys are the last epoch's.
+        best valid top-1 is reported too: 'linear_eval/best_epoch_<split>_top1' (the head of the best epoch), ..._top<k> and
+        'linear_eval/best_epoch' (1..finetune_epochs); the plain keys are the last epoch's.
         """
         k = top_k(self.splits.num_classes)
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
@@ -193,14 +193,14 @@ class Evaluator:
                 for name, source in eval_sets(self.splits)]
         results = {}
         choice = self._linear_heads(params, batch_stats, train_x, sets) if linear else HeadChoice(None, None, -1, [])
-        for tag, head in (("", choice.last), ("best_valid_", choice.best)):
+        for tag, head in (("", choice.last), ("best_epoch_", choice.best)):
             for name, x, labels in sets:
                 if head is not None:
                     top1, topk = accuracies(np.asarray(_logits(head, jnp.asarray(x))), labels, k, self.per_batch)
                     results[f"linear_eval/{prefix}{tag}{name}_top1"] = top1
                     results[f"linear_eval/{prefix}{tag}{name}_top{k}"] = topk
         if choice.best is not None:
-            results[f"linear_eval/{prefix}best_valid_epoch"] = choice.best_epoch + 1
+            results[f"linear_eval/{prefix}best_epoch"] = choice.best_epoch + 1
         for name, x, labels in sets:
             results[f"knn/{prefix}{name}_top1"], results[f"knn/{prefix}{name}_top{k}"] = self._knn(
                 train_x, x, labels, k)
@@ -361,7 +361,7 @@ def after_pretraining(run, state, writer):
     if config.eval_random_init_baseline:
         _, params, batch_stats = network.create(config, run.method, run.splits.num_classes, config.seed)
         results.update(evaluator.run(params, batch_stats, prefix="random_init_"))
-    report(results, writer, int(state["step"]), config.n_epochs, config)
+    report(results, writer, int(state["step"]), config.n_epochs - 1, config)  # after the last epoch
     return results
 
 
@@ -369,6 +369,10 @@ def evaluate_checkpoint(config, workdir):
     """`mode=linear_eval|knn_eval` (or the original's `finetune`): evaluate a saved encoder."""
     method = methods.resolve(config)
     splits = data.load_splits(config)
+    from spcl_jax import config_validation  # it imports this module for the valid choices
+
+    config = config_validation.fit_to_data(config, splits, jax.device_count())
+    config_validation.check_eval_size(config, len(splits.train), jax.device_count())
     mesh = sharding.data_mesh()
     graphdef, params, batch_stats, step = network.restore(config, method, splits.num_classes,
                                                           config.load_checkpoint_dir, config.checkpoint_step)

@@ -174,7 +174,7 @@ def contrastive_diagnostics(z_a, z_b, labels, temperature):
     """False-negative statistics of one NT-Xent batch (DIFFERENCES.md, diagnostics and B-21), vectorised.
 
     With S = cosine/temperature over [a; b] and "same" = equal labels (B,):
-      * percentage_fn: fraction of ordered pairs i != j with the same label;
+      * false_negative_fraction: fraction of ordered pairs i != j with the same label;
       * pos_similarity: mean of S_ab and S_ba over same-label entries, diagonal positives included;
       * true_neg_similarity: mean of S_aa, S_ab, S_ba, S_bb over different-label entries;
       * false_neg_similarity / false_neg_count: mean and number of those four blocks' same-label off-diagonal
@@ -188,7 +188,7 @@ def contrastive_diagnostics(z_a, z_b, labels, temperature):
     cross_blocks = jnp.kron(1 - jnp.eye(2, dtype=jnp.int32), jnp.ones((b, b), jnp.int32)).astype(bool)
     false_neg_mask = _on_all_blocks(false_negative)
     return {
-        "percentage_fn": jnp.sum(false_negative) / max(b * (b - 1), 1),
+        "false_negative_fraction": jnp.sum(false_negative) / max(b * (b - 1), 1),
         "pos_similarity": _masked_mean(logits, _on_all_blocks(same) & cross_blocks),
         "true_neg_similarity": _masked_mean(logits, _on_all_blocks(~same)),
         "false_neg_similarity": _masked_mean(logits, false_neg_mask),

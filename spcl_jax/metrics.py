@@ -12,7 +12,8 @@ def _plain(value):
 
 
 class MetricWriter:
-    """Appends one JSON object per `write` call and mirrors every scalar to TensorBoard.
+    """Appends one JSON object per `write` call and mirrors every scalar to TensorBoard. Callers pass the
+    0-based epoch the record belongs to; metrics.jsonl shows it 1-based, as the logs do.
 
     On processes other than 0 every method is a no-op, so callers never branch on the process index.
     """
@@ -32,7 +33,7 @@ class MetricWriter:
     def write(self, step, epoch, scalars):
         if not self.enabled:
             return
-        record = {"step": int(step), "epoch": int(epoch)}
+        record = {"step": int(step), "epoch": int(epoch) + 1}  # 1-based, as the logs count
         record.update({k: _plain(v) for k, v in scalars.items()})
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in scalars.items():

@@ -20,7 +20,9 @@ def dry_run(config, workdir):
     as the run would, so that their errors show now, and prints what they are."""
     method = methods.resolve(config)
     splits = data.load_splits(config)
+    config = config_validation.fit_to_data(config, splits, jax.device_count())
     config_validation.check_pretrain_size(config, len(splits.pretrain))
+    config_validation.check_eval_size(config, len(splits.train), jax.device_count())
     run, state = train.build(config, method, splits, sharding.data_mesh())
     print("\n".join(summary(run, state, workdir)))
 

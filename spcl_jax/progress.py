@@ -34,7 +34,10 @@ def log_to_file(workdir):
     for console_filter in logging.get_absl_handler().filters:  # the library chatter the console leaves out
         handler.addFilter(console_filter)
     std_logging.getLogger().addHandler(handler)
-    std_logging.captureWarnings(True)  # warnings become log lines, on the console and in the file alike
+    # Warnings become log lines, on the console and in the file alike. Off, then on: a `warnings.catch_warnings`
+    # that ended since an earlier call put the original `showwarning` back while logging still thinks it captures.
+    std_logging.captureWarnings(False)
+    std_logging.captureWarnings(True)
     _log_file = handler
 
 

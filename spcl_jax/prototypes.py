@@ -26,6 +26,10 @@ class PairPlan(NamedTuple):
     similarity: np.ndarray  # float32, 1 = same prototype, 0 = different prototypes
 
 
+
+class NoPairsError(ValueError):
+    """The pseudo labels allow no positive or no negative pair (e.g. every image in one cluster)."""
+
 def member_table(pseudo_labels, num_clusters):
     """Cluster -> members table: members of cluster k are members_sorted[offsets[k]:offsets[k+1]].
 
@@ -64,7 +68,7 @@ def pair_plan(pseudo_labels, num_clusters, *, num_steps, batch_size, seed, epoch
     positive_clusters = np.flatnonzero(counts >= 2)
     nonempty_clusters = np.flatnonzero(counts >= 1)
     if positive_clusters.size == 0 or nonempty_clusters.size < 2:
-        raise ValueError(f"cannot build pairs: {positive_clusters.size} clusters have >= 2 members "
+        raise NoPairsError(f"cannot build pairs: {positive_clusters.size} clusters have >= 2 members "
                          f"and {nonempty_clusters.size} are non-empty (need >= 1 and >= 2)")
     rng = streams.pair_plan(seed, epoch)
     shape = (num_steps, batch_size)

@@ -313,9 +313,14 @@ def epoch_plan(run, epoch, pseudo):
         # from [0, K): only classes below K are used (the original fails on the others when K > classes).
         buckets = pseudo if config.rebuild_member_table else np.where(source.labels < config.num_prototypes,
                                                                       source.labels, -1)
-        idx_a, idx_b, similarity = prototypes.pair_plan(
-            buckets, config.num_prototypes, num_steps=steps, batch_size=batch, seed=config.seed, epoch=epoch,
-            mode=config.pair_sampling)
+        try:
+            idx_a, idx_b, similarity = prototypes.pair_plan(
+                buckets, config.num_prototypes, num_steps=steps, batch_size=batch, seed=config.seed, epoch=epoch,
+                mode=config.pair_sampling)
+        except prototypes.NoPairsError as e:
+            raise DivergedError(f"epoch {epoch + 1} has no pairs to train on ({e}): the features collapsed into too "
+                                "few prototypes; lower learning_rate or set grad_clip_norm, then resume from an "
+                                f"earlier checkpoint with {SAME_COMMAND} and that change") from e
         return {"a": idx_a, "b": idx_b, "similarity": similarity}
     order = data.epoch_order(source.labels, streams.epoch_order(config.seed, epoch), config.pretrain_sampling)
     order = order[:steps * batch]
@@ -362,7 +367,9 @@ def train_and_evaluate(config, workdir):
     method = methods.resolve(config)
     check_outputs(workdir)
     splits = data.load_splits(config)
+    config = config_validation.fit_to_data(config, splits, jax.device_count())
     config_validation.check_pretrain_size(config, len(splits.pretrain))
+    config_validation.check_eval_size(config, len(splits.train), jax.device_count())
     run, state = build(config, method, splits, sharding.data_mesh())
     is_main = jax.process_index() == 0
     if is_main:  # the processes of one run share its workdir
@@ -423,7 +430,8 @@ def train_and_evaluate(config, workdir):
 
 
 def log_start(run, workdir):
-    """What runs where: processes and devices, the method and data, the batch split, the input, the lr."""
+    """What runs where: processes and devices, the method and data (how many images pretraining uses and why),
+    the batch split, the input, the lr."""
     config = run.config
     logging.info("process %d of %d with %d of %d devices; workdir %s (the same options with --workdir=%s resume "
                  "this run)", jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -433,6 +441,7 @@ def log_start(run, workdir):
                  run.method.name, config.dataset, len(run.splits.pretrain), config.batch_size,
                  config.batch_size // jax.process_count(), jax.process_count(),
                  config.batch_size // jax.device_count(), jax.device_count(), run.steps_per_epoch)
+    logging.info("%s", run.splits.pretrain_summary)
     logging.info("input: %s", pipeline.describe_workers(config.num_workers, run.source))
     peak_epoch = config.warmup_epochs - 1 if config.warmup_epochs else 0
     logging.info("learning rate: peak %.4g (epoch %d of %d; %d warmup epochs, cosine after), prototype classifier "

@@ -2,6 +2,7 @@
 and main, in this process; the checks against the loaded data run in test_launch), the schema, the dataset
 configs, and a fuzz of 300 override sets."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -50,6 +51,9 @@ BAD = [
     (["--config.stem=imagenet"], "image_size=16; valid: an integer >= 32 (the network with stem=imagenet downsamples"),
     (["--config.rebuild_member_table=False", "--config.pre_classes=1"],
      "pre_classes=1; valid: an integer >= 2 with rebuild_member_table=False (spcl's pairs then come from"),
+    (["--config.n_classes=0"], "n_classes=0; valid: a number > 0, or 0 (every class of the data) with "
+                               "infer_from_data=True"),
+    (["--config.infer_from_data=True", "--config.pre_classes=-1"], "pre_classes=-1; valid: a number > 0, or 0"),
 ]
 
 
@@ -67,11 +71,11 @@ def test_every_dataset_config_is_valid_and_overrides_only_deltas():
     import importlib
 
     reference = default.get_config()
-    for name in ("digits", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "tinyimagenet"):
+    for name in ("digits", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "tinyimagenet", "imagefolder"):
         module = importlib.import_module(f"configs.{name}")
         assert "python launch.py --config configs/" in module.__doc__
         config = module.get_config()
-        if config.dataset in ("imagenet", "imagenet100", "tinyimagenet"):
+        if config.dataset in ("imagenet", "imagenet100", "tinyimagenet", "imagefolder"):
             config.dataset_path = "/data/x"
         assert config_validation.validate(config, reference, 8).name == "spcl"
 
@@ -131,6 +135,31 @@ def test_odd_batch_is_refused_for_the_exact_half_pair_sampler():
         config_validation.validate(config, default.get_config(), 1)
     config.pair_sampling = "bernoulli"
     assert config_validation.validate(config, default.get_config(), 1).name == "spcl"
+
+
+def test_fit_to_data_fits_only_an_infer_from_data_config_and_validates_the_result():
+    splits = SimpleNamespace(num_classes=3, pre_classes=3, pretrain=range(100), train=range(40))
+    config = default.get_config()
+    assert config_validation.fit_to_data(config, splits, 8) is config
+    config.infer_from_data, config.n_classes, config.pre_classes, config.n_epochs = True, 0, 0, 50
+    fitted = config_validation.fit_to_data(config, splits, 8)
+    assert [fitted[k] for k in ("n_classes", "pre_classes", "batch_size", "num_prototypes", "warmup_epochs")] == [
+        3, 3, 96, 2, 5]
+    assert (config.n_classes, config.batch_size) == (0, 512)  # a copy
+    config.method, config.finetune_batch_size = "simclr", 120  # no prototypes to fit, no pairs: any multiple of 3
+    assert [config_validation.fit_to_data(config, splits, 3)[k] for k in ("batch_size", "num_prototypes")] == [99, 512]
+    config.method = "supervised"  # trains on the train split
+    assert config_validation.fit_to_data(config, splits, 8).batch_size == 40
+    config.method, config.rebuild_member_table = "spcl", False  # pairs from the ground-truth classes need two
+    with pytest.raises(ConfigError, match="^invalid config: pre_classes=1; valid: an integer >= 2 with "
+                                          "rebuild_member_table=False"):
+        config_validation.fit_to_data(config, SimpleNamespace(num_classes=1, pre_classes=1, pretrain=range(100),
+                                                              train=range(40)), 8)
+
+
+def test_classes_left_to_the_data_are_checked_once_it_is_known(in_process_launch):
+    assert in_process_launch(["--config.infer_from_data=True", "--config.n_classes=0", "--config.pre_classes=0",
+                              "--config.rebuild_member_table=False", "--config.prototype_classifier_width=n_classes"]) == 0
 
 
 def _fuzz_value(rng, key, reference):

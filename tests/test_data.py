@@ -19,7 +19,7 @@ from conftest import ROOT
 from spcl_jax.data import UNLABELED, epoch_order, load_splits
 from spcl_jax.data import digits
 from spcl_jax.data.imagefolder import IMAGENET100_CMC
-from spcl_jax.data.splits import split_indices
+from spcl_jax.data.splits import pretrain_summary, split_indices
 from spcl_jax.errors import DataError
 
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [240, 240, 40], [20, 20, 20]])
@@ -133,6 +133,17 @@ def test_split_indices_per_class_and_unlabeled():
     assert len(every.train) == 24 and len(every.valid) == 0
 
 
+def test_pretrain_summary_says_how_many_images_pretraining_uses_and_where_the_others_went():
+    labels = np.array([0] * 10 + [1] * 8 + [2] * 6 + [UNLABELED] * 5)
+    idx = split_indices(labels, n_classes=2, pre_classes=2, train_sample=4, val_sample=2, seed=0, dataset="toy")
+    assert pretrain_summary(labels, len(idx.pretrain), pre_classes=2, train_sample=4, val_sample=2) == (
+        "pretraining on 13 of the 29 training images (5 unlabeled): 4 held out for validation (2 per class, "
+        "val_sample=2); 6 beyond train_sample=4 per class left out; 6 of the classes >= pre_classes=2 left out")
+    every = split_indices(labels, n_classes=3, pre_classes=3, train_sample=-1, val_sample=0, seed=0, dataset="toy")
+    assert pretrain_summary(labels, len(every.pretrain), pre_classes=3, train_sample=-1, val_sample=0) == (
+        "pretraining on all 29 training images (5 unlabeled)")
+
+
 def test_epoch_order_modes():
     labels = np.array([0] * 90 + [1] * 10)
     rng = np.random.default_rng(0)
@@ -152,6 +163,28 @@ def test_imagefolder_png_jpeg_labels_aligned(tmp_path):
     assert s.train.canvas_shape == (32, 48)  # shorter side capped at round(28 / 0.875), canvas 1.5 x wider
     assert (len(s.pretrain), len(s.train), len(s.valid), len(s.test)) == (18, 13, 4, 6)
     _check_aligned(s)
+
+
+def test_zero_classes_stand_for_every_class_of_the_folder(tmp_path):
+    _folder(tmp_path, [6, 5, 4])
+    _folder(tmp_path, [1, 1, 1], split="val")
+    s = load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=0, pre_classes=2,
+                            val_sample=1, infer_from_data=True))
+    assert (s.num_classes, s.pre_classes, len(s.pretrain), len(s.train), len(s.test)) == (3, 2, 9, 12, 3)
+    assert s.pretrain_summary == ("pretraining on 9 of the 15 training images: 2 held out for validation (1 per class, "
+                                  "val_sample=1); 4 of the classes >= pre_classes=2 left out")
+
+
+def test_unlabeled_image_folder_is_for_pretraining_only(tmp_path):
+    for i in range(5):
+        _write(str(tmp_path / "train" / f"{i}.png"), COLOURS[i % 3], "PNG")
+    s = load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14, n_classes=0, pre_classes=0,
+                            infer_from_data=True))
+    assert (len(s.pretrain), len(s.train), len(s.valid), len(s.test), s.num_classes) == (5, 0, 0, 0, 0)
+    assert (s.pretrain.labels == UNLABELED).all() and s.pretrain.load([4]).pixels.shape[0] == 1
+    with pytest.raises(DataError, match=f"^n_classes=10 but {tmp_path}/train holds images without class folders "
+                                        r"\(unlabeled\): pretrain on them with --config configs/imagefolder.py"):
+        load_splits(_config(dataset="imagefolder", dataset_path=str(tmp_path), image_size=14))
 
 
 def test_imagefolder_images_are_stored_whole(tmp_path):

@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 
 import spcl_jax
-from conftest import ROOT
 from configs import digits
 from spcl_jax import checkpoint, data, export, network
 from spcl_jax.errors import CheckpointError, UserError
@@ -176,8 +175,10 @@ def saved_run(tmp_path_factory):
 def test_export_writes_torchvision_names_layouts_and_values(saved_run, tmp_path):
     directory, graphdef, params, batch_stats = saved_run
     out = tmp_path / "encoder.npz"
-    result = subprocess.run([sys.executable, "-m", "spcl_jax.export", "--checkpoint", str(directory),
-                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Relative paths, the way the README writes them (orbax itself reads absolute paths only).
+    result = subprocess.run([sys.executable, "-m", "spcl_jax.export", "--checkpoint", directory.name,
+                             "--out", os.path.relpath(out, directory.parent)], cwd=directory.parent,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wrote 120 tensors of resnet18" in result.stdout and "WARNING:absl" not in result.stderr
     with np.load(out) as npz:

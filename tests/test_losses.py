@@ -101,7 +101,7 @@ def ref_diagnostics(z_a, z_b, labels, temperature):
                     pos.append(m[i, j])
     same_pairs = sum(labels[i] == labels[j] for i in range(n) for j in range(n) if i != j)
     return {
-        "percentage_fn": same_pairs / (n * (n - 1)),
+        "false_negative_fraction": same_pairs / (n * (n - 1)),
         "pos_similarity": np.mean(pos),
         "true_neg_similarity": np.mean(neg) if neg else 0.0,
         "false_neg_similarity": np.mean(fn) if fn else 0.0,

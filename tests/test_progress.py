@@ -103,7 +103,9 @@ def test_train_log_keeps_log_lines_warnings_shown_text_and_plain_progress_lines(
     try:
         progress.log_to_file(tmp_path)
         logging.warning("the first run")
-        warnings.warn("a library warning")
+        with warnings.catch_warnings():  # whatever filters earlier tests left: this one is shown
+            warnings.simplefilter("always")
+            warnings.warn("a library warning")
         progress.show("metric  value")
         with progress.Bar(0, 1, 2, 0, progress.Pace(2, []), stream=Terminal(), clock=clock) as bar:
             clock.now += 60

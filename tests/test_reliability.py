@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from configs import digits
 from spcl_jax import checkpoint, network, train
 from spcl_jax import workdir as workdir_module
-from spcl_jax.errors import CheckpointError, WorkdirError
+from spcl_jax.errors import CheckpointError, ConfigError, WorkdirError
 from spcl_jax.metrics import read_metrics
 from spcl_jax.workdir import claim_workdir
 from spcl_jax.method import METHODS
@@ -729,3 +730,21 @@ def test_a_full_disk_for_metrics_mid_run_saves_a_checkpoint_and_says_how_to_resu
     assert finished_steps(tmp_path) == [3]
     state, _ = train.train_and_evaluate(config_of(run), str(tmp_path))
     assert int(state["step"]) == 4 and trained_steps(tmp_path) == [1, 2, 4]
+
+
+def test_a_train_split_too_small_for_the_original_linear_protocol_is_refused_before_pretraining(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build", lambda *args: pytest.fail("pretraining started"))
+    small = config_of(ONE_EPOCH + ["--config.n_classes=1", "--config.train_sample=5", "--config.val_sample=0",
+                                   "--config.linear_eval_protocol=original", "--config.evaluate_after_pretrain=True"])
+    with pytest.raises(ConfigError, match=r"^invalid config: linear_eval_protocol='original'; valid: fast, or a train "
+                                          r"split of at least 8 images \(it has 5\)$"):
+        train.train_and_evaluate(small, str(tmp_path))
+
+
+def test_collapsed_features_without_pairs_stop_in_one_line():
+    config = config_of(ONE_EPOCH)
+    source = dataclasses.make_dataclass("Source", ["labels"])(np.zeros(40, np.int64))
+    run = types.SimpleNamespace(config=config, source=source, steps_per_epoch=2, method=METHODS["spcl"])
+    with pytest.raises(train.DivergedError, match=r"^epoch 3 has no pairs to train on \(cannot build pairs: 1 clusters "
+                                                  r"have >= 2 members and 1 are non-empty .*\): the features collapsed"):
+        train.epoch_plan(run, 2, np.zeros(40, np.int64))

@@ -75,7 +75,7 @@ def test_losses_figure_keeps_the_last_value_of_a_step_and_skips_non_finite_ones(
 def test_results_files_hold_the_metrics_and_their_protocols(tmp_path, protocol):
     config = digits.get_config()
     config.linear_eval_protocol = protocol
-    results = {"linear_eval/test_top1": 0.9733, "linear_eval/test_top5": 0.999, "linear_eval/best_valid_epoch": 37,
+    results = {"linear_eval/test_top1": 0.9733, "linear_eval/test_top5": 0.999, "linear_eval/best_epoch": 37,
                "knn/test_top1": 0.95, "linear_eval/random_init_test_top1": 0.8311}
     run = type("Run", (), {"config": config, "method": METHODS["spcl"]})()
     (tmp_path / "metrics.jsonl").write_text("")
@@ -90,7 +90,7 @@ def test_results_files_hold_the_metrics_and_their_protocols(tmp_path, protocol):
     assert list(rows) == list(results)
     assert "| 97.33% | trained | linear probe" in rows["linear_eval/test_top1"]
     assert f"={protocol}, 100 epochs," in rows["linear_eval/test_top1"]
-    assert "| 37 |" in rows["linear_eval/best_valid_epoch"]
+    assert "| 37 |" in rows["linear_eval/best_epoch"]
     assert "| 95.00% | trained | weighted kNN" in rows["knn/test_top1"]
     assert "| 83.11% | random initialisation | linear probe" in rows["linear_eval/random_init_test_top1"]
     assert sorted(os.listdir(tmp_path)) == ["figs", "metrics.jsonl", "results.json", "results.md"]

@@ -11,7 +11,7 @@ import numpy as np
 from spcl_jax.data import digits, imagefolder, records, tfds_source
 from spcl_jax.data.crops import EVAL_CROP_FRACTION
 from spcl_jax.data.sources import ArraySource, FileSource, TfdsSource
-from spcl_jax.data.splits import split_indices, test_indices
+from spcl_jax.data.splits import pretrain_summary, split_indices, test_indices
 from spcl_jax.errors import DataError
 
 CIFAR_MEAN = (0.49139968, 0.48215841, 0.44653091)
@@ -29,8 +29,10 @@ class Splits:
       with label -1); train/valid: linear-evaluation train and held-out images (classes < n_classes,
       `val_sample` per class in valid, which is empty when val_sample=0); test: the official test
       split restricted to classes < n_classes. Sources are described in `spcl_jax.data.sources`.
-    num_classes: n_classes (the linear classifier's width). mean/std: per-channel normalisation in
-      [0, 1] units for `AugmentParams.from_config`. name: config.dataset.
+    num_classes: n_classes (the linear classifier's width; 0 for an unlabeled image folder). mean/std:
+      per-channel normalisation in [0, 1] units for `AugmentParams.from_config`. name: config.dataset.
+    pre_classes: config.pre_classes (n_classes and pre_classes 0 stand for every class of the data).
+    pretrain_summary: one line saying how many images pretraining uses and why (the start-up log).
     """
 
     pretrain: object
@@ -41,6 +43,8 @@ class Splits:
     mean: tuple
     std: tuple
     name: str
+    pre_classes: int
+    pretrain_summary: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +117,11 @@ def _files(config):
         train, classes = records.open_split(config.dataset_path, "train", size, _class_selection(config))
         test, _ = records.open_split(config.dataset_path, "test", size, _class_selection(config))
         return Pool(train, test, len(classes))
-    train, test, classes = folder_listing(config)
+    if config.dataset == "imagefolder" and config.dataset_path and imagefolder.is_unlabeled(config.dataset_path):
+        train, test, classes = imagefolder.unlabeled_dataset(config.dataset_path, skip_bad=bool(config.skip_bad_images),
+                                                             cache_dir=config.listing_cache_dir)
+    else:  # `prepare` writes records of these listings only: its records need labels
+        train, test, classes = folder_listing(config)
     make = lambda paths, labels: FileSource(paths, labels, size, skip_bad=bool(config.skip_bad_images))
     return Pool(make(*train), make(*test), len(classes))
 
@@ -160,10 +168,7 @@ def load_splits(config):
     prepared or malformed.
     """
     pool = load_pool(config)
-    n_classes, pre_classes = int(config.n_classes), int(config.pre_classes)
-    for option, value in (("n_classes", n_classes), ("pre_classes", pre_classes)):
-        if not 1 <= value <= pool.classes:
-            raise DataError(f"{option}={value} but {config.dataset} has {pool.classes} classes: pass --config.{option}=1..{pool.classes}")
+    n_classes, pre_classes = (class_count(config, option, pool.classes) for option in ("n_classes", "pre_classes"))
     idx = split_indices(
         pool.train.labels,
         n_classes=n_classes,
@@ -183,4 +188,22 @@ def load_splits(config):
         mean=tuple(mean),
         std=tuple(std),
         name=config.dataset,
+        pre_classes=pre_classes,
+        pretrain_summary=pretrain_summary(pool.train.labels, len(idx.pretrain), pre_classes=pre_classes,
+                                          train_sample=int(config.train_sample), val_sample=int(config.val_sample)),
     )
+
+
+def class_count(config, option, available):
+    """`config.<option>` (n_classes or pre_classes) checked against the `available` classes; with infer_from_data,
+    0 stands for all of them (none for an unlabeled image folder)."""
+    value = int(config[option])
+    if config.infer_from_data and value == 0:
+        return available
+    if not available:
+        raise DataError(f"{option}={value} but {config.dataset_path}/train holds images without class folders "
+                        "(unlabeled): pretrain on them with --config configs/imagefolder.py (n_classes=0, "
+                        "pre_classes=0, infer_from_data=True)")
+    if not 1 <= value <= available:
+        raise DataError(f"{option}={value} but {config.dataset} has {available} classes: pass --config.{option}=1..{available}")
+    return value

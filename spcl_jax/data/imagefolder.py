@@ -1,4 +1,5 @@
-"""Image-folder datasets: generic `root/<split>/<class>/<image>`, ImageNet, ImageNet-100, Tiny ImageNet.
+"""Image-folder datasets: generic `root/<split>/<class>/<image>` (or unlabeled `root/train/<image>`), ImageNet,
+ImageNet-100, Tiny ImageNet.
 
 Files are listed and their headers checked when the dataset is opened (threaded; PIL reads only the
 first bytes), so a non-image, corrupt or oversized (decompression-bomb) file, or a named pipe, socket,
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from spcl_jax.data import decode
+from spcl_jax.data.sources import UNLABELED
 from spcl_jax.errors import DataError
 
 # ImageNet-100 of the CMC paper (Tian, Krishnan & Isola 2019, "Contrastive Multiview Coding"):
@@ -42,6 +44,7 @@ IMAGENET100_CMC = (
 )
 IMAGENET100_CHOICES = ("first100", "cmc")
 FOLDER_LAYOUT = "DIR/train/<class>/<image> plus DIR/val/<class>/<image> or DIR/test/<class>/<image>"
+UNLABELED_LAYOUT = "DIR/train/<image> (no class folders: unlabeled images, for pretraining only)"
 TINY_LAYOUT = "DIR/train/<wnid>/images/*.JPEG, DIR/val/images/*.JPEG and DIR/val/val_annotations.txt (the tiny-imagenet-200 zip)"
 SCAN_THREADS = 16  # header checks are I/O bound: more threads than cores pay off
 
@@ -245,6 +248,30 @@ def folder_dataset(root, *, skip_bad, select=None, cache_dir=""):
     train = scan_classes(train_dir, classes, skip_bad=skip_bad, layout=FOLDER_LAYOUT, cache_dir=cache_dir)
     test = scan_classes(test_dir, classes, skip_bad=skip_bad, layout=FOLDER_LAYOUT, cache_dir=cache_dir)
     return train, test, classes
+
+
+def is_unlabeled(root):
+    """root/train holds image files and no class folder: unlabeled images, for pretraining only."""
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        return False
+    names = _list_dir(train_dir)
+    return bool(names) and not any(os.path.isdir(os.path.join(train_dir, n)) for n in names)
+
+
+def unlabeled_dataset(root, *, skip_bad, cache_dir=""):
+    """((train paths, UNLABELED labels), (no test images), no classes) of the images directly in root/train.
+
+    val/ and test/ are not read: linear and kNN evaluation train their classifiers on labelled train images,
+    which this folder has none of.
+    """
+    train_dir = os.path.join(root, "train")
+    paths = [os.path.join(train_dir, name) for name in _list_dir(train_dir)]
+    paths, labels = check_images(paths, [UNLABELED] * len(paths), skip_bad=skip_bad, hint=f"layout {UNLABELED_LAYOUT}",
+                                 errors=cached_header_errors(paths, {train_dir: len(paths)}, cache_dir))
+    if not paths:
+        raise DataError(f"{train_dir} has no readable image left after skipping bad files: add images")
+    return (paths, labels), ([], np.zeros(0, np.int64)), []
 
 
 def tinyimagenet_dataset(root, *, skip_bad, cache_dir=""):

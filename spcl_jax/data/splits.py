@@ -52,7 +52,30 @@ def split_indices(labels, *, n_classes, pre_classes, train_sample, val_sample, s
         if c < pre_classes:
             pretrain.append(rest)
     pretrain.append(np.flatnonzero(labels == UNLABELED))
-    return SplitIndices(*(np.sort(np.concatenate(parts)) for parts in (pretrain, train, valid)))
+    none = np.zeros(0, np.int64)  # unlabeled data has no class: train and valid stay empty
+    return SplitIndices(*(np.sort(np.concatenate([none, *parts])) for parts in (pretrain, train, valid)))
+
+
+def pretrain_summary(labels, num_pretrain, *, pre_classes, train_sample, val_sample):
+    """How many of the pool's images pretraining uses and where the others went (held out for validation, beyond
+    train_sample, of classes >= pre_classes), in one line for the start-up log: the split rules leave images out
+    without any error, so a small pretrain set would otherwise go unexplained."""
+    labels = np.asarray(labels, np.int64)
+    held, excluded = val_sample * pre_classes, int((labels >= pre_classes).sum())
+    capped = len(labels) - num_pretrain - held - excluded
+    unlabeled = int((labels == UNLABELED).sum())
+    reasons = []
+    if held:
+        reasons.append(f"{held:,} held out for validation ({val_sample} per class, val_sample={val_sample})")
+    if capped:
+        reasons.append(f"{capped:,} beyond train_sample={train_sample} per class left out")
+    if excluded:
+        reasons.append(f"{excluded:,} of the classes >= pre_classes={pre_classes} left out")
+    counted = (f"pretraining on {num_pretrain:,} of the {len(labels):,} training images" if reasons else
+               f"pretraining on all {num_pretrain:,} training images")
+    if unlabeled:
+        counted += f" ({unlabeled:,} unlabeled)"
+    return counted + (": " + "; ".join(reasons) if reasons else "")
 
 
 def test_indices(labels, n_classes):
