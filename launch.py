@@ -204,7 +204,7 @@ def main(argv):
         _die("--config is required, e.g. --config configs/digits.py")
     _check_distributed_flags()
     from configs import default
-    from spcl_jax import checkpoint, config_validation
+    from spcl_jax import checkpoint, config_validation, method
     from spcl_jax.errors import SAME_COMMAND, UserError
 
     workdir = None
@@ -212,7 +212,7 @@ def main(argv):
     try:
         jax = _start_runtime(config)
         config_validation.validate(config, default.get_config(), jax.device_count())
-        if jax.process_count() > 1 and not _WORKDIR.value and config.mode == "pretrain":  # each would stamp its own
+        if jax.process_count() > 1 and not _WORKDIR.value and method.pretrains(config):  # each would stamp its own
             _die("a multi-process run needs --workdir: one directory that every process sees")
         workdir = _WORKDIR.value or _default_workdir(config, flags.FLAGS["config"].config_filename)
         _preview(config, workdir)
