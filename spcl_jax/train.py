@@ -383,11 +383,12 @@ def train_and_evaluate(config, workdir):
         checkpoint.write_config_json(workdir, config, method, facts)
     log_start(run, workdir)
     start_step = int(state["step"])
-    finished = evaluate.finished_results(workdir, config, method, start_step)
-    if start_step == config.n_epochs * run.steps_per_epoch and (finished or not config.evaluate_after_pretrain):
+    done = start_step == config.n_epochs * run.steps_per_epoch
+    finished = evaluate.finished_results(workdir, config, method, start_step) if done else None
+    if done and (finished or not config.evaluate_after_pretrain):
         loop.manager.close()
         loop.writer.close()
-        logging.info("this run is finished (step %d of %d)%s", start_step, start_step,
+        logging.info("this run is finished (step %d, the last)%s", start_step,
                      "; its results:" if finished else "; evaluate_after_pretrain is off")
         if finished:
             evaluate.show_results(finished, workdir)
