@@ -23,7 +23,9 @@ def test_every_method_runs_end_to_end(tmp_path, method):
     result = launch(tmp_path, f"--config.method={method}", "--config.evaluate_after_pretrain=False", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\r" not in result.stderr  # stderr is no terminal: plain lines, no bar redrawn in place
-    assert method != "simclr" or any(name.startswith("jit_step-") for name in os.listdir(cache))  # the train step
+    if method == "simclr":  # the train step, and the programs compiling in under a second (JAX skips those by default)
+        assert any(name.startswith("jit_step-") for name in os.listdir(cache))
+        assert any(name.startswith("jit_broadcast_in_dim-") for name in os.listdir(cache))  # e.g. jnp.zeros
     records = read_metrics(tmp_path)
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -154,7 +156,10 @@ def test_three_steps_on_one_device_equal_eight_devices():
     one, eight = (jax.tree_util.tree_leaves_with_path(r) for r in results)
     assert len(one) == len(eight) > 10
     for (path, a), (_, b) in zip(one, eight):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3, err_msg=jax.tree_util.keystr(path))
+        # The gradient norm is ill-conditioned here: 1e-6 relative noise on the initial parameters moves the
+        # third step's by up to 2% (25.56 to 26.08) while the loss moves by 5e-6, in any BatchNorm arithmetic.
+        rtol = 5e-2 if "grad_norm" in jax.tree_util.keystr(path) else 1e-3
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-3, err_msg=jax.tree_util.keystr(path))
 
 
 def test_waiting_for_data_warns_once_naming_num_workers_and_prepare(monkeypatch):

@@ -50,6 +50,17 @@ def conv(in_channels, out_channels, kernel_size, stride, *, dtype, rngs):
     )
 
 
+def relu(x):
+    """max(x, 0), written as a select so that XLA materialises it once.
+
+    XLA:CPU recomputes a `maximum` (and the BatchNorm and residual additions before it) inside each layout
+    transpose that the weight gradient of the next convolution needs, and a fused transpose runs about 10x
+    slower than a plain one; a select of two full-size operands is not duplicated (BENCHMARKS.md, the CPU
+    step). Same values as `jax.nn.relu` (NaN stays NaN) and the same gradient (0 at 0).
+    """
+    return jnp.where(x <= 0, 0, x).astype(x.dtype)
+
+
 def stem_max_pool(x):
     """torch MaxPool2d(3, stride=2, padding=1): symmetric padding with -inf."""
     return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -71,9 +82,9 @@ class BasicBlock(nnx.Module):
         self.downsample_conv, self.downsample_bn = _shortcut(in_channels, planes, stride, dtype, rngs)
 
     def __call__(self, x):
-        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return nnx.relu(y + _apply_shortcut(self, x))
+        return relu(y + _apply_shortcut(self, x))
 
 
 class Bottleneck(nnx.Module):
@@ -90,10 +101,10 @@ class Bottleneck(nnx.Module):
         self.downsample_conv, self.downsample_bn = _shortcut(in_channels, out_channels, stride, dtype, rngs)
 
     def __call__(self, x):
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = nnx.relu(self.bn2(self.conv2(y)))
+        y = relu(self.bn1(self.conv1(x)))
+        y = relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return nnx.relu(y + _apply_shortcut(self, x))
+        return relu(y + _apply_shortcut(self, x))
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -172,7 +183,7 @@ class ResNet(nnx.Module):
 
     def feature_map(self, x):
         """The layer4 output before pooling, (B, H/s, W/s, features_dim) in the compute dtype."""
-        x = nnx.relu(self.stem_bn(self.stem_conv(x.astype(self.dtype))))
+        x = relu(self.stem_bn(self.stem_conv(x.astype(self.dtype))))
         if self.stem == "imagenet":
             x = stem_max_pool(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
