@@ -23,6 +23,21 @@ def _write(buffer, batch_features, index):
     return jax.lax.dynamic_update_index_in_dim(buffer, batch_features, index, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "mesh"))
+def _zeros_buffer(shape, dtype, mesh):
+    """The (batches, B, D) output buffer, sharded along B. Module-level so that every epoch's pass reuses one
+    compiled function (a jit of a fresh lambda compiled anew each time: 0.1 s per pass on a CPU)."""
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), NamedSharding(mesh, P(None, "data")))
+
+
+@functools.partial(jax.jit, static_argnames=("num_devices", "mesh"))
+def _buffer_as_rows(buffer, num_devices, mesh):
+    """(batches, B, D) sharded along B -> (R, D) rows sharded P('data'), without moving data."""
+    num_batches, batch_size, dim = buffer.shape
+    rows = buffer.reshape(num_batches, num_devices, batch_size // num_devices, dim).transpose(1, 0, 2, 3)
+    return jax.lax.with_sharding_constraint(rows.reshape(-1, dim), NamedSharding(mesh, P("data")))
+
+
 def _rows_of_buffer(num_batches, batch_size, num_devices):
     """Visiting position of each row of the row-sharded view of the (batches, B, D) buffer."""
     per_device = batch_size // num_devices
@@ -55,15 +70,9 @@ def extract_features(encode, maker, mesh, num_workers=0):
         for b, host_batch in enumerate(loader):
             out = encode(sharding.to_global(host_batch, batch_sh))
             if buffer is None:
-                buffer = jax.jit(lambda: jnp.zeros((num_batches,) + out.shape, out.dtype),
-                                 out_shardings=NamedSharding(mesh, P(None, "data")))()
+                buffer = _zeros_buffer((num_batches,) + out.shape, out.dtype, mesh)
             buffer = _write(buffer, out, b)
-    dim = buffer.shape[-1]
-    per_device = batch_size // num_devices
-    features = jax.jit(
-        lambda x: x.reshape(num_batches, num_devices, per_device, dim).transpose(1, 0, 2, 3).reshape(-1, dim),
-        out_shardings=NamedSharding(mesh, P("data")))(buffer)
-    return features, _rows_of_buffer(num_batches, batch_size, num_devices)
+    return _buffer_as_rows(buffer, num_devices, mesh), _rows_of_buffer(num_batches, batch_size, num_devices)
 
 
 def make_encode(graphdef, aug, mesh, kind="eval"):

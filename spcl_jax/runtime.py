@@ -29,6 +29,9 @@ def configure(compilation_cache_dir="", verbose=False):
         import jax
 
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compilation_cache_dir))
+        # Every program, not only those compiling for over a second (JAX's default): a run has ~80 small ones
+        # (k-means, PCA, evaluation, metrics), several seconds of compiling on each start on a CPU.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _choose_cpu_convolutions():

@@ -37,3 +37,16 @@ def test_copies_of_an_image_a_batch_apart_get_their_own_augmented_views():
     np.testing.assert_allclose(clean[:16], clean[16:], rtol=1e-5, atol=1e-6)
     again = _features(twice, "pretrain", 8, config, splits)  # another batch size: the same views
     np.testing.assert_allclose(again, augmented, rtol=1e-4, atol=1e-5)
+
+
+def test_every_pass_reuses_the_compiled_buffer_functions():
+    """Each epoch's feature pass of the same shape compiles nothing new for its output buffer (a jit of a fresh
+    lambda per pass recompiled both every epoch)."""
+    config = digits.get_config()
+    config.width_multiplier = 0.0625
+    splits = load_splits(config)
+    source = ArraySource(splits.pretrain.load(np.arange(12)).pixels, np.zeros(12))
+    first = _features(source, "eval", 8, config, splits)
+    sizes = features._zeros_buffer._cache_size(), features._buffer_as_rows._cache_size()
+    np.testing.assert_array_equal(_features(source, "eval", 8, config, splits), first)
+    assert (features._zeros_buffer._cache_size(), features._buffer_as_rows._cache_size()) == sizes
