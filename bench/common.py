@@ -119,7 +119,13 @@ def sizes(args):
     return args.width or preset["width"], args.steps or preset["steps"], rows
 
 
-def interleaved(fns, repeats=5, warmup=1, clock=time.perf_counter):
+# Seconds of idle before each timed call of `interleaved`: PyTorch's OpenMP threads (and faiss' and scikit-learn's)
+# spin-wait after a parallel region, and on 2 cores that spinning took ~12% from a JAX step timed right after a
+# PyTorch one (BENCHMARKS.md, the CPU step).
+SETTLE_S = 0.1
+
+
+def interleaved(fns, repeats=5, warmup=1, clock=time.perf_counter, settle=None):
     """{name: [seconds of each round]} of `fns` ({name: callable running one measurement to completion}).
 
     Each fn is first called `warmup` times, untimed (compilation, caches, allocator), in order; then come
@@ -127,10 +133,13 @@ def interleaved(fns, repeats=5, warmup=1, clock=time.perf_counter):
     with the r-th fn), so that load from other jobs and "who ran just before" hit every method alike and
     round i of two methods can be compared as a pair (`ratio`). `clock`: time.perf_counter (wall) or
     time.process_time (this process's CPU time). repeats >= 1; 5 or more for a number worth quoting.
+    `settle`: seconds slept (untimed) before each timed call, so that no method's threads are still spinning
+    (default SETTLE_S).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     names = list(fns)
+    settle = SETTLE_S if settle is None else settle
     for _ in range(warmup):
         for name in names:
             fns[name]()
@@ -138,6 +147,7 @@ def interleaved(fns, repeats=5, warmup=1, clock=time.perf_counter):
     for r in range(repeats):
         shift = r % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
+            time.sleep(settle)
             start = clock()
             fns[name]()
             times[name].append(clock() - start)

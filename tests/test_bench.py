@@ -27,6 +27,12 @@ TINY_K = "16"
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?:e[-+]?\d+)?|nan|inf", re.IGNORECASE)
 
 
+@pytest.fixture(autouse=True)
+def no_settling(monkeypatch):
+    """The benchmarks' idle pause between timed calls is for real measurements, not for these checks."""
+    monkeypatch.setattr(common, "SETTLE_S", 0.0)
+
+
 def table(text, titles):
     """Rows ({title: cell}) of the markdown table in `text` whose header is exactly `titles`."""
     lines = text.splitlines()
@@ -318,7 +324,7 @@ def test_torch_spcl_bench(capsys):
 
     torch_spcl.main(["--preset", "cpu", "--steps", "1", "--num-prototypes", TINY_K] + TINY)
     [row] = table(capsys.readouterr().out, [title for _, title, _ in common.COLUMNS])
-    for title in ("setup s", "ms/step", "views/s", "TFLOP/s"):
+    for title in ("setup s", f"ms/step, {common.SPREAD}", "views/s (median)", "TFLOP/s"):
         assert numbers(row[title])[0] > 0
 
 
@@ -378,6 +384,14 @@ def test_interleaved_takes_turns_after_one_warm_up_each():
         common.interleaved(fns, repeats=0)
 
 
+def test_interleaved_pauses_before_each_timed_call(monkeypatch):
+    """settle: an untimed sleep before every timed call (none before the warm-up calls)."""
+    events = []
+    monkeypatch.setattr(common.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    common.interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=2, settle=0.25)
+    assert events == ["a", "b"] + [("sleep", 0.25), "a", ("sleep", 0.25), "b", ("sleep", 0.25), "b", ("sleep", 0.25), "a"]
+
+
 def test_spread_and_ratio_cells():
     assert common.spread([0.003, 0.001, 0.002], 1e3) == "2.0 (1.0–3.0)"
     assert common.spread([5.0], fmt="{:.2f}") == "5.00 (5.00–5.00)"
@@ -420,8 +434,22 @@ def test_all_sh_runs_every_part_or_says_why_not(tmp_path):
                           env=dict(os.environ, BENCH_ONLY="no-such-part"))
     assert done.returncode == 0, done.stderr
     text = log.read_text()
-    for part in ("kmeans", "cpu_conv", "train_step", "train_step_1core", "train_step_narrow", "epoch_overhead",
-                 "input_pipeline", "memory", "ablation"):
+    for part in ("kmeans", "cpu_conv", "train_step", "train_step_1core", "train_step_narrow", "cpu_step_profile",
+                 "epoch_overhead", "input_pipeline", "memory", "ablation"):
         assert f"## {part}: skipped (BENCH_ONLY / BENCH_SKIP)" in text, part
     assert "## loader_step: skipped (it times the ResNet-50 step fed by the loader: accelerators only" in text
     assert "uptime before:" in text and "uptime after:" in text and "JAX backend: cpu" in text
+
+
+def test_cpu_step_profile_lists_operation_kinds_and_times_the_relu_variant(capsys):
+    from bench import cpu_step_profile
+
+    relu = cpu_step_profile.resnet.relu
+    cpu_step_profile.main(["--preset", "cpu", "--steps", "2", "--num-prototypes", TINY_K, "--relu-max"] + TINY)
+    out = capsys.readouterr().out
+    rows = table(out, ["operation kind", "ms per step (all threads)",
+                       f"share of step time x {len(os.sched_getaffinity(0))} threads", "events per step"])
+    assert rows and all(numbers(r["ms per step (all threads)"])[0] >= 0 for r in rows)
+    assert "transpose_copy_fusion" in {r["operation kind"] for r in rows}  # the weight gradients' transposes
+    assert re.search(r"relu as jnp.maximum: [\d.]+ \([\d.]+–[\d.]+\) ms per step, [\d.]+x ours", out)
+    assert cpu_step_profile.resnet.relu is relu  # restored for whatever runs next in this process
