@@ -228,13 +228,13 @@ def _fused_transposes(activation):
     conv = lambda h, w: jax.lax.conv_general_dilated(h, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     loss = lambda w, x, y, a: jnp.sum(conv(activation(x * a + y), w) ** 2)  # noqa: E731
-    x = jnp.ones((8, 8, 8, 16))
-    text = jax.jit(jax.grad(loss)).lower(jnp.ones((3, 3, 16, 16)), x, x, jnp.ones(16)).compile().as_text()
+    cpu = jax.devices("cpu")[0]  # XLA:CPU's fusion decisions, whatever the default backend
+    w, x, a = (jax.device_put(jnp.ones(shape), cpu) for shape in ((3, 3, 16, 16), (8, 8, 8, 16), (16,)))
+    text = jax.jit(jax.grad(loss)).lower(w, x, x, a).compile().as_text()
     computations = text.split("\n\n")
     return [c for c in computations if " transpose(" in c and any(op in c for op in (" maximum(", " select(", " compare("))]
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion decisions")
 def test_relu_is_materialised_before_the_weight_gradient_transposes():
     """With jnp.maximum, XLA:CPU recomputes the activation inside the transpose the weight gradient needs (a
     fused transpose ran ~10x slower than a plain one); the select-based relu is computed once."""
