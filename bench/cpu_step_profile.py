@@ -4,9 +4,9 @@
     python -m bench.cpu_step_profile --preset cpu      # width 1/16, 16 pairs (--width, --batch, --steps: sizes)
     python -m bench.cpu_step_profile --relu-max        # also time the step with relu as jnp.maximum, in turns
 
-Runs the step of bench/train_step.py (`prepare`: built, compiled, warmed up), records as many steps as it times (--steps, the preset's 5 by default) with
-`jax.profiler` and sums the duration of every XLA:CPU operation event per step over both worker threads,
-grouped by kind (the fusion or thunk name without its number: transpose_copy_fusion, ynn_fusion, ...).
+Runs the step of bench/train_step.py (`prepare`: built, compiled, warmed up), records as many steps as it
+times (--steps, the preset's 5 by default) with `jax.profiler` and sums the duration of every XLA:CPU
+operation event per step over the worker threads, grouped by kind (the fusion or thunk name without its number: transpose_copy_fusion, ynn_fusion, ...).
 Convolutions run asynchronously in Eigen's thread pool: their own work does not appear in the events, so
 "step minus operations / threads" bounds what they take. --relu-max rebuilds the step with
 `spcl_jax.models.resnet.relu` as jnp.maximum, which XLA:CPU recomputes inside the weight-gradient

@@ -30,10 +30,11 @@ def _zeros_buffer(shape, dtype, mesh):
     return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), NamedSharding(mesh, P(None, "data")))
 
 
-@functools.partial(jax.jit, static_argnames=("num_devices", "mesh"))
-def _buffer_as_rows(buffer, num_devices, mesh):
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _buffer_as_rows(buffer, mesh):
     """(batches, B, D) sharded along B -> (R, D) rows sharded P('data'), without moving data."""
     num_batches, batch_size, dim = buffer.shape
+    num_devices = mesh.devices.size
     rows = buffer.reshape(num_batches, num_devices, batch_size // num_devices, dim).transpose(1, 0, 2, 3)
     return jax.lax.with_sharding_constraint(rows.reshape(-1, dim), NamedSharding(mesh, P("data")))
 
@@ -72,7 +73,7 @@ def extract_features(encode, maker, mesh, num_workers=0):
             if buffer is None:
                 buffer = _zeros_buffer((num_batches,) + out.shape, out.dtype, mesh)
             buffer = _write(buffer, out, b)
-    return _buffer_as_rows(buffer, num_devices, mesh), _rows_of_buffer(num_batches, batch_size, num_devices)
+    return _buffer_as_rows(buffer, mesh), _rows_of_buffer(num_batches, batch_size, num_devices)
 
 
 def make_encode(graphdef, aug, mesh, kind="eval"):

@@ -38,8 +38,8 @@ def _choose_cpu_convolutions():
     """XLA:CPU in jaxlib 0.10 hands convolutions to YNNPACK, which made a full-width ResNet-18 step 1.6x slower
     than XLA's own convolutions on an AVX-512 CPU (about 2x in older, unreproduced runs on AVX2; BENCHMARKS.md,
     "The CPU convolution gap"); convolutions leave its list unless XLA_FLAGS already chooses. Accelerators
-    ignore the flag. XLA stops the process on a flag it does not know, and this one is
-    experimental, hence the version check."""
+    ignore the flag. XLA stops the process on a flag it does not know, and this one is experimental, hence the
+    version check."""
     from jaxlib import version
 
     flags = os.environ.get("XLA_FLAGS", "")

@@ -389,7 +389,8 @@ def test_interleaved_pauses_before_each_timed_call(monkeypatch):
     events = []
     monkeypatch.setattr(common.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
     common.interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=2, settle=0.25)
-    assert events == ["a", "b"] + [("sleep", 0.25), "a", ("sleep", 0.25), "b", ("sleep", 0.25), "b", ("sleep", 0.25), "a"]
+    pause = ("sleep", 0.25)
+    assert events == ["a", "b"] + [pause, "a", pause, "b", pause, "b", pause, "a"]
 
 
 def test_spread_and_ratio_cells():

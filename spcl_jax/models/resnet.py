@@ -58,7 +58,7 @@ def relu(x):
     slower than a plain one; a select of two full-size operands is not duplicated (BENCHMARKS.md, the CPU
     step). Same values as `jax.nn.relu` (NaN stays NaN) and the same gradient (0 at 0).
     """
-    return jnp.where(x <= 0, 0, x).astype(x.dtype)
+    return jnp.where(x <= 0, 0, x)
 
 
 def stem_max_pool(x):
