@@ -206,6 +206,21 @@ def test_hue_matches_colorsys():
     np.testing.assert_allclose(out, np.asarray(expected), atol=1e-5)
 
 
+def test_hue_wrapping_is_jnp_mod_bit_for_bit():
+    """wrap_unit and hsv_to_rgb's mod 6 replace jnp.mod (a scalar fmodf per element on XLA:CPU) by exact forms."""
+    rng = np.random.default_rng(12)
+    x = np.concatenate([rng.uniform(-3, 3, 100_000), rng.uniform(-1e-6, 1e-6, 1000), np.arange(-5.0, 6.0),
+                        [np.nextafter(1, 0), np.nextafter(-1, 0), 0.999999, -0.999999]]).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(augment.wrap_unit(jnp.asarray(x))), np.asarray(jnp.mod(x, 1.0)))
+    hsv = np.stack([rng.random(100_000), rng.random(100_000), rng.random(100_000)], -1).astype(np.float32)
+    hsv[:4, 0] = [0.0, np.nextafter(1, 0), 1 / 6, 5 / 6]
+    h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
+    k = jnp.mod(jnp.asarray([5.0, 3.0, 1.0]) + 6.0 * h, 6.0)
+    np.testing.assert_array_equal(np.asarray(augment.hsv_to_rgb(jnp.asarray(hsv))),
+                                  np.asarray(v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)))
+    assert " remainder(" not in jax.jit(augment.adjust_hue).lower(hsv, 0.3).compile().as_text()
+
+
 def test_colour_ops_identity_at_neutral_factors():
     x = jnp.asarray(np.random.default_rng(11).random((5, 5, 3)), jnp.float32)
     for op, neutral in ((augment.adjust_brightness, 1.0), (augment.adjust_contrast, 1.0), (augment.adjust_saturation, 1.0), (augment.adjust_hue, 0.0)):
