@@ -23,6 +23,8 @@ PRESETS = {
     "cpu": dict(width=0.0625, steps=5, rows=[Row("resnet18", 32, "float32", 16)]),
     # The full-width network of the CPU convolution-gap measurement (BENCHMARKS.md, "The CPU convolution gap").
     "cpu-full": dict(width=1.0, steps=5, rows=[Row("resnet18", 32, "float32", 32)]),
+    # The embedded demo's network and batch (configs/digits.py: 16 px, width 1/8, 128 pairs).
+    "digits": dict(width=0.125, steps=10, rows=[Row("resnet18", 16, "float32", 128)]),
     # In order of importance (bench/gpu.sh gives the whole sweep a time limit): the configs' own bfloat16 first.
     "gpu": dict(width=1.0, steps=10, rows=[
         Row("resnet18", 32, "bfloat16", 512), Row("resnet50", 224, "bfloat16", 128),

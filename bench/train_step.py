@@ -61,7 +61,7 @@ OURS_YNNPACK_COLUMNS = YNNPACK_COLUMNS[:1] + [
 
 def config_for(row, width, num_prototypes=common.NUM_PROTOTYPES):
     config = CONFIGS[row.model].get_config()
-    config.batch_size, config.dtype, config.width_multiplier = row.batch, row.dtype, width
+    config.batch_size, config.dtype, config.width_multiplier, config.image_size = row.batch, row.dtype, width, row.px
     config.num_prototypes = num_prototypes
     return config
 

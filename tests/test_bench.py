@@ -436,7 +436,7 @@ def test_all_sh_runs_every_part_or_says_why_not(tmp_path):
     assert done.returncode == 0, done.stderr
     text = log.read_text()
     for part in ("kmeans", "cpu_conv", "train_step", "train_step_1core", "train_step_narrow", "cpu_step_profile",
-                 "epoch_overhead", "input_pipeline", "memory", "ablation"):
+                 "huge_pages", "huge_pages_full", "epoch_overhead", "input_pipeline", "memory", "ablation"):
         assert f"## {part}: skipped (BENCH_ONLY / BENCH_SKIP)" in text, part
     assert "## loader_step: skipped (it times the ResNet-50 step fed by the loader: accelerators only" in text
     assert "uptime before:" in text and "uptime after:" in text and "JAX backend: cpu" in text
@@ -454,3 +454,35 @@ def test_cpu_step_profile_lists_operation_kinds_and_times_the_relu_variant(capsy
     assert "transpose_copy_fusion" in {r["operation kind"] for r in rows}  # the weight gradients' transposes
     assert re.search(r"relu as jnp.maximum: [\d.]+ \([\d.]+–[\d.]+\) ms per step, [\d.]+x ours", out)
     assert cpu_step_profile.resnet.relu is relu  # restored for whatever runs next in this process
+
+
+def test_huge_pages_bench_runs_each_setting_in_its_own_process_in_turns(monkeypatch, capsys):
+    from bench import huge_pages
+
+    settings, real_run = [], subprocess.run
+
+    def child_process(command, env=None, **kwargs):  # the child, run in this process (sharing the compiled step)
+        if "--child" not in command:  # the machine note's device probe
+            return real_run(command, env=env, **kwargs)
+        settings.append(env["GLIBC_TUNABLES"])
+        huge_pages.main(command[command.index("--child"):])
+        return subprocess.CompletedProcess(command, 0, capsys.readouterr().out, "")
+
+    monkeypatch.setattr(huge_pages.subprocess, "run", child_process)
+    huge_pages.main(["--preset", "cpu", "--steps", "2", "--rounds", "2", "--num-prototypes", TINY_K] + TINY)
+    out = capsys.readouterr().out
+    assert settings == ["glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=1",
+                        "glibc.malloc.hugetlb=0"]  # the order rotates every round
+    rows = table(out, ["setting", "ms/step", "minor page faults/step", "kernel CPU ms/step"])
+    assert [r["setting"] for r in rows] == list(huge_pages.SETTINGS)
+    assert all(numbers(r["ms/step"])[0] > 0 and numbers(r["minor page faults/step"])[0] >= 0 for r in rows)
+    assert re.search(r"4 KiB / huge pages \(time\): [\d.]+ \([\d.]+–[\d.]+\)", out)
+
+
+def test_digits_preset_is_the_demo_step():
+    from configs import digits
+
+    [row], demo = common.PRESETS["digits"]["rows"], digits.get_config()
+    config = train_step.config_for(row, common.PRESETS["digits"]["width"])
+    assert (config.image_size, config.width_multiplier, config.batch_size, config.model) == (
+        demo.image_size, demo.width_multiplier, demo.batch_size, demo.model)
