@@ -7,8 +7,8 @@ Hardware: 2 CPU cores (no accelerator needed). 1,797 real 8x8 digits (10 classes
 linear and kNN evaluation of the trained encoder and of the same encoder at random initialisation.
 No horizontal flips: a mirrored digit is another digit (with flips the probe reached 91.6%).
 
-Measured 2026-12-04 on 2 idle CPU cores (jax 0.10.2): 143 s wall with an empty compilation cache, 130 s
-warm; linear probe (fast protocol, 100 epochs) test top-1 96.00% (random init 83.11%), weighted kNN (k=20)
+Measured 2026-12-04 on 2 idle CPU cores (jax 0.10.2): 143-146 s wall with an empty compilation cache,
+130-136 s warm; linear probe (fast protocol, 100 epochs) test top-1 96.00% (random init 83.11%), weighted kNN (k=20)
 top-1 95.11% (random init 88.22%); logistic regression on the raw pixels of the same split scores about
 96.7%. RESULTS.md compares it with the other methods over 3 seeds.
 """
