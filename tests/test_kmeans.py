@@ -159,6 +159,20 @@ def test_compiled_kmeans_never_gathers_the_rows():
     assert all(np.prod([int(s) for s in shape.split(",") if s]) < n for shape in gathered)
 
 
+def test_fixed_point_limbs_without_a_concatenation():
+    """The limbs as one broadcast shift: the same integers as stacking one limb at a time, whose concatenation
+    XLA:CPU compiled into the slowest operation of a Lloyd step (BENCHMARKS.md, k-means)."""
+    x = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (300, 17)).astype(np.float32))
+    x = x.at[0, :3].set(jnp.array([-1.0, 1.0, 0.0]))  # the ends of the fixed-point range
+    scale = jnp.max(jnp.abs(x))
+    q = jnp.round(x / scale * 2.0 ** km.FIXED_POINT_BITS).astype(jnp.int32) + 2 ** km.FIXED_POINT_BITS
+    stacked = jnp.stack([(q >> (km.LIMB_BITS * i)) & (2 ** km.LIMB_BITS - 1) for i in range(km.LIMBS)], axis=-1)
+    limbs = km._fixed_point_limbs(x, scale)
+    np.testing.assert_array_equal(limbs, stacked)
+    np.testing.assert_array_equal(jnp.sum(limbs * 2 ** (km.LIMB_BITS * jnp.arange(km.LIMBS)), axis=-1), q)
+    assert " concatenate(" not in jax.jit(km._fixed_point_limbs).lower(x, scale).compile().as_text()
+
+
 def test_invalid_arguments():
     x = _blobs(n=20)
     with pytest.raises(ValueError, match="at least num_clusters=30"):
