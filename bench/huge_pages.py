@@ -9,9 +9,9 @@ kernel faults it in page by page, zeroing each page: the minor page faults and k
 malloc can ask for transparent huge pages instead (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), a setting read only
 at start-up (launch.py would have to restart itself), so each round runs the step in two child processes, one
 per setting, taking turns (the order rotates every round); each child builds and compiles the step, warms it
-up and times --steps steps. Per setting: the median (min–max) over the rounds of
-each child's median ms per step, minor page faults and kernel (system) CPU ms per step. Only differs where the
-kernel's THP mode is `madvise` (printed); under `always` both get huge pages, under `never` neither.
+up and times --steps steps. Per setting: the median (min–max) over the rounds of each child's median ms per
+step, minor page faults and kernel (system) CPU ms per step. Only differs where the kernel's THP mode is
+`madvise` (printed); under `always` both get huge pages, under `never` neither.
 """
 import argparse
 import json
