@@ -176,13 +176,25 @@ def masked_mean(grey, valid):
 
 
 def _blur_axis(x, axis, weights, length):
-    """1-D blur along `axis` with taps -r..r; samples beyond [0, length) take the edge pixel."""
+    """1-D blur along `axis` with taps -r..r; samples beyond [0, length) take the edge pixel.
+
+    Each tap is a static slice of x edge-padded by r, with the samples past the traced `length` replaced by
+    the last valid pixel: the same sums, tap after tap, as indexing x at clip(i + t, 0, length - 1), without
+    a gather. As gathers, the taps of a 224 px ImageNet step read 233 GB per TPU v5e chip and held 0.6 GiB of
+    its temporaries per 32 images (XLA's cost and memory analysis; BENCHMARKS.md, planning).
+    """
     radius = (weights.shape[0] - 1) // 2
-    positions = jnp.arange(x.shape[axis])
+    size = x.shape[axis]
+    last = jnp.clip(jnp.maximum(length, 1).astype(jnp.int32) - 1, 0, size - 1)
+    edge = jax.lax.dynamic_index_in_dim(x, last, axis, keepdims=True)
+    padding = [(0, 0)] * x.ndim
+    padding[axis] = (radius, radius)
+    padded = jnp.pad(x, padding, mode="edge")
+    positions = jnp.arange(size).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
     out = jnp.zeros_like(x)
-    for t in range(-radius, radius + 1):  # unrolled: one fused gather-and-add per tap
-        source = jnp.clip(positions + t, 0, jnp.maximum(length, 1).astype(positions.dtype) - 1)
-        out = out + weights[t + radius] * jnp.take(x, source, axis=axis)
+    for t in range(-radius, radius + 1):  # unrolled: one fused slice-and-add per tap
+        shifted = jax.lax.slice_in_dim(padded, radius + t, radius + t + size, axis=axis)
+        out = out + weights[t + radius] * jnp.where(positions + t > last, edge, shifted)
     return out
 
 
