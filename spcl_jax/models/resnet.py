@@ -121,9 +121,36 @@ def _rematerialised_block(block, x):
         nnx.update(inner, values)
         return inner(x), nnx.to_pure_dict(nnx.state(inner))
 
-    y, values = jax.checkpoint(run)(nnx.to_pure_dict(state), x)
+    values, x = gradients_released_together(nnx.to_pure_dict(state), x)
+    y, values = jax.checkpoint(run)(values, x)
     nnx.update(block, values)
     return y
+
+
+@jax.custom_vjp
+def gradients_released_together(*args):
+    """The identity; in the backward pass its arguments' cotangents leave together, behind one optimisation barrier.
+
+    Before a rematerialised block it ties the block's weight gradients to its input's: the backward pass moves on
+    to the block before only once this block's weight-gradient convolutions have run, so its recomputed activations
+    die at once. Without it XLA, compiling for several GPUs, put every weight-gradient convolution at the end of
+    the step, after the whole backward pass, keeping every recomputed activation alive, and remat saved nothing:
+    a ResNet-18 step (32 px, width 1/4, 64 images per GPU) on 2 H100s held 44.0 MiB of temporaries plain, 40.7
+    with jax.checkpoint alone, 21.4 with this; ResNet-50 of configs/imagenet.py on 8 H100s 10.59 GiB plain, 4.68 and
+    3.75; on a TPU v5e 2x2 5.35, 2.76 and 2.68 GiB (XLA's memory analysis; BENCHMARKS.md, planning).
+    """
+    return args
+
+
+def _released_together_forward(*args):
+    return args, None
+
+
+def _released_together_backward(_, cotangents):
+    return jax.lax.optimization_barrier(cotangents)
+
+
+gradients_released_together.defvjp(_released_together_forward, _released_together_backward)
 
 
 def _shortcut(in_channels, out_channels, stride, dtype, rngs):
