@@ -52,21 +52,54 @@ def accuracies(logits, labels, k, batch_size=None):
             weighted_mean((ranked == labels[:, None]).any(1), batch_size))
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "k"))
-def _knn_votes(train_x, train_y, block, temperature, *, num_classes, k):
-    top_sim, top_idx = jax.lax.top_k(block @ train_x.T, k)
-    return (jax.nn.one_hot(train_y[top_idx], num_classes) * jnp.exp(top_sim / temperature)[..., None]).sum(1)
+@functools.lru_cache(maxsize=None)
+def knn_votes_program(mesh, num_classes, k):
+    """jit((train_x, train_y, block, temperature) -> (b, C) votes): the weighted kNN of `knn_predict` with the
+    training features sharded by rows over `mesh` (labels -1 on padding rows, which never vote).
+
+    Each device ranks its own rows and the k best of every device are merged, so no device holds more than its
+    share of the (N, D) bank or of the (b, N) similarities (ImageNet's 1.28M x 2048 bank is 10 GB). The merge
+    keeps the k largest similarities, ties to the lower row as one top-k over all rows would, so on one device
+    the votes are those of one top-k over the whole bank. Cached: every evaluation of a run reuses one program.
+    """
+    axis = mesh.axis_names[0]
+
+    def local(train_x, train_y, block, temperature):
+        sims = jnp.where(train_y[None, :] >= 0, block @ train_x.T, -jnp.inf)
+        top_sim, top_idx = jax.lax.top_k(sims, min(k, train_x.shape[0]))
+        gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True, to="invarying")
+        candidates, labels = gather(top_sim), gather(train_y[top_idx])
+        best, chosen = jax.lax.top_k(candidates, k)
+        votes = jax.nn.one_hot(jnp.take_along_axis(labels, chosen, axis=1), num_classes)
+        return (votes * jnp.exp(best / temperature)[..., None]).sum(1)
+
+    rows = jax.sharding.PartitionSpec(axis)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, jax.sharding.PartitionSpec(),
+                                                             jax.sharding.PartitionSpec()),
+                                 out_specs=jax.sharding.PartitionSpec()))
 
 
-def knn_predict(train_x, train_y, x, num_classes, k, temperature, chunk=1024):
-    """Weighted kNN votes (cosine similarity, weights exp(sim/T)) -> (n, C) scores."""
+def knn_predict(train_x, train_y, x, num_classes, k, temperature, chunk=1024, mesh=None):
+    """Weighted kNN votes (cosine similarity, weights exp(sim/T)) -> (n, C) scores, the training features sharded
+    over `mesh` (default: one device)."""
+    mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     train_x = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    train_x, train_y = jnp.asarray(train_x, jnp.float32), jnp.asarray(train_y)
     k = min(k, len(train_x))
-    return np.concatenate([np.asarray(_knn_votes(train_x, train_y, jnp.asarray(x[i:i + chunk], jnp.float32),
-                                                 temperature, num_classes=num_classes, k=k))
+    padding = -len(train_x) % mesh.devices.size
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+    train_x = _global(np.pad(train_x.astype(np.float32), ((0, padding), (0, 0))), rows)
+    train_y = _global(np.pad(np.asarray(train_y, np.int32), (0, padding), constant_values=-1), rows)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    votes = knn_votes_program(mesh, num_classes, k)
+    return np.concatenate([np.asarray(votes(train_x, train_y, _global(x[i:i + chunk].astype(np.float32), replicated),
+                                            np.float32(temperature)))
                            for i in range(0, len(x), chunk)])
+
+
+def _global(array, sharding):
+    """A global array from a numpy array every process holds whole."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def _head_optimizer(config, steps_per_epoch, params):
@@ -90,19 +123,13 @@ def epoch_orders(config, num_examples, granularity=1):
                    for _ in range(config.finetune_epochs))
 
 
-def linear_head_epochs(config, embed, epoch_batches, steps_per_epoch, dim, num_classes, key):
-    """SGD/LARS on a Linear D->C head, `finetune_epochs` epochs, cosine per epoch; yields the head
-    after every epoch (nothing when finetune_epochs=0).
-
-    `epoch_batches` yields, per epoch, that epoch's (inputs, labels) batches; `embed(inputs)` maps
-    inputs (cached features, or image batches for the original protocol) to features.
-    """
-    graphdef, params = nnx.split(models.LinearHead(dim, num_classes, rngs=nnx.Rngs(key)))
-    tx = _head_optimizer(config, steps_per_epoch, params)
+def make_head_step(graphdef, tx, embed):
+    """jit((params, opt_state, encoder, inputs, labels) -> (params, opt_state)): one step of the linear head on
+    `embed(encoder, inputs)` (cached features, or image batches through the frozen encoder `encoder`)."""
 
     @jax.jit
-    def step(params, opt_state, inputs, y):
-        feats = embed(inputs)
+    def step(params, opt_state, encoder, inputs, y):
+        feats = embed(encoder, inputs)
 
         def loss_fn(p):
             logits = nnx.merge(graphdef, p)(feats)
@@ -112,11 +139,34 @@ def linear_head_epochs(config, embed, epoch_batches, steps_per_epoch, dim, num_c
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    return step
+
+
+def linear_head(config, steps_per_epoch, dim, num_classes, key):
+    """(graphdef, params, optimiser) of a fresh Linear D->C head and its SGD/LARS with the cosine schedule."""
+    graphdef, params = nnx.split(models.LinearHead(dim, num_classes, rngs=nnx.Rngs(key)))
+    return graphdef, params, _head_optimizer(config, steps_per_epoch, params)
+
+
+def linear_head_epochs(config, embed, epoch_batches, steps_per_epoch, dim, num_classes, key, encoder=None):
+    """SGD/LARS on a Linear D->C head, `finetune_epochs` epochs, cosine per epoch; yields the head
+    after every epoch (nothing when finetune_epochs=0).
+
+    `epoch_batches` yields, per epoch, that epoch's (inputs, labels) batches; `embed(encoder, inputs)` maps
+    inputs (cached features, or image batches for the original protocol) to features.
+    """
+    graphdef, params, tx = linear_head(config, steps_per_epoch, dim, num_classes, key)
+    step = make_head_step(graphdef, tx, embed)
     opt_state = tx.init(params)
     for batches in epoch_batches:
         for inputs, labels in batches:
-            params, opt_state = step(params, opt_state, inputs, labels)
+            params, opt_state = step(params, opt_state, encoder, inputs, labels)
         yield nnx.merge(graphdef, params)
+
+
+def cached_features(encoder, features):
+    """The fast protocol's embedding: the features were computed once, before the head's epochs."""
+    return features
 
 
 class HeadChoice(NamedTuple):
@@ -177,7 +227,7 @@ class Evaluator:
     def _knn(self, train_x, x, labels, k):
         config = self.config
         return accuracies(knn_predict(train_x, self.splits.train.labels, x, self.splits.num_classes, config.knn_k,
-                                      config.knn_temperature), labels, k, self.per_batch)
+                                      config.knn_temperature, mesh=self.mesh), labels, k, self.per_batch)
 
     def run(self, params, batch_stats, prefix="", linear=True):
         """{'linear_eval/<split>_top1', ..._top<k>, 'knn/<split>_top1', ...} for valid and test.
@@ -214,13 +264,13 @@ class Evaluator:
         if config.linear_eval_protocol == "fast":
             batch, orders = epoch_orders(config, len(labels))
             epochs = (((train_x[idx], labels[idx]) for idx in order) for order in orders)
-            heads = linear_head_epochs(config, lambda x: x, epochs, len(labels) // batch, train_x.shape[1],
+            heads = linear_head_epochs(config, cached_features, epochs, len(labels) // batch, train_x.shape[1],
                                        splits.num_classes, key)
         else:
             batch, orders = epoch_orders(config, len(labels), jax.device_count())
-            heads = linear_head_epochs(config, self._augmented_embed(params, batch_stats),
-                                       self._augmented_epochs(orders), len(labels) // batch, train_x.shape[1],
-                                       splits.num_classes, key)
+            heads = linear_head_epochs(config, self.augmented_embed, self._augmented_epochs(orders),
+                                       len(labels) // batch, train_x.shape[1], splits.num_classes, key,
+                                       encoder=(params, batch_stats))
         valid = [top1_scorer(x, labels, self.per_batch) for name, x, labels in sets if name == "valid"]
         return choose_heads(heads, valid[0] if valid else None)
 
@@ -232,15 +282,11 @@ class Evaluator:
                             self._features(params, batch_stats, source), source.labels, 1)
         return {f"knn_monitor/{name}_top1": top1}
 
-    def _augmented_embed(self, params, batch_stats):
-        net = nnx.merge(self.graphdef, params, batch_stats, copy=True)
+    def augmented_embed(self, encoder, batch):
+        """Features of the frozen encoder (params, batch_stats) on a batch's train views (original protocol)."""
+        net = nnx.merge(self.graphdef, *encoder, copy=True)
         net.encoder.eval()
-        aug = self.aug
-
-        def embed(batch):
-            return jax.lax.stop_gradient(net.encoder(augment.views(batch, (("a", "train"),), aug)[0]))
-
-        return embed
+        return jax.lax.stop_gradient(net.encoder(augment.views(batch, (("a", "train"),), self.aug)[0]))
 
     def _augmented_epochs(self, orders):
         """Per epoch, its (global batch of train views, labels) through the input pipeline."""

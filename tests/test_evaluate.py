@@ -49,7 +49,7 @@ def test_best_valid_head_is_the_epoch_of_highest_valid_top1():
     def heads():
         batch, orders = evaluate.epoch_orders(config, len(train_y))
         epochs = (((train_x[idx], train_y[idx]) for idx in order) for order in orders)
-        return evaluate.linear_head_epochs(config, lambda x: x, epochs, len(train_y) // batch, 6, 3,
+        return evaluate.linear_head_epochs(config, evaluate.cached_features, epochs, len(train_y) // batch, 6, 3,
                                            jax.random.key(0))
 
     weights = [(np.asarray(h.fc.kernel[...], np.float64), np.asarray(h.fc.bias[...], np.float64)) for h in heads()]
