@@ -19,6 +19,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from spcl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/digits.py; override any option with "
     "--config.<key>=<value> (all options and their meaning: configs/default.py).")
@@ -42,20 +44,12 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout_seconds", 300, "Multi-process runs: how long each process waits for all of them to "
     "connect to the coordinator before it gives up with an error.")
 
-EXIT_USAGE = 2
+EXIT_USAGE = cli.EXIT_USAGE
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job Ctrl-C ended
 
 
-def _program():
-    """launch.py, or the console script's name (spcl-train) when started through it."""
-    return os.path.basename(sys.argv[0]) or "launch.py"
-
-
-def _die(message):
-    from spcl_jax import progress  # also into train.log, once the run has one
-
-    progress.show(f"{_program()}: error: {message}", sys.stderr)
-    sys.exit(EXIT_USAGE)
+_program = cli.program
+_die = cli.die
 
 
 def _preview(config, workdir):
@@ -72,69 +66,7 @@ def _preview(config, workdir):
 
 
 def _parse_flags(argv):
-    """absl parsing with one-line errors and exit 2 instead of absl's usage dump and exit 1."""
-    if "--help" in argv or "-h" in argv:
-        print(__doc__)
-        print(flags.FLAGS.main_module_help())
-        sys.exit(0)
-    for i, arg in enumerate(argv):
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
-            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
-        if path is not None and not os.path.isfile(path):
-            _die(f"config file {path!r} not found; valid: a file like configs/digits.py")
-        if path is not None:
-            _check_config_file(path)
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _die(" ".join(str(e).split()))
-    except (KeyError, AttributeError) as e:
-        text = str(e.args[0] if e.args else e).encode().decode("unicode_escape")
-        key, *hint = [line.strip("'\" ") for line in text.splitlines() if line.strip("'\" ")]
-        _die(f"unknown config key {key!r}{' (' + hint[0] + ')' if hint else ''}; valid keys are "
-             "those of configs/default.py")
-    except (TypeError, ValueError) as e:
-        _die(f"bad --config override: {' '.join(str(e).split())}")
-
-
-def _check_config_file(path):
-    """One line for a config file that does not load, or whose get_config() does not return a full ConfigDict
-    (absl would show a traceback, or take a missing get_config() for an unknown key)."""
-    import importlib.util
-    import traceback
-
-    import ml_collections
-
-    from configs import default
-
-    def where(error):
-        lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
-                 if os.path.abspath(frame.filename) == os.path.abspath(path)]
-        return f" at line {lines[-1]}" if lines else ""
-
-    try:
-        spec = importlib.util.spec_from_file_location("_spcl_config_file", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except SyntaxError as e:
-        _die(f"config file {path} line {e.lineno}: {e.msg}; fix it (a config file is Python, like configs/digits.py)")
-    except Exception as e:
-        _die(f"config file {path} cannot be loaded ({type(e).__name__}: {e}{where(e)}); fix it or its imports")
-    if not callable(getattr(module, "get_config", None)):
-        _die(f"config file {path} defines no get_config(); valid: a file like configs/digits.py, whose get_config() "
-             "returns the config")
-    try:
-        config = module.get_config()
-    except Exception as e:
-        _die(f"get_config() in {path} raised {type(e).__name__}: {e}{where(e)}")
-    if not isinstance(config, ml_collections.ConfigDict):
-        _die(f"get_config() in {path} returned a {type(config).__name__}; valid: an ml_collections.ConfigDict, e.g. "
-             "configs.default.get_config() with changes")
-    missing = sorted(set(default.get_config()) - set(config))
-    if missing:
-        _die(f"get_config() in {path} returned a config without {', '.join(missing[:5])}"
-             f"{f' and {len(missing) - 5} more keys' if len(missing) > 5 else ''}; valid: start from "
-             "configs.default.get_config(), which holds every option")
+    return cli.parse_flags(argv, __doc__)
 
 
 def _resume_command(workdir):

@@ -6,7 +6,7 @@
 `dataset_path` is the prepared records (5x cheaper to decode than the JPEG files, BENCHMARKS.md) or the
 ImageNet folder itself (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG); tfds imagenet2012 prepared with
 `python -m spcl_jax.data.prepare imagenet` works too. Hardware: a TPU pod slice or several GPU hosts;
-bfloat16 (`--config.remat=block` if a batch does not fit, bench/memory.py). Blur and crop scale
+bfloat16 (`--config.remat=block` if a batch does not fit: `python -m spcl_jax.plan` finds the largest that does). Blur and crop scale
 (0.008, 1) as the original, crops from the whole image. 50 images per class held out for validation.
 Expected time and top-1: not yet measured.
 """

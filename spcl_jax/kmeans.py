@@ -97,13 +97,34 @@ def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, v
                          f"{num_valid}")
     if x.shape[0] > MAX_EXACT_ROWS:
         raise ValueError(f"k-means sums exactly over at most {MAX_EXACT_ROWS:,} rows, got {x.shape[0]:,}")
+    return _kmeans_jit(x, valid, ids, key, init_centroids, jnp.int32(num_iters), mesh=mesh,
+                       num_clusters=num_clusters, init=init, chunk_size=_chunk_rows(mesh, x.shape[0], num_clusters,
+                                                                                    chunk_size),
+                       precision=lax.Precision(precision))
+
+
+def _chunk_rows(mesh, num_rows, num_clusters, chunk_size):
+    """Rows per distance block: the given size or the platform's default, at most a device's rows."""
     if chunk_size is None:
         kind = "cpu" if mesh.devices.flat[0].platform == "cpu" else "accelerator"
         chunk_size = max(256, CHUNK_BYTES[kind] // (4 * num_clusters))
-    chunk_size = min(chunk_size, x.shape[0] // mesh.shape[DATA_AXIS])  # one compile for all larger
-    return _kmeans_jit(x, valid, ids, key, init_centroids, jnp.int32(num_iters), mesh=mesh,
-                       num_clusters=num_clusters, init=init, chunk_size=chunk_size,
-                       precision=lax.Precision(precision))
+    return min(chunk_size, num_rows // mesh.shape[DATA_AXIS])  # one compile for all larger
+
+
+def lower_kmeans(x, num_clusters, *, init="random", chunk_size=None, precision="highest"):
+    """The program `kmeans` runs on a feature bank like `x` (a `jax.ShapeDtypeStruct` (N, D) float32 with its rows
+    sharded on a mesh's 'data' axis), with padding rows and ids as a run passes them, lowered without data: for
+    compiling it for devices that are not here (`spcl_jax.plan`). The iteration count is an argument of the
+    program, so one compile serves every `kmeans_iters`."""
+    mesh = x.sharding.mesh
+    rows = NamedSharding(mesh, P(DATA_AXIS))
+    spec = lambda shape, dtype, sharding=rows: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    n = x.shape[0]
+    return _kmeans_jit.lower(spec(x.shape, jnp.float32, x.sharding), spec((n,), bool), spec((n,), jnp.int32),
+                             jax.eval_shape(lambda: jax.random.key(0)), None, spec((), jnp.int32, None), mesh=mesh,
+                             num_clusters=num_clusters, init=init,
+                             chunk_size=_chunk_rows(mesh, n, num_clusters, chunk_size),
+                             precision=lax.Precision(precision))
 
 
 class Whitened(NamedTuple):
@@ -121,13 +142,41 @@ def pca_whiten(x, pca_dim, valid=None, eigen_floor=EIGEN_FLOOR):
     raised to it (0: none, as faiss, which divides by ~0 on rank-deficient features); above the floor
     the whitened covariance is the identity. Each component's sign is fixed so that its
     eigenvector's largest-magnitude entry is positive, which makes the output deterministic.
+
+    The D x D eigendecomposition runs on the host's CPU, as faiss's does: XLA's TPU eigensolver is an
+    unrolled Jacobi sweep whose program took 15 minutes to compile for D = 2048 (BENCHMARKS.md, planning).
     """
     x = jnp.asarray(x)
     if pca_dim < 1:
         raise ValueError(f"pca_dim must be >= 1 for pca_whiten, got {pca_dim}")
     mesh = _data_mesh(x)
     x, valid = _place_rows(mesh, x, valid)
-    return Whitened(*_pca_jit(x, valid, jnp.float32(eigen_floor), mesh=mesh, out_dim=min(pca_dim, x.shape[1])))
+    mean, cov = _pca_stats_jit(x, valid, mesh=mesh)
+    out_dim = min(pca_dim, x.shape[1])
+    projection = _host_eigenbasis(cov, jnp.float32(eigen_floor), out_dim)
+    evecs, scale, floored = jax.device_put(projection, NamedSharding(mesh, P()))
+    return Whitened(_pca_project_jit(x, valid, mean, evecs, scale, mesh=mesh), floored)
+
+
+def _host_eigenbasis(cov, eigen_floor, out_dim):
+    """numpy (eigenvectors (D, out_dim), scales Λ^-1/2 (out_dim,), floored count) of the replicated covariance,
+    computed on this host's CPU (every process alike: the same input on the same kind of host)."""
+    cpu = jax.devices("cpu")[0]
+    return jax.device_get(_eigenbasis_jit(jax.device_put(np.asarray(jax.device_get(cov)), cpu),
+                                          jax.device_put(eigen_floor, cpu), out_dim=out_dim))
+
+
+def lower_pca_whiten(x, pca_dim):
+    """The device programs of `pca_whiten` for a feature bank like `x` (see `lower_kmeans`), lowered without data:
+    (the mean and covariance, the projection). The eigendecomposition between them runs on the host."""
+    mesh, dim = x.sharding.mesh, x.shape[1]
+    out_dim = min(pca_dim, dim)
+    replicated = NamedSharding(mesh, P())
+    spec = lambda shape, sharding=replicated: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)  # noqa: E731
+    rows = (spec(x.shape, x.sharding),
+            jax.ShapeDtypeStruct(x.shape[:1], bool, sharding=NamedSharding(mesh, P(DATA_AXIS))))
+    return (_pca_stats_jit.lower(*rows, mesh=mesh),
+            _pca_project_jit.lower(*rows, spec((dim,)), spec((dim, out_dim)), spec((out_dim,)), mesh=mesh))
 
 
 @jax.jit
@@ -405,24 +454,39 @@ def _init_kmeanspp(x, valid, gidx, ids, key, k):
     return centroids
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "out_dim"))
-def _pca_jit(x, valid, eigen_floor, *, mesh, out_dim):
-    return _shard_call(functools.partial(_pca_shard, out_dim=out_dim), mesh, (x, valid, eigen_floor),
-                       (P(DATA_AXIS, None), P(DATA_AXIS), P()), (P(DATA_AXIS, None), P()))
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _pca_stats_jit(x, valid, *, mesh):
+    return _shard_call(_pca_stats_shard, mesh, (x, valid), (P(DATA_AXIS, None), P(DATA_AXIS)), (P(), P()))
 
 
-def _pca_shard(x, valid, eigen_floor, *, out_dim):
-    """Two passes over the local rows (mean, then centred covariance) with the sums psum'd."""
+def _pca_stats_shard(x, valid):
+    """Mean and covariance over the valid rows of all devices: two passes (mean, then centred) with the sums psum'd."""
     x = x.astype(jnp.float32)
     valid = jnp.ones(x.shape[0], bool) if valid is None else valid
     n = _psum(jnp.sum(valid, dtype=jnp.float32))
     mean = _psum(jnp.sum(jnp.where(valid[:, None], x, 0.0), axis=0)) / n
     xc = jnp.where(valid[:, None], x - mean, 0.0)
-    cov = _psum(jnp.dot(xc.T, xc, precision=lax.Precision.HIGHEST)) / n
+    return mean, _psum(jnp.dot(xc.T, xc, precision=lax.Precision.HIGHEST)) / n
+
+
+@functools.partial(jax.jit, static_argnames=("out_dim",))
+def _eigenbasis_jit(cov, eigen_floor, *, out_dim):
     evals, evecs = jnp.linalg.eigh(cov)
     evals, evecs = evals[::-1][:out_dim], evecs[:, ::-1][:, :out_dim]
     biggest = jnp.argmax(jnp.abs(evecs), axis=0)
     evecs = evecs * jnp.sign(evecs[biggest, jnp.arange(out_dim)])
     floor = eigen_floor * evals[0]
-    scale = lax.rsqrt(jnp.maximum(evals, floor))
-    return jnp.dot(xc, evecs, precision=lax.Precision.HIGHEST) * scale, jnp.sum(evals < floor, dtype=jnp.int32)
+    return evecs, lax.rsqrt(jnp.maximum(evals, floor)), jnp.sum(evals < floor, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _pca_project_jit(x, valid, mean, evecs, scale, *, mesh):
+    return _shard_call(_pca_project_shard, mesh, (x, valid, mean, evecs, scale),
+                       (P(DATA_AXIS, None), P(DATA_AXIS), P(), P(), P()), P(DATA_AXIS, None))
+
+
+def _pca_project_shard(x, valid, mean, evecs, scale):
+    x = x.astype(jnp.float32)
+    valid = jnp.ones(x.shape[0], bool) if valid is None else valid
+    xc = jnp.where(valid[:, None], x - mean, 0.0)
+    return jnp.dot(xc, evecs, precision=lax.Precision.HIGHEST) * scale

@@ -32,6 +32,13 @@ def create(config, method, num_classes, seed):
     return nnx.split(net, nnx.Param, nnx.BatchStat)
 
 
+def abstract(config, method, num_classes):
+    """(graphdef, params, batch_stats) of the Network as shapes only (`jax.ShapeDtypeStruct` leaves), computing
+    nothing: what compiling for hardware elsewhere, and the state's shardings, need."""
+    net = nnx.eval_shape(lambda: Network(config, method, num_classes, rngs=nnx.Rngs(0)))
+    return nnx.split(net, nnx.Param, nnx.BatchStat)
+
+
 def restore(config, method, num_classes, directory, step):
     """(graphdef, params, batch_stats, step) of the Network of `config` holding the values saved at step
     `step` (-1 = newest) in the checkpoint `directory`; a checkpoint of another shape is one CheckpointError."""

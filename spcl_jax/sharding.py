@@ -10,8 +10,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from spcl_jax.data.pipeline import host_share
 
 
-def data_mesh():
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def data_mesh(devices=None):
+    """The 1-D `data` mesh over `devices` (default: every device of every process) in the order JAX chooses for
+    their physical layout."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh):

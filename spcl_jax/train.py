@@ -22,6 +22,7 @@ from spcl_jax import augment, checkpoint, config_validation, data, evaluate, fea
 from spcl_jax import method as methods
 from spcl_jax import models, network, optim, progress, prototypes, sharding, streams, visual
 from spcl_jax.data import pipeline
+from spcl_jax.plan import fit
 from spcl_jax.errors import SAME_COMMAND, ConfigError, UserError, WorkdirError
 from spcl_jax.metrics import MetricWriter, read_metrics
 from spcl_jax.network import prototype_classifier_width
@@ -213,14 +214,19 @@ def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifie
                    donate_argnums=0)
 
 
-def _classifier(config, num_classes, key):
+def _classifier_module(config, num_classes, key):
     dim = models.feature_dim(config.model, config.width_multiplier)
-    width = prototype_classifier_width(config, num_classes)
-    return nnx.split(models.PrototypeClassifier(dim, width, rngs=nnx.Rngs(key)))
+    return models.PrototypeClassifier(dim, prototype_classifier_width(config, num_classes), rngs=nnx.Rngs(key))
 
 
-def build(config, method, splits, mesh):
-    """The `Run` and its initial state (nothing here touches the workdir)."""
+def _classifier(config, num_classes, key):
+    return nnx.split(_classifier_module(config, num_classes, key))
+
+
+def make_run(config, method, splits, mesh):
+    """The `Run`: networks as graphs, optimisers, jitted steps. Computes and places nothing, so the same run is
+    built for this machine's mesh or for a mesh of devices elsewhere (`spcl_jax.plan`); the state comes from
+    `initial_state` or, as shapes, `abstract_state`."""
     source = getattr(splits, method.source_split)
     steps_per_epoch = len(source) // config.batch_size
     if steps_per_epoch == 0:
@@ -228,7 +234,7 @@ def build(config, method, splits, mesh):
                           f"set size {len(source)} (pretraining drops the incomplete last batch)")
     if config.max_steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    graphdef, params, batch_stats = network.create(config, method, splits.num_classes, config.seed)
+    graphdef, params, _ = network.abstract(config, method, splits.num_classes)
     schedule = optim.pretrain_lr_schedule(
         base_lr=config.learning_rate, batch_size=config.batch_size, n_epochs=config.n_epochs,
         warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch, stepping=config.lr_stepping,
@@ -239,21 +245,52 @@ def build(config, method, splits, mesh):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     classifier_tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                                 optax.sgd(config.learning_rate * config.batch_size / 256))
-    classifier_graphdef, classifier_params = (
-        _classifier(config, splits.num_classes, streams.network_init(config.seed))
-        if method.prototype_classifier else (None, {}))
+    classifier_graphdef = (nnx.split(nnx.eval_shape(lambda: _classifier_module(config, splits.num_classes, 0)))[0]
+                           if method.prototype_classifier else None)
     aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
     specs = view_specs(method, config)
-    run = Run(config=config, method=method, splits=splits, mesh=mesh, steps_per_epoch=steps_per_epoch,
-              graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
-              aug=aug, recipe=pipeline.Recipe.from_config(config), specs=specs, schedule=schedule,
-              train_step=make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx,
-                                         aug, specs, mesh),
-              encode=features.make_encode(graphdef, aug, mesh, FEATURE_VIEWS[config.cluster_feature_view]))
-    state = dict(params=params, batch_stats=batch_stats, opt_state=tx.init(params), step=jnp.int32(0),
-                 first_nonfinite_step=jnp.int32(-1), classifier_params=classifier_params,
-                 classifier_opt_state=classifier_tx.init(classifier_params))
-    return run, jax.device_put(state, sharding.replicated(mesh))
+    return Run(config=config, method=method, splits=splits, mesh=mesh, steps_per_epoch=steps_per_epoch,
+               graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
+               aug=aug, recipe=pipeline.Recipe.from_config(config), specs=specs, schedule=schedule,
+               train_step=make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx,
+                                          aug, specs, mesh),
+               encode=features.make_encode(graphdef, aug, mesh, FEATURE_VIEWS[config.cluster_feature_view]))
+
+
+def initial_state(run):
+    """The state at step 0 from the config's seed, not yet placed on the mesh."""
+    config = run.config
+    _, params, batch_stats = network.create(config, run.method, run.splits.num_classes, config.seed)
+    classifier_params = (_classifier(config, run.splits.num_classes, streams.network_init(config.seed))[1]
+                         if run.method.prototype_classifier else {})
+    return dict(params=params, batch_stats=batch_stats, opt_state=run.tx.init(params), step=jnp.int32(0),
+                first_nonfinite_step=jnp.int32(-1), classifier_params=classifier_params,
+                classifier_opt_state=run.classifier_tx.init(classifier_params))
+
+
+def abstract_state(run):
+    """`initial_state` as shapes, replicated on the run's mesh: the train step's first argument, computed by
+    nothing."""
+    replicated = sharding.replicated(run.mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        jax.eval_shape(lambda: initial_state(run)))
+
+
+def batch_spec(run, batch_size):
+    """The train step's second argument as shapes, sharded by rows: the host batch of `pipeline.batch_spec` and
+    the step's labels (and the pairs' similarity)."""
+    spec = pipeline.batch_spec(run.method.image_sets, len(run.specs), run.source.canvas_shape, batch_size)
+    spec.update({f"labels_{name}": ((batch_size,), np.int32) for name in run.method.image_sets})
+    if run.method.pairs:
+        spec["similarity"] = ((batch_size,), np.float32)
+    rows = sharding.batch_sharding(run.mesh)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()}
+
+
+def build(config, method, splits, mesh):
+    """The `Run` and its initial state on the mesh (nothing here touches the workdir)."""
+    run = make_run(config, method, splits, mesh)
+    return run, jax.device_put(initial_state(run), sharding.replicated(mesh))
 
 
 def new_classifier(run, key):
@@ -366,11 +403,16 @@ def train_and_evaluate(config, workdir):
     """Pretrain with the config's method, then (unless switched off) linear and kNN evaluation."""
     method = methods.resolve(config)
     check_outputs(workdir)
+    mesh = sharding.data_mesh()
+    if not config.infer_from_data:  # the data may still change the config: checked with the program it will run
+        fit.check_step_fits(config, method, mesh)  # accelerators only: before minutes of loading data
     splits = data.load_splits(config)
     config = config_validation.fit_to_data(config, splits, jax.device_count())
     config_validation.check_pretrain_size(config, len(splits.pretrain))
     config_validation.check_eval_size(config, len(splits.train), jax.device_count())
-    run, state = build(config, method, splits, sharding.data_mesh())
+    if config.infer_from_data:
+        fit.check_step_fits(config, method, mesh)
+    run, state = build(config, method, splits, mesh)
     is_main = jax.process_index() == 0
     if is_main:  # the processes of one run share its workdir
         claim_workdir(workdir)

@@ -12,7 +12,8 @@ unpickle `pipeline` and `sources`, import neither JAX nor the dataset readers.
 import importlib
 
 _EXPORTS = {
-    "DATASETS": "datasets", "Splits": "datasets", "load_splits": "datasets", "UNLABELED": "sources",
+    "DATASETS": "datasets", "Splits": "datasets", "load_splits": "datasets", "nominal_pool": "datasets",
+    "UNLABELED": "sources",
     "ArraySource": "sources", "FileSource": "sources", "TfdsSource": "sources", "epoch_order": "splits",
 }
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,8 @@ import numpy as np
 
 from spcl_jax.data import digits, imagefolder, records, tfds_source
 from spcl_jax.data.crops import EVAL_CROP_FRACTION
-from spcl_jax.data.sources import ArraySource, FileSource, TfdsSource
+from spcl_jax.data.decode import canvas_shape
+from spcl_jax.data.sources import ArraySource, FileSource, ShapeSource, TfdsSource
 from spcl_jax.data.splits import pretrain_summary, split_indices, test_indices
 from spcl_jax.errors import DataError
 
@@ -155,19 +156,57 @@ _POOLS = {
 }
 
 
+# (training images, test images, classes) of the datasets a run can be planned for without their data. STL-10's
+# training images are its 5,000 labelled and 100,000 unlabelled ones; ImageNet-100 is the CMC list's.
+NOMINAL_SIZES = {"cifar10": (50_000, 10_000, 10), "cifar100": (50_000, 10_000, 100), "stl10": (105_000, 8_000, 10),
+                 "imagenet": (1_281_167, 50_000, 1000), "imagenet100": (126_689, 5_000, 100),
+                 "tinyimagenet": (100_000, 10_000, 200)}
+
+
+IN_MEMORY = ("digits", "cifar10", "cifar100", "stl10")
+
+
+def nominal_canvas(config):
+    """(height, width) of the canvas `config.dataset`'s images arrive in, known without the data: in-memory datasets
+    at their own size, decoded ones in the canvas of their load size (`decode.canvas_shape`)."""
+    own = {"digits": (int(config.image_size),) * 2, "cifar10": (32, 32), "cifar100": (32, 32), "stl10": (96, 96)}
+    if config.dataset in own:
+        return own[config.dataset]
+    return canvas_shape(int(config.image_size) if config.dataset == "tinyimagenet" else load_size(config))
+
+
+def nominal_pool(config, num_examples=None):
+    """A Pool of `ShapeSource`s: the dataset's sizes (NOMINAL_SIZES; `num_examples` training images instead when
+    given, needed for an image folder) with the classes dealt evenly, in the canvas its images arrive in.
+    What `spcl_jax.plan` plans with when the data is elsewhere; the real class sizes may differ a little."""
+    train, test, classes = NOMINAL_SIZES.get(config.dataset, (None, None, int(config.n_classes) or 1))
+    if num_examples is None and train is None:
+        raise DataError(f"the size of dataset {config.dataset!r} is not known without its data: pass --num_examples")
+    if num_examples is not None:
+        train, test = num_examples, test or max(num_examples // 10, 1)
+    in_memory, canvas = config.dataset in IN_MEMORY, nominal_canvas(config)
+    labels = lambda count: np.arange(count) % classes  # noqa: E731
+    if config.dataset == "stl10" and num_examples is None:
+        train_labels = np.concatenate([labels(5_000), np.full(100_000, -1)])
+    else:
+        train_labels = labels(train)
+    return Pool(ShapeSource(train_labels, canvas, in_memory), ShapeSource(labels(test), canvas, in_memory), classes)
+
+
 def load_pool(config):
     if config.dataset not in _POOLS:
         raise DataError(f"dataset={config.dataset!r} is not one of {DATASETS}: pass e.g. --config.dataset=digits")
     return _POOLS[config.dataset](config)
 
 
-def load_splits(config):
-    """Splits of `config.dataset` honouring n_classes, pre_classes, train_sample, val_sample and seed.
+def load_splits(config, pool=None):
+    """Splits of `config.dataset` (of `pool` when given) honouring n_classes, pre_classes, train_sample, val_sample
+    and seed.
 
     Raises DataError (one line: the bad path or value and the fix) for data that is missing, not
     prepared or malformed.
     """
-    pool = load_pool(config)
+    pool = load_pool(config) if pool is None else pool
     n_classes, pre_classes = (class_count(config, option, pool.classes) for option in ("n_classes", "pre_classes"))
     idx = split_indices(
         pool.train.labels,

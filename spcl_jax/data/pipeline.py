@@ -99,6 +99,18 @@ class BatchMaker:
         return SharedMemoryArray((self.batch_size, *self.source.canvas_shape, 3), np.uint8)
 
 
+def batch_spec(set_names, num_views, canvas_shape, batch_size):
+    """{key: (shape, dtype)} of the global batches a `BatchMaker` makes (its docstring), for compiling the programs
+    that take them without loading any."""
+    spec = {}
+    for name in set_names:
+        spec[f"pixels_{name}"] = ((batch_size, *canvas_shape, 3), np.uint8)
+        spec[f"frame_{name}"] = ((batch_size, 4), np.float32)
+    spec["boxes"] = ((batch_size, num_views, 4), np.float32)
+    spec["draws"] = ((batch_size, num_views, crops.VIEW_DRAWS), np.float32)
+    return spec
+
+
 def frame(images):
     """float32 (n, 4) frames (valid h, valid w in the canvas, transposed, stored / original size)."""
     size = np.where(images.transposed[:, None], images.size[:, ::-1], images.size)

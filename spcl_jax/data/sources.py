@@ -99,6 +99,18 @@ class ArraySource(_View):
         out.transposed[:] = False
 
 
+class ShapeSource(_View):
+    """A split known only by its labels and the canvas its images would arrive in: what planning a run for
+    hardware elsewhere needs when the data is not on this machine (`spcl_jax.plan`). It holds no images."""
+
+    def __init__(self, labels, canvas_shape, in_memory):
+        super().__init__(labels, np.arange(len(labels)))
+        self.canvas_shape, self.in_memory = tuple(canvas_shape), in_memory
+
+    def _load_into(self, pool_indices, out):
+        raise DataError("a planned split holds no images")
+
+
 class Strings:
     """Many strings (file paths) as one UTF-8 buffer plus offsets: pickles in one copy, unlike a list."""
 

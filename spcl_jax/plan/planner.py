@@ -1,0 +1,227 @@
+"""Plan a run for a target: compile every program of the run for it (in parallel worker processes), and, unless
+quick, search the largest global batch whose training step fits, with and without rematerialised blocks.
+
+The search is by compiles: a program's bytes per device grow about linearly with the batch, so a line through the
+compiled sizes predicts the largest batch that fits (in multiples of the device count), which is then compiled to
+check it; a prediction that does not fit, or that a new line moves, is compiled again, at most `MAX_CHECKS` times
+per setting. The answer is the largest batch seen to fit by a compile, and whether the next multiple was seen not
+to fit or is only predicted not to.
+"""
+import concurrent.futures
+import concurrent.futures.process
+import dataclasses
+import multiprocessing
+
+from absl import logging
+
+from spcl_jax.errors import UserError
+from spcl_jax.plan import analysis, programs, targets
+
+MAX_CHECKS = 3
+REMATS = ("none", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Programs to compile in one worker: `names` of the run of `config` (with `batch_size` and `remat` when given)."""
+
+    config: object
+    method: object
+    sizes: programs.Sizes
+    target: targets.Target
+    names: tuple
+    batch_size: int | None = None
+    remat: str | None = None
+
+
+def run_task(task):
+    """[Measured] of a task's programs (in a worker process, or in this one)."""
+    import jax
+
+    from spcl_jax import sharding
+
+    # Executables for devices that are not here cannot be loaded back from JAX's persistent cache: keep out of it.
+    jax.config.update("jax_enable_compilation_cache", False)
+    config = task.config.copy_and_resolve_references()
+    if task.batch_size is not None:
+        config.batch_size = task.batch_size
+    if task.remat is not None:
+        config.remat = task.remat
+    devices = targets.devices(task.target)
+    built = programs.build(config, task.method, task.sizes, sharding.data_mesh(devices), task.names)
+    cpu = None
+    if task.target.platform != "tpu":  # no cost analysis there: count the FLOPs on a CPU lowering
+        cpu = programs.build(config, task.method, task.sizes, sharding.data_mesh(jax.devices("cpu")[:1]), task.names)
+    results = []
+    for name, program in built.items():
+        counted = analysis.counted_flops(cpu[name], len(devices)) if cpu else None
+        results.append(analysis.measure(program, counted))
+    return results
+
+
+def one_point_line(total, temporaries, arguments, batch):
+    """(fixed bytes, bytes per unit of batch) from one compile: its temporaries taken as proportional to the batch,
+    less the gradients' share, about half its arguments (the state: parameters and as much optimiser momentum)."""
+    fixed = total - temporaries + min(temporaries, arguments // 2)
+    return fixed, (total - fixed) / batch
+
+
+def _largest_on_line(fixed, slope, usable, granularity):
+    if slope <= 0:
+        return None
+    return max(int((usable - fixed) / slope) // granularity * granularity, granularity)
+
+
+def predict_largest_batch(total, temporaries, arguments, batch, usable, granularity):
+    """The largest multiple of `granularity` that one compile's line (`one_point_line`) says fits in `usable`."""
+    return _largest_on_line(*one_point_line(total, temporaries, arguments, batch), usable, granularity)
+
+
+@dataclasses.dataclass
+class Search:
+    """The largest-batch search of one remat setting: {global batch: bytes per device of the step} seen so far."""
+
+    remat: str
+    usable: int
+    granularity: int
+    seen: dict = dataclasses.field(default_factory=dict)
+    steps: dict = dataclasses.field(default_factory=dict)  # batch -> Measured
+    checks: int = 0
+
+    def add(self, batch, measured):
+        self.seen[batch], self.steps[batch] = measured.bytes_per_device, measured
+
+    @property
+    def largest_fitting(self):
+        fitting = [b for b, used in self.seen.items() if used <= self.usable]
+        return max(fitting) if fitting else None
+
+    @property
+    def smallest_over(self):
+        over = [b for b, used in self.seen.items() if used > self.usable]
+        return min(over) if over else None
+
+    def line(self):
+        """(fixed bytes, bytes per unit of batch) through the two compiled batches nearest the limit, or through the
+        one compile (`one_point_line`)."""
+        points = sorted(self.seen.items(), key=lambda item: abs(item[1] - self.usable))[:2]
+        if len(points) == 2 and points[0][0] != points[1][0]:
+            (b1, m1), (b2, m2) = points
+            slope = (m2 - m1) / (b2 - b1)
+            return m1 - slope * b1, slope
+        batch = next(iter(self.seen))
+        step = self.steps[batch]
+        return one_point_line(step.bytes_per_device, step.temporaries, step.arguments, batch)
+
+    def next_batch(self):
+        """The batch to compile next, or None when the search is done."""
+        low, high = self.largest_fitting, self.smallest_over
+        if self.checks >= MAX_CHECKS or (low is not None and high is not None and high - low <= self.granularity):
+            return None
+        predicted = _largest_on_line(*self.line(), self.usable, self.granularity)
+        if predicted is None:
+            return None
+        predicted = max(predicted, self.granularity)
+        if high is not None:
+            predicted = min(predicted, high - self.granularity)
+        if low is not None:
+            predicted = max(predicted, low + self.granularity) if predicted > low else None
+        if predicted is None or predicted in self.seen:
+            return None
+        return predicted
+
+    def answer(self):
+        """{'global_batch', 'bytes_per_device', 'next_over': 'compiled' | 'predicted'} or None when none fits."""
+        low = self.largest_fitting
+        if low is None:
+            return None
+        high = self.smallest_over
+        return {"global_batch": low, "bytes_per_device": self.seen[low],
+                "next_over": "compiled" if high is not None and high - low <= self.granularity else "predicted"}
+
+
+@dataclasses.dataclass
+class Plan:
+    target: targets.Target
+    config: object
+    method: object
+    sizes: programs.Sizes
+    usable_memory: int
+    programs: dict  # name -> Measured (the config's batch and remat)
+    steps: dict  # remat -> {global batch: Measured} (the training steps compiled)
+    max_batch: dict | None  # remat -> Search.answer(), None when quick
+
+
+def plan(config, method, sizes, target, *, quick=False, jobs=2, memory_fraction=None):
+    """The `Plan` of the run of `config` on `target`."""
+    usable = target.usable_memory(memory_fraction)
+    rest = tuple(n for n in programs.PROGRAMS if n != "train_step")
+    remats = (config.remat,) if quick else (config.remat,) + tuple(r for r in REMATS if r != config.remat)
+    searches = {r: Search(r, usable, target.chips) for r in remats}
+    tasks = [Task(config, method, sizes, target, ("train_step",), remat=r) for r in remats]
+    tasks.append(Task(config, method, sizes, target, rest))
+    measured = {}
+    with _executor(jobs) as pool:
+        for task, results in _completed(pool, tasks):
+            for m in results:
+                if m.name == "train_step":
+                    searches[task.remat].add(config.batch_size, m)
+                    if task.remat == config.remat:
+                        measured[m.name] = m
+                else:
+                    measured[m.name] = m
+        while not quick:
+            round_tasks = []
+            for search in searches.values():
+                batch = search.next_batch()
+                if batch is not None:
+                    search.checks += 1
+                    round_tasks.append(Task(config, method, sizes, target, ("train_step",), batch, search.remat))
+            if not round_tasks:
+                break
+            for task, results in _completed(pool, round_tasks):
+                searches[task.remat].add(task.batch_size, results[0])
+                logging.info("remat=%s: a global batch of %d needs %.2f GiB per device (%.2f GiB usable)", task.remat,
+                             task.batch_size, results[0].bytes_per_device / 2**30, usable / 2**30)
+    ordered = {name: measured[name] for name in programs.PROGRAMS if name in measured}
+    return Plan(target, config, method, sizes, usable, ordered, {r: s.steps for r, s in searches.items()},
+                None if quick else {r: s.answer() for r, s in searches.items()})
+
+
+class CompilerCrashed(UserError):
+    """A compiler process died (libtpu or the CUDA plugin crashed on a program)."""
+
+
+def _completed(pool, tasks):
+    """(task, its results) as each task finishes, logged."""
+    futures = {pool.submit(run_task, task): task for task in tasks}
+    for future in concurrent.futures.as_completed(futures):
+        task = futures[future]
+        try:
+            results = future.result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+            raise CompilerCrashed(
+                f"the compiler crashed compiling {', '.join(task.names)} for {task.target.name} (its process died: "
+                f"{e}); with --jobs=1 the crash ends this process too; another libtpu or CUDA plugin version may "
+                "compile it") from e
+        for m in results:
+            setting = f" (global batch {task.batch_size or task.config.batch_size}, remat={task.remat})" if (
+                m.name == "train_step") else ""
+            logging.info("compiled %s%s for %s in %.0f s: %.2f GiB per device", m.name, setting, task.target.name,
+                         m.compile_seconds, m.bytes_per_device / 2**30)
+        yield task, results
+
+
+class _InProcess(concurrent.futures.Executor):
+    """Runs each task in this process when it is submitted (jobs=1)."""
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def _executor(jobs):
+    if jobs <= 1:
+        return _InProcess()
+    return concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
