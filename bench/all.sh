@@ -11,7 +11,7 @@
 # 2 threads, interleaved with the PyTorch original and YNNPACK convolutions; ~10 min), train_step_1core (the
 # same on one core, torch at one thread; ~20 min), train_step_narrow (width 1/16; ~2 min), cpu_step_profile
 # (~2 min), huge_pages (the demo's step, ~3 min), huge_pages_full (full width, ~4 min), epoch_overhead
-# (~10 min), input_pipeline (~6 min), memory (~6 min), loader_step (accelerators only: skipped on a CPU),
+# (~10 min), input_pipeline (~6 min), loader_step (accelerators only: skipped on a CPU),
 # ablation (RESULTS.md's table, written next to the log; about an hour). bench/torch_spcl.py runs inside the
 # train_step parts. Every script prints the machine note first (CPU model, usable cores, load before,
 # versions, device, date) and the load after last; the timings are medians with their (min–max) over >= 5
@@ -68,7 +68,6 @@ part huge_pages "$py" -m bench.huge_pages --preset digits
 part huge_pages_full "$py" -m bench.huge_pages --preset cpu-full --rounds 4
 part epoch_overhead "$py" -m bench.epoch_overhead --preset cpu
 part input_pipeline "$py" -m bench.input_pipeline --images 512 --batch 64 --workers 1,2 --json
-part memory "$py" -m bench.memory
 if [ "$backend" = cpu ]; then
   echo; echo "## loader_step: skipped (it times the ResNet-50 step fed by the loader: accelerators only, bench/gpu.sh)"
 else

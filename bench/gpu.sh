@@ -38,5 +38,12 @@ tables 130 -m bench.epoch_overhead --preset gpu
 { printf '\n## Input pipeline\n\n'; limited 25 python -m bench.input_pipeline --images 128 --skip-loader; } | tee -a "$out"
 { printf '\n## Prepared records feeding the ResNet-50 step\n\n'; limited 150 python -m bench.loader_step --preset gpu; } \
   | tee -a "$out"
-{ printf '\n## Train-step memory, with and without remat\n\n'; limited 100 python -m bench.memory; } | tee -a "$out"
+# What the planner says of this GPU, for the train_step table's ResNet-50 row (compiled, not run): its bytes, FLOPs
+# and least step time beside the measured step.
+case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)" in
+  *H200*) target=h200x1 ;; *A100*) target=a100-80x1 ;; *) target=h100x1 ;;
+esac
+{ printf '\n## Planned for this GPU (spcl-plan %s, the train_step table'"'"'s ResNet-50 row)\n\n' "$target"
+  limited 100 python -m spcl_jax.plan --config configs/imagenet.py --target "$target" --quick \
+    --config.batch_size=128; } | tee -a "$out"
 echo "tables written to $out"

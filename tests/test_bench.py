@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from bench import ablation, common, cpu_conv, epoch_overhead, input_pipeline, kmeans, loader_step, memory, train_step
+from bench import ablation, common, cpu_conv, epoch_overhead, input_pipeline, kmeans, loader_step, train_step
 
 TINY = ["--batch", "8", "--width", "0.0625"]  # shared by train_step and epoch_overhead: one compiled step
 TINY_K = "16"
@@ -278,15 +278,6 @@ def test_ablation_runs_a_variant_and_writes_the_table(tmp_path, capsys):
     assert "--variants 'byol'; valid: spcl, simclr" in capsys.readouterr().err
 
 
-def test_memory_bench(capsys):
-    """XLA's memory analysis of the real train step, here with rematerialised blocks."""
-    memory.main(["--model", "resnet18", "--px", "16", "--width", "0.0625", "--batches", "2,4", "--remat", "block",
-                 "--device-gib", "1"])
-    [row] = table(capsys.readouterr().out, [title for _, title, _ in memory.COLUMNS] + ["max pairs / 1 GiB device"])
-    assert row["remat"] == "block" and numbers(row["MiB per pair"])[0] > 0
-    assert numbers(row["max pairs / 1 GiB device"])[0] > 10
-
-
 def test_epoch_overhead_growth_and_shares():
     """The cost-curve lines and the overhead share, on made-up timings (a second size costs a k-means compile)."""
     rows = [epoch_overhead.with_steps(dict(n=n, k=8, features_s=n / 1e3, kmeans_s=(n / 1e3) ** 2, plan_s=0.01,
@@ -436,7 +427,7 @@ def test_all_sh_runs_every_part_or_says_why_not(tmp_path):
     assert done.returncode == 0, done.stderr
     text = log.read_text()
     for part in ("kmeans", "cpu_conv", "train_step", "train_step_1core", "train_step_narrow", "cpu_step_profile",
-                 "huge_pages", "huge_pages_full", "epoch_overhead", "input_pipeline", "memory", "ablation"):
+                 "huge_pages", "huge_pages_full", "epoch_overhead", "input_pipeline", "ablation"):
         assert f"## {part}: skipped (BENCH_ONLY / BENCH_SKIP)" in text, part
     assert "## loader_step: skipped (it times the ResNet-50 step fed by the loader: accelerators only" in text
     assert "uptime before:" in text and "uptime after:" in text and "JAX backend: cpu" in text
