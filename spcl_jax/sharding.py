@@ -5,6 +5,7 @@ Each process loads only its contiguous slice of a global batch (the devices of p
 """
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spcl_jax.data.pipeline import host_share
@@ -12,8 +13,12 @@ from spcl_jax.data.pipeline import host_share
 
 def data_mesh(devices=None):
     """The 1-D `data` mesh over `devices` (default: every device of every process) in the order JAX chooses for
-    their physical layout."""
+    their physical layout; over several TPU slices (multislice), each slice's devices together."""
     devices = jax.devices() if devices is None else list(devices)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        ordered = mesh_utils.create_hybrid_device_mesh((len(devices) // slices,), (slices,), devices)
+        return jax.sharding.Mesh(ordered, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 

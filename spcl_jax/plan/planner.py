@@ -114,21 +114,17 @@ class Search:
         return one_point_line(step.bytes_per_device, step.temporaries, step.arguments, batch)
 
     def next_batch(self):
-        """The batch to compile next, or None when the search is done."""
+        """The batch to compile next, or None when the search is done: the line's prediction, below any batch seen
+        not to fit and above any seen to fit."""
         low, high = self.largest_fitting, self.smallest_over
         if self.checks >= MAX_CHECKS or (low is not None and high is not None and high - low <= self.granularity):
             return None
         predicted = _largest_on_line(*self.line(), self.usable, self.granularity)
-        if predicted is None:
-            return None
-        predicted = max(predicted, self.granularity)
-        if high is not None:
+        if predicted is not None and high is not None:
             predicted = min(predicted, high - self.granularity)
-        if low is not None:
-            predicted = max(predicted, low + self.granularity) if predicted > low else None
-        if predicted is None or predicted in self.seen:
+        if predicted is None or predicted < self.granularity or (low is not None and predicted <= low):
             return None
-        return predicted
+        return None if predicted in self.seen else predicted
 
     def answer(self):
         """{'global_batch', 'bytes_per_device', 'next_over': 'compiled' | 'predicted'} or None when none fits."""
