@@ -76,7 +76,7 @@ def feature_pass(setup, state, seed):
     encode = lambda batch: setup.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
     source = setup.splits.pretrain
     maker = features.feature_pass(source, np.arange(len(source)), setup.config.batch_size,
-                                  train.FEATURE_VIEWS[setup.config.cluster_feature_view], setup.recipe, seed)
+                                  features.FEATURE_VIEWS[setup.config.cluster_feature_view], setup.recipe, seed)
     return features.extract_features(encode, maker, setup.mesh)
 
 

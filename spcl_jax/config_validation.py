@@ -10,28 +10,26 @@ import math
 
 from absl import logging
 
+from spcl_jax import augment, features, kmeans, losses, models, network, optim, probes, prototypes
 from spcl_jax import method as methods
+from spcl_jax.data import datasets, imagefolder, splits
 from spcl_jax.errors import ConfigError
 
 @functools.cache
 def choices():
-    """{config key: its valid values}, each tuple owned by the module that acts on the key (imported here,
-    not at the top: those modules import this one)."""
-    from spcl_jax import augment, evaluate, kmeans, losses, models, network, optim, prototypes, train
-    from spcl_jax.data import datasets, imagefolder, splits
-
+    """{config key: its valid values}, each tuple owned by the module that acts on the key."""
     return {
-        "mode": train.MODES, "method": methods.NAMES, "dataset": datasets.DATASETS,
+        "mode": methods.MODES, "method": methods.NAMES, "dataset": datasets.DATASETS,
         "imagenet100_classes": imagefolder.IMAGENET100_CHOICES, "pretrain_sampling": splits.SAMPLING_MODES,
         "aug_order": augment.AUG_ORDERS, "model": models.MODELS, "stem": models.STEM_CHOICES,
-        "dtype": tuple(models.DTYPES), "remat": models.REMAT, "encoder_bn_mode": train.ENCODER_BN_MODES,
+        "dtype": tuple(models.DTYPES), "remat": models.REMAT, "encoder_bn_mode": network.ENCODER_BN_MODES,
         "cluster_loss": losses.CLUSTER_LOSSES, "metric_loss": losses.METRIC_LOSSES,
         "prototype_classifier_width": network.PROTOTYPE_CLASSIFIER_WIDTHS, "clustering": kmeans.ALGORITHMS,
-        "kmeans_init": kmeans.INITS, "cluster_feature_view": tuple(train.FEATURE_VIEWS),
-        "feature_pass_order": train.FEATURE_PASS_ORDERS, "pair_sampling": prototypes.PAIR_MODES,
+        "kmeans_init": kmeans.INITS, "cluster_feature_view": tuple(features.FEATURE_VIEWS),
+        "feature_pass_order": features.FEATURE_PASS_ORDERS, "pair_sampling": prototypes.PAIR_MODES,
         "optimiser": optim.OPTIMISERS, "lars_mode": optim.LARS_MODES, "lr_stepping": optim.LR_STEPPINGS,
-        "no_warmup_peak": optim.NO_WARMUP_PEAKS, "linear_eval_protocol": evaluate.PROTOCOLS,
-        "finetune_optimiser": evaluate.FINETUNE_OPTIMISERS, "eval_metric_weighting": evaluate.METRIC_WEIGHTINGS,
+        "no_warmup_peak": optim.NO_WARMUP_PEAKS, "linear_eval_protocol": probes.PROTOCOLS,
+        "finetune_optimiser": probes.FINETUNE_OPTIMISERS, "eval_metric_weighting": probes.METRIC_WEIGHTINGS,
     }
 
 
@@ -175,8 +173,6 @@ def check_values(config, device_count):
 
 def check_image_size(config):
     """Crops at least as big as the network's downsampling, so the last stage sees image, not padding."""
-    from spcl_jax import models
-
     stride = models.total_stride(config.stem, config.image_size)
     if config.image_size < stride:
         _fail("image_size", config.image_size,

@@ -6,9 +6,7 @@ passes random-resized-crop + flip views through the frozen encoder every epoch. 
 the head is also scored on it after every epoch and the best-valid epoch's head is reported beside the
 last one. `Evaluator.knn_monitor` is the cheap kNN-only check run during pretraining (`knn_every_epochs`).
 """
-import functools
 import json
-import math
 import os
 from typing import NamedTuple
 
@@ -19,87 +17,12 @@ import optax
 from absl import logging
 from flax import nnx
 
-from spcl_jax import augment, checkpoint, data, features, models, network, optim, progress, sharding, streams
+from spcl_jax import augment, checkpoint, features, models, network, optim, probes, progress, sharding, startup
+from spcl_jax import streams
 from spcl_jax import method as methods
 from spcl_jax.data import pipeline
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.workdir import claim_workdir, write_atomic
-
-
-PROTOCOLS = ("original", "fast")  # linear_eval_protocol
-FINETUNE_OPTIMISERS = ("sgd", "lars")
-METRIC_WEIGHTINGS = ("sample", "batch")  # batch: as written (B-17)
-
-
-def top_k(num_classes):
-    return min(math.ceil(num_classes / 2), 5)
-
-
-def weighted_mean(hits, batch_size=None):
-    """Mean of per-sample hits or, given `batch_size`, the unweighted mean of per-batch means as the
-    original reports accuracies (B-17: a smaller last batch counts as much as a full one)."""
-    hits = np.asarray(hits, np.float64)
-    if batch_size is None:
-        return float(np.mean(hits))
-    return float(np.mean([hits[i:i + batch_size].mean() for i in range(0, len(hits), batch_size)]))
-
-
-def accuracies(logits, labels, k, batch_size=None):
-    """(top-1, top-k) fractions, weighted as `weighted_mean`; ties rank the lower class first (argmax)."""
-    ranked = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
-    labels = np.asarray(labels)
-    return (weighted_mean(ranked[:, 0] == labels, batch_size),
-            weighted_mean((ranked == labels[:, None]).any(1), batch_size))
-
-
-@functools.lru_cache(maxsize=None)
-def knn_votes_program(mesh, num_classes, k):
-    """jit((train_x, train_y, block, temperature) -> (b, C) votes): the weighted kNN of `knn_predict` with the
-    training features sharded by rows over `mesh` (labels -1 on padding rows, which never vote).
-
-    Each device ranks its own rows and the k best of every device are merged, so no device holds more than its
-    share of the (N, D) bank or of the (b, N) similarities (ImageNet's 1.28M x 2048 bank is 10 GB). The merge
-    keeps the k largest similarities, ties to the lower row as one top-k over all rows would, so on one device
-    the votes are those of one top-k over the whole bank. Cached: every evaluation of a run reuses one program.
-    """
-    axis = mesh.axis_names[0]
-
-    def local(train_x, train_y, block, temperature):
-        sims = jnp.where(train_y[None, :] >= 0, block @ train_x.T, -jnp.inf)
-        top_sim, top_idx = jax.lax.top_k(sims, min(k, train_x.shape[0]))
-        gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True, to="invarying")
-        candidates, labels = gather(top_sim), gather(train_y[top_idx])
-        best, chosen = jax.lax.top_k(candidates, k)
-        votes = jax.nn.one_hot(jnp.take_along_axis(labels, chosen, axis=1), num_classes)
-        return (votes * jnp.exp(best / temperature)[..., None]).sum(1)
-
-    rows = jax.sharding.PartitionSpec(axis)
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, jax.sharding.PartitionSpec(),
-                                                             jax.sharding.PartitionSpec()),
-                                 out_specs=jax.sharding.PartitionSpec()))
-
-
-def knn_predict(train_x, train_y, x, num_classes, k, temperature, chunk=1024, mesh=None):
-    """Weighted kNN votes (cosine similarity, weights exp(sim/T)) -> (n, C) scores, the training features sharded
-    over `mesh` (default: one device)."""
-    mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    train_x = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    k = min(k, len(train_x))
-    padding = -len(train_x) % mesh.devices.size
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
-    train_x = _global(np.pad(train_x.astype(np.float32), ((0, padding), (0, 0))), rows)
-    train_y = _global(np.pad(np.asarray(train_y, np.int32), (0, padding), constant_values=-1), rows)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    votes = knn_votes_program(mesh, num_classes, k)
-    return np.concatenate([np.asarray(votes(train_x, train_y, _global(x[i:i + chunk].astype(np.float32), replicated),
-                                            np.float32(temperature)))
-                           for i in range(0, len(x), chunk)])
-
-
-def _global(array, sharding):
-    """A global array from a numpy array every process holds whole."""
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def _head_optimizer(config, steps_per_epoch, params):
@@ -198,7 +121,7 @@ def top1_scorer(x, labels, batch_size=None):
     """score(head) -> top-1 of `head` on fixed features `x` (put on the device once), weighted as
     `accuracies` and from the same jitted logits, so that the best-scoring head reports that score."""
     x, labels = jnp.asarray(x), np.asarray(labels)
-    return lambda head: weighted_mean(np.argmax(np.asarray(_logits(head, x)), axis=1) == labels, batch_size)
+    return lambda head: probes.weighted_mean(np.argmax(np.asarray(_logits(head, x)), axis=1) == labels, batch_size)
 
 
 def eval_sets(splits):
@@ -226,8 +149,9 @@ class Evaluator:
 
     def _knn(self, train_x, x, labels, k):
         config = self.config
-        return accuracies(knn_predict(train_x, self.splits.train.labels, x, self.splits.num_classes, config.knn_k,
-                                      config.knn_temperature, mesh=self.mesh), labels, k, self.per_batch)
+        scores = probes.knn_predict(train_x, self.splits.train.labels, x, self.splits.num_classes, config.knn_k,
+                                    config.knn_temperature, mesh=self.mesh)
+        return probes.accuracies(scores, labels, k, self.per_batch)
 
     def run(self, params, batch_stats, prefix="", linear=True):
         """{'linear_eval/<split>_top1', ..._top<k>, 'knn/<split>_top1', ...} for valid and test.
@@ -236,7 +160,7 @@ class Evaluator:
         best valid top-1 is reported too: 'linear_eval/best_epoch_<split>_top1' (the head of the best epoch), ..._top<k> and
         'linear_eval/best_epoch' (1..finetune_epochs); the plain keys are the last epoch's.
         """
-        k = top_k(self.splits.num_classes)
+        k = probes.top_k(self.splits.num_classes)
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
         train_x = self._features(params, batch_stats, self.splits.train)
         sets = [(name, self._features(params, batch_stats, source), source.labels)
@@ -246,7 +170,8 @@ class Evaluator:
         for tag, head in (("", choice.last), ("best_epoch_", choice.best)):
             for name, x, labels in sets:
                 if head is not None:
-                    top1, topk = accuracies(np.asarray(_logits(head, jnp.asarray(x))), labels, k, self.per_batch)
+                    top1, topk = probes.accuracies(np.asarray(_logits(head, jnp.asarray(x))), labels, k,
+                                                   self.per_batch)
                     results[f"linear_eval/{prefix}{tag}{name}_top1"] = top1
                     results[f"linear_eval/{prefix}{tag}{name}_top{k}"] = topk
         if choice.best is not None:
@@ -413,12 +338,7 @@ def after_pretraining(run, state, writer):
 
 def evaluate_checkpoint(config, workdir):
     """`mode=linear_eval|knn_eval` (or the original's `finetune`): evaluate a saved encoder."""
-    method = methods.resolve(config)
-    splits = data.load_splits(config)
-    from spcl_jax import config_validation  # it imports this module for the valid choices
-
-    config = config_validation.fit_to_data(config, splits, jax.device_count())
-    config_validation.check_eval_size(config, len(splits.train), jax.device_count())
+    config, method, splits = startup.prepare(config, jax.device_count(), pretrain=False)
     mesh = sharding.data_mesh()
     graphdef, params, batch_stats, step = network.restore(config, method, splits.num_classes,
                                                           config.load_checkpoint_dir, config.checkpoint_step)

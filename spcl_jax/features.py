@@ -17,6 +17,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from spcl_jax import augment, sharding
 from spcl_jax.data import pipeline
 
+FEATURE_VIEWS = {"augmented": "pretrain", "eval": "eval"}  # cluster_feature_view -> the view's recipe
+FEATURE_PASS_ORDERS = ("dataset", "sampler")  # feature_pass_order; sampler: as written (B-3)
+
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write(buffer, batch_features, index):

@@ -6,6 +6,8 @@ main.py dispatched them (DIFFERENCES.md, methods).
 """
 import dataclasses
 
+MODES = ("pretrain", "linear_eval", "knn_eval")  # mode: pretrain (then evaluate), or evaluate a checkpoint
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:

@@ -3,6 +3,8 @@ from flax import nnx
 
 from spcl_jax import checkpoint, models, streams
 
+ENCODER_BN_MODES = ("train", "frozen_init_stats")  # encoder_bn_mode; frozen_init_stats: as written (B-4)
+
 
 class Network(nnx.Module):
     """What the pretraining optimiser updates; the per-epoch prototype classifier lives apart (DIFFERENCES.md, prototype classifier)."""

@@ -5,7 +5,7 @@ import os
 
 import jax
 
-from spcl_jax import checkpoint, config_validation, data, sharding, train
+from spcl_jax import checkpoint, sharding, startup, train
 from spcl_jax import method as methods
 
 
@@ -18,11 +18,7 @@ def print_config(config):
 def dry_run(config, workdir):
     """Loads the data (image folders are listed and checked), builds the network, its optimiser and the mesh
     as the run would, so that their errors show now, and prints what they are."""
-    method = methods.resolve(config)
-    splits = data.load_splits(config)
-    config = config_validation.fit_to_data(config, splits, jax.device_count())
-    config_validation.check_pretrain_size(config, len(splits.pretrain))
-    config_validation.check_eval_size(config, len(splits.train), jax.device_count())
+    config, method, splits = startup.prepare(config, jax.device_count())
     run, state = train.build(config, method, splits, sharding.data_mesh())
     print("\n".join(summary(run, state, workdir)))
 

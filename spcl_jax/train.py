@@ -18,21 +18,18 @@ import optax
 from absl import logging
 from flax import nnx
 
-from spcl_jax import augment, checkpoint, config_validation, data, evaluate, features, kmeans, losses
+from spcl_jax import augment, checkpoint, data, evaluate, features, kmeans, losses
 from spcl_jax import method as methods
-from spcl_jax import models, network, optim, progress, prototypes, sharding, streams, visual
+from spcl_jax import models, network, optim, progress, prototypes, sharding, startup, streams, visual
 from spcl_jax.data import pipeline
-from spcl_jax.plan import fit
+from spcl_jax.data.sizes import Sizes
 from spcl_jax.errors import SAME_COMMAND, ConfigError, UserError, WorkdirError
 from spcl_jax.metrics import MetricWriter, read_metrics
 from spcl_jax.network import prototype_classifier_width
+from spcl_jax.plan import fit
 from spcl_jax.workdir import check_outputs, claim_workdir
 
 
-MODES = ("pretrain", "linear_eval", "knn_eval")
-FEATURE_VIEWS = {"augmented": "pretrain", "eval": "eval"}  # cluster_feature_view -> the view's recipe
-FEATURE_PASS_ORDERS = ("dataset", "sampler")  # sampler: as written (B-3)
-ENCODER_BN_MODES = ("train", "frozen_init_stats")  # frozen_init_stats: as written (B-4)
 WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than this share of the time
 VISUAL_POINTS = 5000  # examples in the `visual_cls` figure: a fixed random subset (datasets may be sorted by class)
 
@@ -254,7 +251,7 @@ def make_run(config, method, splits, mesh):
                aug=aug, recipe=pipeline.Recipe.from_config(config), specs=specs, schedule=schedule,
                train_step=make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx,
                                           aug, specs, mesh),
-               encode=features.make_encode(graphdef, aug, mesh, FEATURE_VIEWS[config.cluster_feature_view]))
+               encode=features.make_encode(graphdef, aug, mesh, features.FEATURE_VIEWS[config.cluster_feature_view]))
 
 
 def initial_state(run):
@@ -310,7 +307,7 @@ def cluster(run, state, epoch, key, *, projection=False):
     else:
         order = np.arange(num)
     maker = features.feature_pass(run.splits.pretrain, order, config.batch_size,
-                                  FEATURE_VIEWS[config.cluster_feature_view], run.recipe,
+                                  features.FEATURE_VIEWS[config.cluster_feature_view], run.recipe,
                                   streams.feature_views(config.seed, epoch))
     encode = lambda batch: run.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
     feats, position = features.extract_features(encode, maker, run.mesh, config.num_workers)
@@ -399,19 +396,26 @@ class Patience:
         self.best, self.count = (loss, 0) if loss < self.best else (self.best, self.count + 1)
 
 
+def check_step_fits(config, method, mesh):
+    """Raises ConfigError (`fit.check_memory`: the bytes needed and available, the remedies) when the training step
+    of `config` on `mesh`, compiled from shapes alone before the data is loaded, cannot fit a device's memory.
+    CPUs skip it. The compiled step lands in the compilation cache: the run does not compile it twice."""
+    device = mesh.devices.flat[0]
+    available = fit.device_memory(device)
+    if available is None:
+        return
+    run = make_run(config, method, Sizes.for_step(config).splits(config.dataset), mesh)
+    compiled = run.train_step.lower(abstract_state(run), batch_spec(run, config.batch_size)).compile()
+    fit.check_memory(compiled.memory_analysis(), available, config, device, mesh.devices.size)
+
+
 def train_and_evaluate(config, workdir):
     """Pretrain with the config's method, then (unless switched off) linear and kNN evaluation."""
-    method = methods.resolve(config)
     check_outputs(workdir)
     mesh = sharding.data_mesh()
-    if not config.infer_from_data:  # the data may still change the config: checked with the program it will run
-        fit.check_step_fits(config, method, mesh)  # accelerators only: before minutes of loading data
-    splits = data.load_splits(config)
-    config = config_validation.fit_to_data(config, splits, jax.device_count())
-    config_validation.check_pretrain_size(config, len(splits.pretrain))
-    config_validation.check_eval_size(config, len(splits.train), jax.device_count())
-    if config.infer_from_data:
-        fit.check_step_fits(config, method, mesh)
+    # accelerators only: before minutes of loading data (after it, where the data may still change the config)
+    config, method, splits = startup.prepare(config, jax.device_count(),
+                                             check_step=lambda config, method: check_step_fits(config, method, mesh))
     run, state = build(config, method, splits, mesh)
     is_main = jax.process_index() == 0
     if is_main:  # the processes of one run share its workdir

@@ -5,7 +5,7 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
 from configs import default
-from spcl_jax import evaluate
+from spcl_jax import evaluate, probes
 from spcl_jax.method import METHODS
 
 
@@ -14,7 +14,7 @@ def test_knn_votes_match_a_scikit_learn_neighbour_reference():
     train_x, test_x = rng.normal(size=(300, 16)), rng.normal(size=(40, 16))
     train_y = rng.integers(0, 5, 300)
     k, temperature = 7, 0.07
-    scores = evaluate.knn_predict(train_x.astype(np.float32), train_y, test_x.astype(np.float32), 5, k, temperature)
+    scores = probes.knn_predict(train_x.astype(np.float32), train_y, test_x.astype(np.float32), 5, k, temperature)
     distance, index = NearestNeighbors(n_neighbors=k, metric="cosine").fit(train_x).kneighbors(test_x)
     expected = np.zeros((40, 5))
     for row in range(40):
@@ -27,10 +27,10 @@ def test_knn_votes_match_a_scikit_learn_neighbour_reference():
 def test_accuracies_weight_by_sample_or_by_batch_as_written():
     logits = np.eye(3)[[0, 1, 2, 0, 1]]
     labels = np.array([0, 1, 2, 1, 1])  # one miss, in the last, smaller batch
-    assert evaluate.accuracies(logits, labels, 1) == (0.8, 0.8)
-    top1, _ = evaluate.accuracies(logits, labels, 1, batch_size=3)  # batches [3 right], [1 of 2 right]
+    assert probes.accuracies(logits, labels, 1) == (0.8, 0.8)
+    top1, _ = probes.accuracies(logits, labels, 1, batch_size=3)  # batches [3 right], [1 of 2 right]
     assert top1 == (1.0 + 0.5) / 2
-    assert evaluate.top_k(10) == 5 and evaluate.top_k(3) == 2
+    assert probes.top_k(10) == 5 and probes.top_k(3) == 2
 
 
 def _blobs(rng, centres, n):

@@ -9,8 +9,9 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import digits, imagenet
-from spcl_jax import data, evaluate, network, train
+from spcl_jax import data, network, probes, train
 from spcl_jax.data import datasets, pipeline
+from spcl_jax.data.sizes import Sizes
 from spcl_jax.errors import ConfigError
 from spcl_jax.method import METHODS
 from spcl_jax.plan import fit, hlo, planner, programs, targets
@@ -77,8 +78,8 @@ def test_sharded_knn_votes_equal_one_device_on_random_features():
     rng = np.random.default_rng(3)
     train_x, test_x = rng.normal(size=(203, 12)).astype(np.float32), rng.normal(size=(37, 12)).astype(np.float32)
     train_y = rng.integers(0, 6, 203)
-    one = evaluate.knn_predict(train_x, train_y, test_x, 6, 15, 0.1, chunk=16)
-    eight = evaluate.knn_predict(train_x, train_y, test_x, 6, 15, 0.1, chunk=16, mesh=_mesh(8))
+    one = probes.knn_predict(train_x, train_y, test_x, 6, 15, 0.1, chunk=16)
+    eight = probes.knn_predict(train_x, train_y, test_x, 6, 15, 0.1, chunk=16, mesh=_mesh(8))
     np.testing.assert_allclose(eight, one, rtol=1e-5)
     assert (eight.argmax(1) == one.argmax(1)).all()
 
@@ -87,7 +88,7 @@ def test_programs_build_for_a_mesh_and_compile_on_the_cpu():
     """Every program of a run, built from shapes alone, compiles here; its memory is XLA's and the step's FLOPs
     grow with the batch."""
     config = _tiny()
-    sizes = programs.Sizes.of(data.load_splits(config), nominal=False)
+    sizes = Sizes.of(data.load_splits(config), nominal=False)
     built = programs.build(config, METHODS["spcl"], sizes, _mesh(8))
     assert list(built) == ["train_step", "feature_pass", "pca_statistics", "pca_projection", "kmeans",
                            "linear_eval_step", "knn"]
@@ -169,7 +170,7 @@ def test_batch_search_finds_the_largest_batch_by_compiles():
     assert bent.answer() == {"global_batch": 28, "bytes_per_device": 88, "next_over": "compiled"}
     assert sorted(bent.seen) == [8, 28, 32]
     assert _search(lambda b: 200 + b).answer() is None  # nothing fits
-    assert planner.predict_largest_batch(4 + 3 * 8, 3 * 8 - 2 + 2, 4, 8, 100, 4) == 32
+    assert fit.predict_largest_batch(4 + 3 * 8, 3 * 8 - 2 + 2, 4, 8, 100, 4) == 32
 
 
 def test_a_step_that_cannot_fit_stops_before_the_data_is_loaded(monkeypatch, tmp_path):
@@ -184,7 +185,7 @@ def test_a_step_that_cannot_fit_stops_before_the_data_is_loaded(monkeypatch, tmp
     assert "\n" not in message and "GiB per device" in message and "has 0.00 GiB" in message
     assert "--config.remat=block" in message and "spcl_jax.plan" in message and "more devices" in message
     monkeypatch.setattr(fit, "device_memory", lambda device: 1 << 40)
-    fit.check_step_fits(config, METHODS["supervised"], train.sharding.data_mesh())  # fits: nothing raised
+    train.check_step_fits(config, METHODS["supervised"], train.sharding.data_mesh())  # fits: nothing raised
 
 
 def test_batch_spec_matches_the_batches_the_loader_makes():

@@ -77,6 +77,7 @@ def route_checks(platform):
     import jax
 
     from spcl_jax import data, runtime, sharding
+    from spcl_jax.data.sizes import Sizes
     from spcl_jax.method import METHODS
     from spcl_jax.plan import analysis, planner, programs, report
 
@@ -86,7 +87,7 @@ def route_checks(platform):
     out = {}
 
     def sizes_of(config):
-        return programs.Sizes.of(data.load_splits(config), nominal=False)
+        return Sizes.of(data.load_splits(config), nominal=False)
 
     config = _config(px=route["px"], width=route["width"], batch=route["batch"])
     target = targets.parse(route["target"])

@@ -74,7 +74,7 @@ def _sizes(config, devices):
 
     from spcl_jax import config_validation, data
     from spcl_jax.errors import DataError
-    from spcl_jax.plan import programs
+    from spcl_jax.data.sizes import Sizes
 
     splits, nominal = None, True
     if _NUM_EXAMPLES.value is None:
@@ -87,7 +87,7 @@ def _sizes(config, devices):
     config = config_validation.fit_to_data(config, splits, devices)
     config_validation.check_pretrain_size(config, len(splits.pretrain))
     config_validation.check_eval_size(config, len(splits.train), devices)
-    return config, programs.Sizes.of(splits, nominal)
+    return config, Sizes.of(splits, nominal)
 
 
 def main(argv):

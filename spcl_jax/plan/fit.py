@@ -1,13 +1,10 @@
-"""Before a run on accelerators loads its data: does its training step fit a device's memory?
+"""Does a training step fit a device's memory? The device's limit, and the line through one compile that predicts
+the largest batch that fits (the planner's search starts from it; the check before a run loads its data names it).
 
-The step is compiled for the run's mesh from shapes alone (the planner's builders, the dataset's nominal canvas)
-and XLA's memory analysis is compared with what the device's allocator may use. A step that cannot fit stops the
-run in one line with the bytes and the remedies, instead of an out-of-memory error after the data was loaded.
-The compiled program lands in the persistent compilation cache, so the run's own compile of it is a cache hit.
-CPUs have no such limit and skip the check.
+`train.check_step_fits` compiles the run's step from shapes alone and asks `check_memory`: a step that cannot fit
+stops the run in one line with the bytes and the remedies, instead of an out-of-memory error after the data was
+loaded. CPUs have no such limit and skip the check.
 """
-import numpy as np
-
 from spcl_jax.errors import ConfigError
 
 GIB = 1 << 30
@@ -22,31 +19,39 @@ def device_memory(device):
     return stats.get("bytes_limit")
 
 
-def check_step_fits(config, method, mesh):
-    """Raises ConfigError, naming the bytes needed and available and the remedies, when the training step of
-    `config` on `mesh` needs more memory than one of its devices has."""
-    available = device_memory(mesh.devices.flat[0])
-    if available is None:
-        return
-    from spcl_jax import train
-    from spcl_jax.data import datasets
-    from spcl_jax.plan import planner, programs
+def one_point_line(total, temporaries, arguments, batch):
+    """(fixed bytes, bytes per unit of batch) from one compile: its temporaries taken as proportional to the batch,
+    less the gradients' share, about half its arguments (the state: parameters and as much optimiser momentum)."""
+    fixed = total - temporaries + min(temporaries, arguments // 2)
+    return fixed, (total - fixed) / batch
 
-    canvas = datasets.nominal_canvas(config)
-    classes = max(int(config.n_classes), 1)
-    mean, std = (0.5,) * 3, (0.25,) * 3  # the normalisation constants do not change the program's shape
-    sizes = programs.Sizes(config.batch_size, config.batch_size, 0, 1, classes, mean, std, canvas,
-                           config.dataset in datasets.IN_MEMORY, True)
-    run = train.make_run(config, method, sizes.splits(config.dataset), mesh)
-    compiled = run.train_step.lower(train.abstract_state(run), train.batch_spec(run, config.batch_size)).compile()
-    memory = compiled.memory_analysis()
-    needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-              + memory.generated_code_size_in_bytes - memory.alias_size_in_bytes)
+
+def largest_on_line(fixed, slope, usable, granularity):
+    """The largest multiple of `granularity` whose bytes on the line (fixed, slope) stay within `usable`."""
+    if slope <= 0:
+        return None
+    return max(int((usable - fixed) / slope) // granularity * granularity, granularity)
+
+
+def predict_largest_batch(total, temporaries, arguments, batch, usable, granularity):
+    """The largest multiple of `granularity` that one compile's line (`one_point_line`) says fits in `usable`."""
+    return largest_on_line(*one_point_line(total, temporaries, arguments, batch), usable, granularity)
+
+
+def needed_bytes(memory):
+    """Bytes per device of a compiled program, from XLA's memory analysis."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+            + memory.generated_code_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def check_memory(memory, available, config, device, devices):
+    """Raises ConfigError, naming the bytes needed and available and the remedies, when the training step whose
+    memory analysis is `memory` needs more than `available` bytes of `device`."""
+    needed = needed_bytes(memory)
     if needed <= available:
         return
-    largest = planner.predict_largest_batch(needed, memory.temp_size_in_bytes, memory.argument_size_in_bytes,
-                                            config.batch_size, available, int(np.prod(mesh.devices.shape)))
-    device = mesh.devices.flat[0]
+    largest = predict_largest_batch(needed, memory.temp_size_in_bytes, memory.argument_size_in_bytes,
+                                    config.batch_size, available, devices)
     advice = f"a global batch of about {largest}" if largest else "a smaller batch_size"
     remat = "set --config.remat=block (recomputes each block, less memory), " if config.remat == "none" else ""
     raise ConfigError(

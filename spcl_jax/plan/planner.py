@@ -15,7 +15,8 @@ import multiprocessing
 from absl import logging
 
 from spcl_jax.errors import UserError
-from spcl_jax.plan import analysis, programs, targets
+from spcl_jax.data.sizes import Sizes
+from spcl_jax.plan import analysis, fit, programs, targets
 
 MAX_CHECKS = 3
 REMATS = ("none", "block")
@@ -27,7 +28,7 @@ class Task:
 
     config: object
     method: object
-    sizes: programs.Sizes
+    sizes: Sizes
     target: targets.Target
     names: tuple
     batch_size: int | None = None
@@ -59,24 +60,6 @@ def run_task(task):
     return results
 
 
-def one_point_line(total, temporaries, arguments, batch):
-    """(fixed bytes, bytes per unit of batch) from one compile: its temporaries taken as proportional to the batch,
-    less the gradients' share, about half its arguments (the state: parameters and as much optimiser momentum)."""
-    fixed = total - temporaries + min(temporaries, arguments // 2)
-    return fixed, (total - fixed) / batch
-
-
-def _largest_on_line(fixed, slope, usable, granularity):
-    if slope <= 0:
-        return None
-    return max(int((usable - fixed) / slope) // granularity * granularity, granularity)
-
-
-def predict_largest_batch(total, temporaries, arguments, batch, usable, granularity):
-    """The largest multiple of `granularity` that one compile's line (`one_point_line`) says fits in `usable`."""
-    return _largest_on_line(*one_point_line(total, temporaries, arguments, batch), usable, granularity)
-
-
 @dataclasses.dataclass
 class Search:
     """The largest-batch search of one remat setting: {global batch: bytes per device of the step} seen so far."""
@@ -103,7 +86,7 @@ class Search:
 
     def line(self):
         """(fixed bytes, bytes per unit of batch) through the two compiled batches nearest the limit, or through the
-        one compile (`one_point_line`)."""
+        one compile (`fit.one_point_line`)."""
         points = sorted(self.seen.items(), key=lambda item: abs(item[1] - self.usable))[:2]
         if len(points) == 2 and points[0][0] != points[1][0]:
             (b1, m1), (b2, m2) = points
@@ -111,7 +94,7 @@ class Search:
             return m1 - slope * b1, slope
         batch = next(iter(self.seen))
         step = self.steps[batch]
-        return one_point_line(step.bytes_per_device, step.temporaries, step.arguments, batch)
+        return fit.one_point_line(step.bytes_per_device, step.temporaries, step.arguments, batch)
 
     def next_batch(self):
         """The batch to compile next, or None when the search is done: the line's prediction, below any batch seen
@@ -119,7 +102,7 @@ class Search:
         low, high = self.largest_fitting, self.smallest_over
         if self.checks >= MAX_CHECKS or (low is not None and high is not None and high - low <= self.granularity):
             return None
-        predicted = _largest_on_line(*self.line(), self.usable, self.granularity)
+        predicted = fit.largest_on_line(*self.line(), self.usable, self.granularity)
         if predicted is not None and high is not None:
             predicted = min(predicted, high - self.granularity)
         if predicted is None or predicted < self.granularity or (low is not None and predicted <= low):
@@ -141,7 +124,7 @@ class Plan:
     target: targets.Target
     config: object
     method: object
-    sizes: programs.Sizes
+    sizes: Sizes
     usable_memory: int
     programs: dict  # name -> Measured (the config's batch and remat)
     steps: dict  # remat -> {global batch: Measured} (the training steps compiled)

@@ -3,48 +3,18 @@ the trainer or evaluator calls, lowered on abstract inputs (shapes and shardings
 calls it and what else stays in each device's memory while it runs.
 
 Built with the run's own builders (`train.make_run`, `train.abstract_state`, `train.batch_spec`,
-`kmeans.lower_kmeans`, `evaluate.knn_votes_program`, ...), so what is compiled here is what a run compiles.
+`kmeans.lower_kmeans`, `probes.knn_votes_program`, ...), so what is compiled here is what a run compiles.
 """
 import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from spcl_jax import evaluate, kmeans, models, sharding, train
-from spcl_jax.data import datasets, pipeline
-from spcl_jax.data.sources import ShapeSource
+from spcl_jax import evaluate, kmeans, models, probes, sharding, train
+from spcl_jax.data import pipeline
 
-KNN_CHUNK = 1024  # query rows per kNN call (evaluate.knn_predict's chunk)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """What planning needs of the data: split sizes, classes, normalisation and the canvas images arrive in."""
-
-    pretrain: int
-    train: int
-    valid: int
-    test: int
-    num_classes: int
-    mean: tuple
-    std: tuple
-    canvas: tuple
-    in_memory: bool
-    nominal: bool  # from NOMINAL_SIZES or --num_examples, not from the data
-
-    @classmethod
-    def of(cls, splits, nominal):
-        return cls(len(splits.pretrain), len(splits.train), len(splits.valid), len(splits.test), splits.num_classes,
-                   tuple(splits.mean), tuple(splits.std), tuple(splits.pretrain.canvas_shape),
-                   bool(splits.pretrain.in_memory), nominal)
-
-    def splits(self, name):
-        """Splits of `ShapeSource`s of these sizes (no images), for building the programs."""
-        source = lambda n: ShapeSource(np.zeros(n, np.int64), self.canvas, self.in_memory)  # noqa: E731
-        return datasets.Splits(source(self.pretrain), source(self.train), source(self.valid), source(self.test),
-                               self.num_classes, self.mean, self.std, name, self.num_classes, "")
+KNN_CHUNK = 1024  # query rows per kNN call (probes.knn_predict's chunk)
 
 
 @dataclasses.dataclass
@@ -166,7 +136,7 @@ def _linear_eval_step(config, run, sizes, mesh, state, dim):
 def _knn(config, sizes, mesh, dim):
     devices = mesh.devices.size
     rows = -(-sizes.train // devices) * devices
-    program = evaluate.knn_votes_program(mesh, sizes.num_classes, min(config.knn_k, sizes.train))
+    program = probes.knn_votes_program(mesh, sizes.num_classes, min(config.knn_k, sizes.train))
     queries = -(-sizes.test // KNN_CHUNK) + -(-sizes.valid // KNN_CHUNK)
     return Program("knn", f"weighted kNN (k={config.knn_k}) against the {sizes.train:,} x {dim} train bank, "
                           f"{KNN_CHUNK} queries a call",

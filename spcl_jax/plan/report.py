@@ -131,6 +131,9 @@ def _tflop(f):
     return "–" if f is None else f"{f / 1e12:.3g}"
 
 
+NOMINAL = " (nominal sizes: the data is not on this machine)"
+
+
 def markdown(summary):
     """The plan's tables and notes."""
     s = summary
@@ -141,16 +144,17 @@ def markdown(summary):
         "",
         f"{s['devices']} x {s['device_kind']} ({s['hosts']} host{'s' if s['hosts'] > 1 else ''}); "
         f"{_gib(s['device_memory_bytes'])} GiB per device, {_gib(s['usable_memory_bytes'])} GiB usable; peak "
-        f"{s['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bfloat16, {s['memory_bandwidth'] / 1e9:,.0f} GB/s ({s['chip_facts']}). "
-        f"Examples: {s['examples']['pretrain']:,} pretrain, {s['examples']['train']:,} train, "
-        f"{s['examples']['test']:,} test{' (nominal sizes: the data is not on this machine)' if s['examples']['nominal'] else ''}.",
+        f"{s['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bfloat16, {s['memory_bandwidth'] / 1e9:,.0f} GB/s "
+        f"({s['chip_facts']}). Examples: {s['examples']['pretrain']:,} pretrain, {s['examples']['train']:,} train, "
+        f"{s['examples']['test']:,} test{NOMINAL if s['examples']['nominal'] else ''}.",
         "",
         "| program | GiB per device | fits | headroom GiB | arguments | outputs | temporaries | code | aliased | "
         "resident | TFLOP per call | GB accessed per call | least per call | calls per run | collectives per call |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, p in s["programs"].items():
-        coll = ", ".join(f"{k} {v['count']} x, {v['bytes'] / 1e6:,.1f} MB" for k, v in p["collectives"].items()) or "none"
+        coll = ", ".join(f"{k} {v['count']} x, {v['bytes'] / 1e6:,.1f} MB"
+                         for k, v in p["collectives"].items()) or "none"
         accessed = "–" if p["bytes_accessed_per_device"] is None else f"{p['bytes_accessed_per_device'] / 1e9:,.2f}"
         lines.append(
             f"| {name} | {_gib(p['bytes_per_device'])} | {'yes' if p['fits'] else '**no**'} | "
@@ -174,7 +178,8 @@ def markdown(summary):
         none, block = r.get("none"), r.get("block")
         if none and block and none["flops_per_device"] and block["flops_per_device"]:
             lines.append(
-                f"remat=block at this batch: temporaries {_gib(none['temporaries'])} -> {_gib(block['temporaries'])} GiB "
+                f"remat=block at this batch: temporaries {_gib(none['temporaries'])} -> "
+                f"{_gib(block['temporaries'])} GiB "
                 f"({100 * (block['temporaries'] / none['temporaries'] - 1):+.0f}%), FLOPs "
                 f"{100 * (block['flops_per_device'] / none['flops_per_device'] - 1):+.0f}%.")
     if s["max_global_batch_detail"]:
@@ -183,7 +188,8 @@ def markdown(summary):
                 lines.append(f"Largest global batch, remat={remat}: none fits.")
             else:
                 lines.append(f"Largest global batch, remat={remat}: **{answer['global_batch']:,}** "
-                             f"({answer['global_batch'] // s['devices']:,} per device, {_gib(answer['bytes_per_device'])} "
-                             f"GiB; the next multiple of {s['devices']} {answer['next_over']} not to fit).")
+                             f"({answer['global_batch'] // s['devices']:,} per device, "
+                             f"{_gib(answer['bytes_per_device'])} GiB; the next multiple of {s['devices']} "
+                             f"{answer['next_over']} not to fit).")
     lines.append("Times are lower bounds from peak rates (FLOPs at peak or bytes at full bandwidth), not measurements.")
     return "\n".join(lines)

@@ -46,7 +46,8 @@ CHIPS = {chip.family: chip for chip in (
     Chip("v6e", "TPU v6 lite", "tpu", 32 * GIB, 918e12, 1638e9, "Google Cloud TPU docs, TPU v6e"),
     Chip("h100", "NVIDIA H100 80GB HBM3", "cuda", 84942979072, 989e12, 3.35232e12, "NVIDIA H100 datasheet (SXM)"),
     Chip("h200", "NVIDIA H200", "cuda", 150754820096, 989e12, 4.8e12, "NVIDIA H200 datasheet (SXM)"),
-    Chip("a100-80", "NVIDIA A100-SXM4-80GB", "cuda", 85100068864, 312e12, 2.03904e12, "NVIDIA A100 datasheet (SXM 80 GB)"),
+    Chip("a100-80", "NVIDIA A100-SXM4-80GB", "cuda", 85100068864, 312e12, 2.03904e12,
+         "NVIDIA A100 datasheet (SXM 80 GB)"),
 )}
 GPU_TARGET_FILES = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb", "a100-80": "a100_80.txtpb"}
 
@@ -136,7 +137,7 @@ def parse(name, hosts=1, slices=1):
 
 def gpu_target_description(family):
     """The GpuTargetConfig text of a GPU family, shipped in spcl_jax/plan/gpu_targets."""
-    return importlib.resources.files("spcl_jax.plan").joinpath("gpu_targets").joinpath(GPU_TARGET_FILES[family]).read_text()
+    return importlib.resources.files("spcl_jax.plan").joinpath("gpu_targets", GPU_TARGET_FILES[family]).read_text()
 
 
 # What a process compiling for hardware that is not here needs before JAX starts: JAX itself on the CPU, the CUDA
