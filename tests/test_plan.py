@@ -197,3 +197,26 @@ def test_batch_spec_matches_the_batches_the_loader_makes():
     batch = maker(0)
     spec = pipeline.batch_spec(("a", "b"), 3, splits.pretrain.canvas_shape, 16)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s, np.dtype(d)) for k, (s, d) in spec.items()}
+
+
+def test_a_crashed_compiler_process_leaves_its_tasks_to_one_process(monkeypatch):
+    """When a compiler process dies with several at work (the host's memory ran out), the tasks not finished are
+    compiled again one at a time, and so is everything after; with one process at work the crash is the error."""
+    calls = []
+
+    def completed(pool, tasks):
+        calls.append(list(tasks))
+        if len(calls) == 1:
+            yield tasks[0], ["a compiled"]
+            raise planner.CompilerCrashed("the compiler crashed")
+        yield from ((task, [f"{task} compiled"]) for task in tasks)
+
+    monkeypatch.setattr(planner, "completed", completed)
+    with planner.Compilers(2) as pool:
+        assert list(pool.run(["a", "b", "c"])) == [("a", ["a compiled"]), ("b", ["b compiled"]),
+                                                    ("c", ["c compiled"])]
+        assert calls[1] == ["b", "c"] and pool.jobs == 1
+        assert list(pool.run(["d"])) == [("d", ["d compiled"])]
+    calls.clear()
+    with planner.Compilers(1) as pool, pytest.raises(planner.CompilerCrashed):
+        list(pool.run(["a", "b"]))
