@@ -4,8 +4,8 @@
     python -m bench.epoch_overhead --preset gpu   # CIFAR-10 scale: 50,000 images of 32 px, ResNet-18, K=512,
                                                   # batch 512 pairs, bfloat16; N 12,500-100,000, K 128-2,048
 
-Everything runs through the library on synthetic data (random uint8 images, random labels): `train.cluster`
-(feature pass, PCA-whitening, k-means, pseudo labels and their statistics), `train.epoch_plan` (member table
+Everything runs through the library on synthetic data (random uint8 images, random labels): `clustering.cluster`
+(feature pass, PCA-whitening, k-means, pseudo labels and their statistics), `epoch_batches.epoch_plan` (member table
 and pair plan) and `train.run_epoch` (host loader, the jitted step, metrics), plus the feature pass
 (`features.extract_features`) and PCA + k-means (`kmeans.preprocess_features`, `kmeans.kmeans`) on their own.
 One network is built (bench/train_step.py's `build_step`, K0 prototypes); each row reuses it on the first N
@@ -31,7 +31,7 @@ import numpy as np
 
 from bench import common
 from bench.train_step import build_step, synthetic_splits
-from spcl_jax import features, kmeans, runtime, sharding, train
+from spcl_jax import clustering, epoch_batches, features, kmeans, runtime, sharding, train
 from spcl_jax.data import ArraySource
 from spcl_jax.metrics import MetricWriter
 
@@ -47,13 +47,13 @@ COLUMNS = [("n", "N", "{:,}"), ("k", "K", "{:,}"), ("steps", "steps", "{}"),
            ("kmeans_cell", f"PCA + k-means s, {common.SPREAD}", "{}"),
            ("kmeans_compile_s", "k-means compile s", "{:.1f}"),
            ("plan_cell", f"pair planning s, {common.SPREAD}", "{}"),
-           ("cluster_cell", f"train.cluster s, {common.SPREAD}", "{}"), ("epoch_s", "epoch s", "{:.2f}"),
+           ("cluster_cell", f"clustering.cluster s, {common.SPREAD}", "{}"), ("epoch_s", "epoch s", "{:.2f}"),
            ("overhead_cell", "overhead %, of the medians (range)", "{}"), ("rounds", "rounds", "{}"),
            ("steps_timing", "steps timed by", "{}")]
 FORMATS = {"steps_s": "{:.2f}", "features_s": "{:.2f}", "kmeans_s": "{:.2f}", "plan_s": "{:.3f}", "cluster_s": "{:.2f}"}
 # What grows with N and K: (result key, name in the growth lines).
 PARTS = [("features_s", "feature pass"), ("kmeans_s", "PCA + k-means"), ("plan_s", "planning"),
-         ("cluster_s", "train.cluster")]
+         ("cluster_s", "clustering.cluster")]
 
 
 def timed(fn):
@@ -72,7 +72,7 @@ def for_row(setup, images, labels, n, k):
 
 
 def feature_pass(setup, state, seed):
-    """What `train.cluster` runs first: the frozen encoder over the pretrain set in dataset order."""
+    """What `clustering.cluster` runs first: the frozen encoder over the pretrain set in dataset order."""
     encode = lambda batch: setup.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
     source = setup.splits.pretrain
     maker = features.feature_pass(source, np.arange(len(source)), setup.config.batch_size,
@@ -81,7 +81,7 @@ def feature_pass(setup, state, seed):
 
 
 def pca_kmeans(setup, feats, position, key):
-    """What `train.cluster` runs next: PCA-whitening and k-means of the valid rows."""
+    """What `clustering.cluster` runs next: PCA-whitening and k-means of the valid rows."""
     config = setup.config
     valid = sharding.to_global(sharding.host_slice(position < len(setup.splits.pretrain)),
                                sharding.batch_sharding(setup.mesh))
@@ -92,7 +92,7 @@ def pca_kmeans(setup, feats, position, key):
 def epoch_runner(setup, holder, pseudo):
     """A callable running one real `train.run_epoch` on holder["state"] (replaced by the new state), after one
     step that compiled the train step (the step donates the state: every part reads it from the holder)."""
-    warm_up = train.load_batch(setup, 0, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
+    warm_up = epoch_batches.load_batch(setup, 0, epoch_batches.epoch_plan(setup, 0, pseudo), 0, pseudo)
     holder["state"] = jax.block_until_ready(setup.train_step(holder["state"], warm_up)[0])
     no_checkpoints = types.SimpleNamespace(stop_requested=lambda **_: False, facts={})  # checkpoint_every_steps is 0
     loop = train.Loop(setup, MetricWriter("", enabled=False), no_checkpoints, "")
@@ -113,11 +113,11 @@ def measure(setup, holder, images, labels, n, k, key, repeats, reference):
     feature_pass(setup, holder["state"], seed)  # compiles the encoder (first row) and the buffer writes (new N)
     feats, position = feature_pass(setup, holder["state"], seed)
     _, first_s = timed(lambda: pca_kmeans(setup, feats, position, kmeans_key))
-    pseudo = train.cluster(setup, holder["state"], 0, cluster_key)[0]  # warm (key splits, the statistics' imports)
+    pseudo = clustering.cluster(setup, holder["state"], 0, cluster_key)[0]  # warm (key splits, the statistics' imports)
     parts = {"features_s": lambda: jax.block_until_ready(feature_pass(setup, holder["state"], seed)),
              "kmeans_s": lambda: jax.block_until_ready(pca_kmeans(setup, feats, position, kmeans_key)),
-             "cluster_s": lambda: jax.block_until_ready(train.cluster(setup, holder["state"], 0, cluster_key)),
-             "plan_s": lambda: train.epoch_plan(setup, 0, pseudo)}
+             "cluster_s": lambda: jax.block_until_ready(clustering.cluster(setup, holder["state"], 0, cluster_key)),
+             "plan_s": lambda: epoch_batches.epoch_plan(setup, 0, pseudo)}
     if reference:
         parts["steps_s"] = epoch_runner(setup, holder, pseudo)
     seconds = common.interleaved(parts, repeats, warmup=0)

@@ -1,4 +1,4 @@
-"""PCA-whitening and k-means as train.cluster runs them: spcl_jax against scikit-learn and (when importable) faiss-cpu.
+"""PCA-whitening and k-means as clustering.cluster runs them: spcl_jax against scikit-learn and (when importable) faiss-cpu.
 
     python -m bench.kmeans          # CPU: PCA 50,000 x 2,048 -> 256; k-means 50,000 and 100,000 x 256, K = 512
     python -m bench.kmeans --gpu    # adds 1,281,167 rows (ImageNet): PCA 2,048 -> 256, k-means K = 512 and 3,000
@@ -7,7 +7,7 @@
 Conditions as the configs use them: k-means sees the features after PCA-whitening to `pca_dim` = 256
 (configs/default.py; ResNet-18's 512 and ResNet-50's 2,048 feature dims both come down to 256), with
 K = `num_prototypes` = 512 and 20 Lloyd iterations (`kmeans_iters`); the PCA input is ResNet-50's 2,048-dim
-features. float32 throughout; the distance matmul at `--precision` (default "highest", what train.cluster
+features. float32 throughout; the distance matmul at `--precision` (default "highest", what clustering.cluster
 uses), PCA's matmuls always at "highest".
 
 PCA table: `kmeans.preprocess_features` (PCA-whitening to --pca-dim, then row L2-normalising) of N x D_in
@@ -200,7 +200,7 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=common.positive(int), default=None,
                         help="rows per E-step chunk (default: auto)")
     parser.add_argument("--precision", default="highest", choices=["highest", "high", "default"],
-                        help="the distance matmul's precision (default %(default)s, as train.cluster)")
+                        help="the distance matmul's precision (default %(default)s, as clustering.cluster)")
     parser.add_argument("--no-sklearn", action="store_true")
     parser.add_argument("--no-faiss", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

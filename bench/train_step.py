@@ -37,7 +37,7 @@ import numpy as np
 
 from bench import common
 from configs import cifar10, imagenet
-from spcl_jax import runtime, sharding, train
+from spcl_jax import epoch_batches, runtime, sharding, train
 from spcl_jax.data import ArraySource
 from spcl_jax.data.datasets import load_size
 from spcl_jax.data.decode import canvas_shape
@@ -84,7 +84,7 @@ def _build(row, width, num_prototypes, mesh):
     n = config.batch_size
     plan = {"a": np.arange(n)[None], "b": rng.permutation(n)[None], "similarity": rng.integers(0, 2, (1, n))}
     setup, state = train.build(config, METHODS["spcl"], splits, mesh)
-    return setup, state, train.load_batch(setup, 0, plan, 0, rng.integers(0, num_prototypes, n))
+    return setup, state, epoch_batches.load_batch(setup, 0, plan, 0, rng.integers(0, num_prototypes, n))
 
 
 def build_step(row, width, num_prototypes, mesh):

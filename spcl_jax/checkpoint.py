@@ -21,7 +21,7 @@ from absl import logging
 
 from spcl_jax import sharding, workdir as workdirs
 from spcl_jax.errors import SAME_COMMAND, CheckpointError, WorkdirError
-from spcl_jax.models.param_groups import _key_name
+from spcl_jax.models.param_groups import key_name
 
 # Keys that decide what the parameters mean: resuming with a different value is refused.
 IDENTITY_KEYS = ("method", "model", "stem", "width_multiplier", "proj_dim", "dataset", "image_size",
@@ -400,15 +400,15 @@ def fill(template, raw, *, what):
     def lookup(path, leaf):
         node = raw
         for key in path:
-            name = str(_key_name(key))
+            name = str(key_name(key))
             if name == "value" and not (isinstance(node, dict) and "value" in node):
                 continue
             if not isinstance(node, dict) or name not in node:
-                raise CheckpointError(f"{what}: the checkpoint has no {'/'.join(str(_key_name(k)) for k in path)}; "
+                raise CheckpointError(f"{what}: the checkpoint has no {'/'.join(str(key_name(k)) for k in path)}; "
                                       "was it written for another model or method?")
             node = node[name]
         if np.shape(node) != np.shape(leaf):
-            raise CheckpointError(f"{what}: {'/'.join(str(_key_name(k)) for k in path)} has shape "
+            raise CheckpointError(f"{what}: {'/'.join(str(key_name(k)) for k in path)} has shape "
                                   f"{np.shape(node)} in the checkpoint but {np.shape(leaf)} in this model; "
                                   "check model, width_multiplier and proj_dim")
         return np.asarray(node, dtype=np.asarray(leaf).dtype)

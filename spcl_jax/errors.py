@@ -25,3 +25,7 @@ class CheckpointError(UserError):
 
 class WorkdirError(UserError):
     """A workdir that cannot be written, or that another run is using."""
+
+
+class DivergedError(UserError):
+    """The loss or gradient became non-finite, or the loss exploded; the message names the step and the terms."""

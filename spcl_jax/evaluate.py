@@ -25,11 +25,11 @@ from spcl_jax.metrics import MetricWriter
 from spcl_jax.workdir import claim_workdir, write_atomic
 
 
-def _head_optimizer(config, steps_per_epoch, params):
+def _head_optimiser(config, steps_per_epoch, params):
     schedule = optim.finetune_lr_schedule(base_lr=config.finetune_learning_rate,
                                           batch_size=config.finetune_batch_size,
                                           epochs=config.finetune_epochs, steps_per_epoch=steps_per_epoch)
-    return optim.build_optimizer(config.finetune_optimiser, schedule, weight_decay=config.finetune_weight_decay,
+    return optim.build_optimiser(config.finetune_optimiser, schedule, weight_decay=config.finetune_weight_decay,
                                  params=params, lars_mode=config.lars_mode, lars_eta=config.lars_eta,
                                  momentum=config.momentum)
 
@@ -68,7 +68,7 @@ def make_head_step(graphdef, tx, embed):
 def linear_head(config, steps_per_epoch, dim, num_classes, key):
     """(graphdef, params, optimiser) of a fresh Linear D->C head and its SGD/LARS with the cosine schedule."""
     graphdef, params = nnx.split(models.LinearHead(dim, num_classes, rngs=nnx.Rngs(key)))
-    return graphdef, params, _head_optimizer(config, steps_per_epoch, params)
+    return graphdef, params, _head_optimiser(config, steps_per_epoch, params)
 
 
 def linear_head_epochs(config, embed, epoch_batches, steps_per_epoch, dim, num_classes, key, encoder=None):
@@ -142,7 +142,7 @@ class Evaluator:
         # As written (B-17) accuracies are means of per-batch means, over loaders of `batch_size` each.
         self.per_batch = config.batch_size if config.eval_metric_weighting == "batch" else None
 
-    def _features(self, params, batch_stats, source):
+    def features(self, params, batch_stats, source):
         fn = lambda batch: self.encode(params, batch_stats, batch)  # noqa: E731
         return features.features_in_order(fn, source, self.config.finetune_batch_size, self.mesh, self.recipe,
                                           self.config.num_workers)
@@ -162,8 +162,8 @@ class Evaluator:
         """
         k = probes.top_k(self.splits.num_classes)
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
-        train_x = self._features(params, batch_stats, self.splits.train)
-        sets = [(name, self._features(params, batch_stats, source), source.labels)
+        train_x = self.features(params, batch_stats, self.splits.train)
+        sets = [(name, self.features(params, batch_stats, source), source.labels)
                 for name, source in eval_sets(self.splits)]
         results = {}
         choice = self._linear_heads(params, batch_stats, train_x, sets) if linear else HeadChoice(None, None, -1, [])
@@ -203,8 +203,8 @@ class Evaluator:
         """{'knn_monitor/<split>_top1'}: kNN top-1 of the current encoder on valid (test without one)."""
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
         name, source = eval_sets(self.splits)[0]
-        top1, _ = self._knn(self._features(params, batch_stats, self.splits.train),
-                            self._features(params, batch_stats, source), source.labels, 1)
+        top1, _ = self._knn(self.features(params, batch_stats, self.splits.train),
+                            self.features(params, batch_stats, source), source.labels, 1)
         return {f"knn_monitor/{name}_top1": top1}
 
     def augmented_embed(self, encoder, batch):
@@ -356,9 +356,9 @@ def evaluate_checkpoint(config, workdir):
     evaluator = Evaluator(config, splits, graphdef, mesh)
     if config.eval_disent:
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
-        sets = {name: (evaluator._features(params, batch_stats, source), source.labels)
+        sets = {name: (evaluator.features(params, batch_stats, source), source.labels)
                 for name, source in eval_sets(splits)}
-        results = disentanglement_probe(config, evaluator._features(params, batch_stats, splits.train),
+        results = disentanglement_probe(config, evaluator.features(params, batch_stats, splits.train),
                                         splits.train.labels, sets)
     else:
         results = evaluator.run(params, batch_stats, linear=config.mode != "knn_eval")

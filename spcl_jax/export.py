@@ -25,7 +25,7 @@ import numpy as np
 from spcl_jax import checkpoint, runtime
 from spcl_jax.data import datasets
 from spcl_jax.errors import CheckpointError, UserError
-from spcl_jax.models.resnet import _ARCHITECTURES
+from spcl_jax.models.resnet import ARCHITECTURES
 from spcl_jax.workdir import write_atomic
 
 # Our module name -> torchvision's, in torchvision's registration (= state_dict) order.
@@ -72,7 +72,7 @@ def describe(params):
     stages = _stages(params)
     kind = "bottleneck" if "conv3" in stages[0][0] else "basic"
     blocks = tuple(len(stage) for stage in stages)
-    model = next((f"resnet{d}" for d, arch in _ARCHITECTURES.items() if arch == (kind, blocks)), None)
+    model = next((f"resnet{d}" for d, arch in ARCHITECTURES.items() if arch == (kind, blocks)), None)
     kernel = _array(params["stem_conv"]["kernel"])
     return {"format": "torchvision ResNet state_dict without fc (numpy .npz)", "model": model, "block": kind,
             "blocks_per_stage": list(blocks), "stem": _STEMS[kernel.shape[0]], "stem_width": int(kernel.shape[3]),

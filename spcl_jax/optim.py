@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spcl_jax.models.param_groups import _key_name, is_norm_or_bias
+from spcl_jax.models.param_groups import key_name, is_norm_or_bias
 
 _TORCH_BLOCK_BN = re.compile(r"^bn\d+$")
 
 
 def _names(path):
-    names = [_key_name(k) for k in path]
+    names = [key_name(k) for k in path]
     return names[:-1] if names and names[-1] == "value" else names
 
 
@@ -70,7 +70,7 @@ LR_STEPPINGS = ("epoch", "step")
 NO_WARMUP_PEAKS = ("unscaled", "scaled")
 
 
-def build_optimizer(name, learning_rate, *, weight_decay, params, lars_mode="simclr", lars_eta=1e-3,
+def build_optimiser(name, learning_rate, *, weight_decay, params, lars_mode="simclr", lars_eta=1e-3,
                     momentum=0.9):
     """`lars` | `sgd` (Nesterov, torch-style L2 weight decay) | `adam` (L2 weight decay)."""
     if name == "lars":

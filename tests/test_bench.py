@@ -242,10 +242,10 @@ def test_epoch_overhead_bench(capsys):
         "64", TINY_K, "8", "run_epoch", "2")
     for _, title, _ in epoch_overhead.COLUMNS[3:-1]:
         assert numbers(row[title])[0] >= 0
-    for title in ("train steps s", "feature pass s", "train.cluster s"):
+    for title in ("train steps s", "feature pass s", "clustering.cluster s"):
         assert spread_of(row[f"{title}, median (min–max)"])[1] > 0
     parts = sum(spread_of(row[f"{t}, median (min–max)"])[0]
-                for t in ("train steps s", "train.cluster s", "pair planning s"))
+                for t in ("train steps s", "clustering.cluster s", "pair planning s"))
     assert numbers(row["epoch s"])[0] == pytest.approx(parts, abs=0.02)
     overhead = numbers(row["overhead %, of the medians (range)"])
     assert len(overhead) == 3 and all(0 < v < 100 for v in overhead)
@@ -292,7 +292,7 @@ def test_epoch_overhead_growth_and_shares():
     assert reference["cluster_cell"] == "3.00 (2.00–4.00)" and reference["steps_cell"] == "7.00 (6.00–8.00)"
     line = epoch_overhead.growth(rows, "n", "k", 8)
     assert line == ("growth with N (K=8, N 1,000 -> 4,000): feature pass ^1.00, PCA + k-means ^2.00, "
-                    "planning ^0.00, train.cluster ^0.00")
+                    "planning ^0.00, clustering.cluster ^0.00")
     assert epoch_overhead.growth(rows, "k", "n", 1000) is None  # one K only: no curve
 
 

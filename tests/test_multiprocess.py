@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from spcl_jax import checkpoint
-from spcl_jax.models.param_groups import _key_name
+from spcl_jax.models.param_groups import key_name
 from spcl_jax.metrics import read_metrics
 from spcl_jax.method import METHODS
 from conftest import ROOT, TINY, launch_cli
@@ -195,7 +195,7 @@ def test_two_process_run_resumes_in_one_process(runs):
 
 def _leaves_by_path(tree):
     """{(name, ...): leaf} of nnx States, optax tuples and orbax's nested dicts ({'value': leaf}) alike."""
-    return {tuple(str(_key_name(k)) for k in path if str(_key_name(k)) != "value"): np.asarray(leaf)
+    return {tuple(str(key_name(k)) for k in path if str(key_name(k)) != "value"): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

@@ -25,7 +25,7 @@ def _toy_grads(params):
 def test_lars_simclr_mode_leaves_bias_and_norm_params_plain():
     params, grads = _toy_params(), _toy_grads(_toy_params())
     lr, wd, eta = 0.5, 1e-2, 1e-3
-    tx = optim.build_optimizer("lars", lr, weight_decay=wd, params=params, lars_mode="simclr", lars_eta=eta)
+    tx = optim.build_optimiser("lars", lr, weight_decay=wd, params=params, lars_mode="simclr", lars_eta=eta)
     updates, _ = tx.update(grads, tx.init(params), params)
     flat_u = dict(jax.tree_util.tree_leaves_with_path(updates))
     flat_p = dict(jax.tree_util.tree_leaves_with_path(params))
@@ -45,7 +45,7 @@ def test_lars_simclr_mode_leaves_bias_and_norm_params_plain():
 def test_lars_as_written_reproduces_the_original_rule():
     params, grads = _toy_params(), _toy_grads(_toy_params())
     lr, wd, eta = 0.5, 1e-2, 1e-3
-    tx = optim.build_optimizer("lars", lr, weight_decay=wd, params=params, lars_mode="as_written", lars_eta=eta)
+    tx = optim.build_optimiser("lars", lr, weight_decay=wd, params=params, lars_mode="as_written", lars_eta=eta)
     updates, _ = tx.update(grads, tx.init(params), params)
     decayed = {"['stem_conv']['kernel']", "['stem_bn']['scale']", "['proj_fc1']['kernel']"}
     flat_p = dict(jax.tree_util.tree_leaves_with_path(params))

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import digits, imagenet
-from spcl_jax import data, network, probes, train
+from spcl_jax import data, epoch_batches, network, probes, train
 from spcl_jax.data import datasets, pipeline
 from spcl_jax.data.sizes import Sizes
 from spcl_jax.errors import ConfigError
@@ -43,7 +43,7 @@ def test_abstract_state_and_batch_are_the_shapes_of_the_concrete_ones():
         for a, c in zip(jax.tree.leaves(shapes), jax.tree.leaves(state)):
             assert (a.shape, a.dtype, a.sharding) == (c.shape, c.dtype, c.sharding)
         pseudo = np.arange(len(splits.pretrain)) % config.num_prototypes
-        batch = train.load_batch(run, 0, train.epoch_plan(run, 0, pseudo), 0, pseudo)
+        batch = epoch_batches.load_batch(run, 0, epoch_batches.epoch_plan(run, 0, pseudo), 0, pseudo)
         spec = train.batch_spec(run, config.batch_size)
         assert spec.keys() == batch.keys(), method
         for key, value in batch.items():

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import digits
-from spcl_jax import data, train
+from spcl_jax import data, epoch_batches, objective, train
 from spcl_jax.method import METHODS
 
 LOSS_PRIMITIVES = {"exp", "log", "log1p", "logistic", "rsqrt", "div"}
@@ -32,7 +32,7 @@ def steps():
     results = {}
     for dtype in ("float32", "bfloat16"):
         setup, state = train.build(_config(dtype), METHODS["spcl"], splits, mesh)
-        batch = train.load_batch(setup, 0, train.epoch_plan(setup, 0, pseudo), 0, pseudo)
+        batch = epoch_batches.load_batch(setup, 0, epoch_batches.epoch_plan(setup, 0, pseudo), 0, pseudo)
         before = jax.device_get(state)  # the step donates `state`
         after, metrics = setup.train_step(state, batch)
         results[dtype] = (setup, before, jax.device_get(after), jax.device_get(metrics), batch)
@@ -91,7 +91,7 @@ def test_convolutions_run_in_the_compute_dtype_and_the_loss_math_in_float32(step
     """The traced loss: every convolution in `dtype`; every exp/log/rsqrt/division (NT-Xent, softmax
     cross-entropy, BCE, BatchNorm normalisation, the augmentation) in float32."""
     setup, before, _, _, batch = steps[dtype]
-    loss_fn = train.make_loss_fn(setup.config, METHODS["spcl"], setup.graphdef, setup.classifier_graphdef, setup.aug,
+    loss_fn = objective.make_loss_fn(setup.config, METHODS["spcl"], setup.graphdef, setup.classifier_graphdef, setup.aug,
                                  setup.specs)
     jaxpr = jax.make_jaxpr(jax.grad(lambda *a: loss_fn(*a)[0]))(
         before["params"], before["classifier_params"], before["batch_stats"], batch)

@@ -26,9 +26,9 @@ import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from configs import digits
-from spcl_jax import checkpoint, network, train
+from spcl_jax import checkpoint, epoch_batches, network, train
 from spcl_jax import workdir as workdir_module
-from spcl_jax.errors import CheckpointError, ConfigError, WorkdirError
+from spcl_jax.errors import CheckpointError, ConfigError, DivergedError, WorkdirError
 from spcl_jax.metrics import read_metrics
 from spcl_jax.workdir import claim_workdir
 from spcl_jax.method import METHODS
@@ -695,7 +695,7 @@ def test_a_finite_explosion_stops_and_the_newest_healthy_checkpoint_is_kept(tmp_
     run = ONE_EPOCH + ["--config.max_steps_per_epoch=4", "--config.checkpoint_every_steps=1",
                        "--config.keep_checkpoints=2", "--config.learning_rate=0.1"]
     train.train_and_evaluate(config_of(run), str(tmp_path))
-    with pytest.raises(train.DivergedError) as stopped:
+    with pytest.raises(DivergedError) as stopped:
         train.train_and_evaluate(config_of(run + ["--config.n_epochs=3", "--config.learning_rate=1e6"]), str(tmp_path))
     message = str(stopped.value)
     match = re.fullmatch(r"the loss exploded by step 6: (\S+) is more than divergence_factor=20 times the first "
@@ -745,6 +745,6 @@ def test_collapsed_features_without_pairs_stop_in_one_line():
     config = config_of(ONE_EPOCH)
     source = dataclasses.make_dataclass("Source", ["labels"])(np.zeros(40, np.int64))
     run = types.SimpleNamespace(config=config, source=source, steps_per_epoch=2, method=METHODS["spcl"])
-    with pytest.raises(train.DivergedError, match=r"^epoch 3 has no pairs to train on \(cannot build pairs: 1 clusters "
-                                                  r"have >= 2 members and 1 are non-empty .*\): the features collapsed"):
-        train.epoch_plan(run, 2, np.zeros(40, np.int64))
+    with pytest.raises(DivergedError, match=r"^epoch 3 has no pairs to train on \(cannot build pairs: 1 clusters "
+                                            r"have >= 2 members and 1 are non-empty .*\): the features collapsed"):
+        epoch_batches.epoch_plan(run, 2, np.zeros(40, np.int64))

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from spcl_jax import progress, train, visual
+from spcl_jax import clustering, epoch_batches, loop_support, objective, progress, train, visual
 from spcl_jax.metrics import read_metrics
 from spcl_jax.method import METHODS
 from conftest import ROOT, TINY, launch, launch_cli
@@ -147,9 +147,9 @@ def test_three_steps_on_one_device_equal_eight_devices():
     for devices in (1, 8):
         mesh = Mesh(np.array(jax.devices()[:devices]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         setup, state = train.build(config, METHODS["spcl"], splits, mesh)
-        plan = train.epoch_plan(setup, 0, pseudo)
+        plan = epoch_batches.epoch_plan(setup, 0, pseudo)
         for step in range(3):
-            state, metrics = setup.train_step(state, train.load_batch(setup, 0, plan, step, pseudo))
+            state, metrics = setup.train_step(state, epoch_batches.load_batch(setup, 0, plan, step, pseudo))
         assert len(state["params"]["encoder"]["stem_conv"]["kernel"].sharding.device_set) == devices
         results.append(jax.device_get((state["params"], state["batch_stats"], state["classifier_params"],
                                        metrics)))
@@ -170,7 +170,7 @@ def test_waiting_for_data_warns_once_naming_num_workers_and_prepare(monkeypatch)
     warnings = []  # read at the call: absl's handler setup depends on earlier tests
     monkeypatch.setattr(train.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
     for fraction in (0.05, 0.5, 0.9):
-        train.warn_if_waiting(loop, fraction)
+        loop_support.warn_if_waiting(loop, fraction)
     assert warnings == ["the training steps waited for input data 50% of the time: raise --config.num_workers "
                         "(now 3), or train from records written by `python -m spcl_jax.data.prepare ... --out` "
                         "(5x cheaper to decode)"]
@@ -214,13 +214,13 @@ def test_asymmetric_first_view_applies_where_the_original_leaves_it():
 
     config = digits.get_config()
     config.asymmetric_first_view = True
-    assert train.view_specs(METHODS["simclr"], config) == (("a", "eval"), ("a", "pretrain"))
-    assert train.view_specs(METHODS["metric"], config) == (("a", "eval"), ("a", "pretrain"), ("b", "eval"), ("b", "pretrain"))
-    assert train.view_specs(METHODS["cluster"], config) == (("a", "pretrain"), ("a", "pretrain"))
-    assert train.view_specs(METHODS["spcl"], config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
+    assert objective.view_specs(METHODS["simclr"], config) == (("a", "eval"), ("a", "pretrain"))
+    assert objective.view_specs(METHODS["metric"], config) == (("a", "eval"), ("a", "pretrain"), ("b", "eval"), ("b", "pretrain"))
+    assert objective.view_specs(METHODS["cluster"], config) == (("a", "pretrain"), ("a", "pretrain"))
+    assert objective.view_specs(METHODS["spcl"], config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
     config.asymmetric_first_view = False
-    assert train.view_specs(METHODS["metric"], config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
-    assert train.view_specs(METHODS["supervised"], config) == (("a", "train"),)
+    assert objective.view_specs(METHODS["metric"], config) == (("a", "pretrain"),) * 2 + (("b", "pretrain"),) * 2
+    assert objective.view_specs(METHODS["supervised"], config) == (("a", "train"),)
 
 
 @pytest.mark.slow
@@ -236,13 +236,13 @@ def test_as_written_member_table_draws_ground_truth_buckets_below_k():
     splits = data.load_splits(config)
     setup, _ = train.build(config, METHODS["spcl"], splits, Mesh(np.array(jax.devices()[:1]), ("data",)))
     pseudo = np.random.default_rng(0).integers(0, 4, len(splits.pretrain))  # what the k-means gave
-    plan = train.epoch_plan(setup, 0, pseudo)
+    plan = epoch_batches.epoch_plan(setup, 0, pseudo)
     truth = splits.pretrain.labels
     assert set(truth[plan["a"]].ravel()) == set(truth[plan["b"]].ravel()) == {0, 1, 2, 3}
     positive = plan["similarity"] == 1
     np.testing.assert_array_equal(truth[plan["a"]][positive], truth[plan["b"]][positive])
     assert (truth[plan["a"]][~positive] != truth[plan["b"]][~positive]).all()
-    batch = train.load_batch(setup, 0, plan, 0, pseudo)  # the CE targets stay the pseudo labels
+    batch = epoch_batches.load_batch(setup, 0, plan, 0, pseudo)  # the CE targets stay the pseudo labels
     np.testing.assert_array_equal(np.asarray(batch["labels_a"]), pseudo[plan["a"][0]])
 
 
@@ -262,9 +262,9 @@ def test_one_and_eight_devices_give_the_same_pseudo_labels_and_first_step():
     for devices in (1, 8):
         mesh = Mesh(np.array(jax.devices()[:devices]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         setup, state = train.build(config, METHODS["spcl"], splits, mesh)
-        pseudo, stats, _ = train.cluster(setup, state, 0, jax.random.key(3))
-        plan = train.epoch_plan(setup, 0, pseudo)
-        _, metrics = setup.train_step(state, train.load_batch(setup, 0, plan, 0, pseudo))
+        pseudo, stats, _ = clustering.cluster(setup, state, 0, jax.random.key(3))
+        plan = epoch_batches.epoch_plan(setup, 0, pseudo)
+        _, metrics = setup.train_step(state, epoch_batches.load_batch(setup, 0, plan, 0, pseudo))
         results.append((pseudo, stats, jax.device_get(metrics)))
     (pseudo_1, stats_1, metrics_1), (pseudo_8, stats_8, metrics_8) = results
     np.testing.assert_array_equal(pseudo_1, pseudo_8)

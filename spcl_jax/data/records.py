@@ -22,7 +22,7 @@ import struct
 import numpy as np
 
 from spcl_jax.data import decode
-from spcl_jax.data.sources import _DecodingSource
+from spcl_jax.data.sources import DecodingSource
 from spcl_jax.errors import DataError
 
 META = "records.json"
@@ -72,7 +72,7 @@ def read_meta(path):
     return meta
 
 
-class RecordSource(_DecodingSource):
+class RecordSource(DecodingSource):
     """Images of one split of a prepared directory, decoded into canvases of `load_size`."""
 
     def __init__(self, root, split, meta, record_ids, labels, load_size):

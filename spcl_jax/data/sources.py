@@ -127,7 +127,7 @@ class Strings:
         return self._data[start:self._ends[i]].tobytes().decode()
 
 
-class _DecodingSource(_View):
+class DecodingSource(_View):
     """Decodes on the host, one image at a time, into canvases of shape `decode.canvas_shape(load_size)`.
 
     Subclasses implement `_read(i) -> (bytes, raw_size or None, transposed)` and `_describe(i)` for
@@ -157,7 +157,7 @@ class _DecodingSource(_View):
             out.size[k], out.raw_size[k], out.transposed[k] = decoded
 
 
-class FileSource(_DecodingSource):
+class FileSource(DecodingSource):
     """Images as files (image folders, ImageNet)."""
 
     def __init__(self, paths, labels, load_size, *, skip_bad=False):
@@ -172,7 +172,7 @@ class FileSource(_DecodingSource):
             return f.read(), None, False
 
 
-class TfdsSource(_DecodingSource):
+class TfdsSource(DecodingSource):
     """Encoded images of a tfds array_record data source (imagenet2012) opened with image decoding skipped."""
 
     def __init__(self, data_source, record_ids, labels, load_size, *, name=""):

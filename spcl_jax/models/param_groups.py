@@ -7,7 +7,7 @@ import jax
 _NORM_NAME = re.compile(r"(?:^|_)(?:bn|norm)\d*$")
 
 
-def _key_name(key):
+def key_name(key):
     """A plain str/int from an nnx path entry or a jax key-path entry (DictKey, GetAttrKey, SequenceKey)."""
     if isinstance(key, jax.tree_util.DictKey):
         return key.key
@@ -26,7 +26,7 @@ def is_norm_or_bias(path) -> bool:
     """
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
         path = path[:-1]
-    names = [_key_name(key) for key in path]
+    names = [key_name(key) for key in path]
     if not names:
         return False
     if names[-1] == "bias":

@@ -13,7 +13,7 @@ from flax import nnx
 from spcl_jax.models.batch_norm import BatchNorm
 
 # (block kind, blocks per stage) for each supported depth.
-_ARCHITECTURES = {
+ARCHITECTURES = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
@@ -179,14 +179,14 @@ class ResNet(nnx.Module):
     """
 
     def __init__(self, depth, *, stem, width_multiplier=1.0, dtype=jnp.float32, remat="none", rngs):
-        if depth not in _ARCHITECTURES:
-            raise ValueError(f"ResNet depth {depth} not in {sorted(_ARCHITECTURES)}")
+        if depth not in ARCHITECTURES:
+            raise ValueError(f"ResNet depth {depth} not in {sorted(ARCHITECTURES)}")
         if stem not in STEMS:
             raise ValueError(f"stem {stem!r} not in {STEMS}")
         if remat not in REMAT:
             raise ValueError(f"remat {remat!r} not in {REMAT}")
         self.remat = remat
-        kind, stage_blocks = _ARCHITECTURES[depth]
+        kind, stage_blocks = ARCHITECTURES[depth]
         self.stem = stem
         self.dtype = dtype
         width = scaled_width(_STAGE_PLANES[0], width_multiplier)
@@ -222,20 +222,20 @@ class ResNet(nnx.Module):
         return jnp.mean(self.feature_map(x).astype(jnp.float32), axis=(1, 2))
 
 
-MODELS = tuple(f"resnet{depth}" for depth in _ARCHITECTURES)
+MODELS = tuple(f"resnet{depth}" for depth in ARCHITECTURES)
 
 
 def _depth(model_name):
     depth = model_name.removeprefix("resnet")
-    if not model_name.startswith("resnet") or not depth.isdigit() or int(depth) not in _ARCHITECTURES:
-        valid = ", ".join(f"resnet{d}" for d in _ARCHITECTURES)
+    if not model_name.startswith("resnet") or not depth.isdigit() or int(depth) not in ARCHITECTURES:
+        valid = ", ".join(f"resnet{d}" for d in ARCHITECTURES)
         raise ValueError(f"model {model_name!r} is not supported; valid: {valid}")
     return int(depth)
 
 
 def feature_dim(model_name, width_multiplier=1.0):
     """Encoder output width D: 512*w for resnet18/34, 2048*w for resnet50/101/152 (w rounded per stage)."""
-    kind, _ = _ARCHITECTURES[_depth(model_name)]
+    kind, _ = ARCHITECTURES[_depth(model_name)]
     return scaled_width(_STAGE_PLANES[-1], width_multiplier) * _EXPANSION[kind]
 
 

@@ -1,0 +1,98 @@
+"""Prototypes between epochs: the clustering of the whole training set (feature pass, PCA-whitening, k-means, pseudo
+labels) and the fresh prototype classifier.
+
+Everything takes the `train.Run` (its config, method, splits, mesh and encode program) and the state; nothing here
+steps the network.
+"""
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from spcl_jax import features, kmeans, models, progress, prototypes, sharding, streams, visual
+from spcl_jax.network import prototype_classifier_width
+
+VISUAL_POINTS = 5000  # examples in the `visual_cls` figure: a fixed random subset (datasets may be sorted by class)
+
+
+def classifier_module(config, num_classes, key):
+    """The prototype classifier of `config`: feature width -> prototype_classifier_width(config, num_classes)."""
+    dim = models.feature_dim(config.model, config.width_multiplier)
+    return models.PrototypeClassifier(dim, prototype_classifier_width(config, num_classes), rngs=nnx.Rngs(key))
+
+
+def classifier_params(config, num_classes, key):
+    """The parameters of a prototype classifier drawn with `key`."""
+    return nnx.split(classifier_module(config, num_classes, key))[1]
+
+
+def new_classifier(run, key):
+    """A fresh prototype classifier (N(0, 0.01²) kernel, zero bias) and a fresh SGD state (DIFFERENCES.md,
+    prototype classifier)."""
+    params = classifier_params(run.config, run.splits.num_classes, key)
+    return params, run.classifier_tx.init(params)
+
+
+def cluster(run, state, epoch, key, *, projection=False):
+    """Feature pass -> PCA-whitening -> k-means; returns pseudo labels in dataset order, statistics and,
+    if asked, the first two whitened components of every example (for the `visual_cls` figure)."""
+    config = run.config
+    num = len(run.splits.pretrain)
+    if config.feature_pass_order == "sampler":
+        order = streams.sampler_order(config.seed, epoch).integers(0, num, num)
+    else:
+        order = np.arange(num)
+    maker = features.feature_pass(run.splits.pretrain, order, config.batch_size,
+                                  features.FEATURE_VIEWS[config.cluster_feature_view], run.recipe,
+                                  streams.feature_views(config.seed, epoch))
+    encode = lambda batch: run.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
+    feats, position = features.extract_features(encode, maker, run.mesh, config.num_workers)
+    valid = position < num
+    # Each row's example index (-1 on padding): k-means draws by it, so any device count clusters alike.
+    ids = np.where(valid, order[np.minimum(position, num - 1)], -1).astype(np.int32)
+    valid_device, ids_device = (sharding.to_global(sharding.host_slice(v), sharding.batch_sharding(run.mesh))
+                                for v in (valid, ids))
+    whitened = kmeans.preprocess_features(feats, config.pca_dim, valid=valid_device, eigen_floor=config.pca_eigen_floor)
+    x = whitened.features
+    result = kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, key,
+                           init=config.kmeans_init, valid=valid_device, ids=ids_device)
+    # Label of visit position p goes to example p: with order = arange (the default) that is the
+    # visited example; with the as-written sampler order (B-3) it is a different, random one.
+    pseudo = np.empty(num, np.int64)
+    pseudo[position[valid]] = sharding.to_host(result.assignments)[valid]
+    labels = run.splits.pretrain.labels
+    labelled = labels >= 0
+    stats = prototypes.clustering_stats(pseudo, config.num_prototypes, float(result.inertia))
+    stats["pca_floored"] = int(whitened.floored)
+    if labelled.any():
+        agreement = prototypes.clustering_stats(pseudo[labelled], config.num_prototypes, 0.0, labels[labelled])
+        stats.update(nmi=agreement["nmi"], ari=agreement["ari"])
+    points = None
+    if projection:
+        points = np.empty((num, 2), np.float32)
+        points[position[valid]] = sharding.to_host(x[:, :2])[valid]
+    return pseudo, stats, points
+
+
+def recluster(loop, state, epoch):
+    """`cluster`, announced and timed: its statistics to the metrics and, every `visual_freq` epochs with
+    `visual_cls`, the figure of the first two whitened components (`figs/prototypes_epoch_<n>.png`)."""
+    run, writer = loop.run, loop.writer
+    config = run.config
+    step = int(state["step"])
+    clustering = progress.Announcement(f"epoch {epoch + 1}: clustering {len(run.splits.pretrain):,} examples")
+    draw = config.visual_cls and epoch % config.visual_freq == 0
+    pseudo, stats, points = cluster(run, state, epoch, streams.kmeans_key(config.seed, epoch), projection=draw)
+    stats = {f"kmeans/{k}": v for k, v in stats.items()}
+    stats["kmeans/seconds"] = clustering.seconds
+    loop.pace.clustered(stats["kmeans/seconds"])
+    writer.write(step, epoch, stats)
+    clustering.done(f"epoch {epoch + 1}: clustered", ": " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+    if draw and jax.process_index() == 0:
+        shown = streams.figure_subset(config.seed).permutation(len(pseudo))[:VISUAL_POINTS]
+        image = visual.cluster_figure(points[shown], pseudo[shown], run.splits.pretrain.labels[shown], epoch + 1)
+        os.makedirs(os.path.join(loop.workdir, "figs"), exist_ok=True)
+        visual.save_png(image, os.path.join(loop.workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
+        writer.write_image(step, "prototypes/pca_by_pseudo_label", image)
+    return pseudo

@@ -1,0 +1,132 @@
+"""What watches the training loop and reports on it: the divergence guard, the patience counter, the warning when
+the steps wait for data, a metrics write that fails (the state saved first), the start-up log and the end-of-run
+summary files.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from spcl_jax import evaluate, visual
+from spcl_jax.data import pipeline
+from spcl_jax.errors import SAME_COMMAND, DivergedError, UserError, WorkdirError
+from spcl_jax.metrics import read_metrics
+
+WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than this share of the time
+
+
+class DivergenceGuard:
+    """Stops a run whose loss or gradient turned non-finite (the step flags it on the device) or whose logged
+    mean loss exceeds `divergence_factor` times the loss of the run's first step (kept in the checkpoints'
+    run facts, so a resume keeps it).
+
+    A step's loss is computed on the state before it, so a saved state is confirmed healthy only by a later
+    check. Every save is preceded by a check; on divergence the checkpoints not yet confirmed are moved
+    aside (`<step>.diverged`), so the newest checkpoint left, and resumed from, is a healthy one.
+    """
+
+    def __init__(self, factor, facts):
+        self.factor, self.facts = factor, {} if facts is None else facts
+
+    def first_step(self, metrics):
+        """Call with the metrics of the run's very first step."""
+        self.facts["first_step_loss"] = float(metrics["train/loss"])
+
+    def check(self, state, means, step, checked_before, manager):
+        """`means` of the steps after `checked_before` (the step of the previous check) up to `step` (0-based)."""
+        bad = int(state["first_nonfinite_step"])
+        reference = self.facts.get("first_step_loss")
+        loss = means["train/loss"]
+        if bad >= 0:
+            what, unconfirmed = f"non-finite loss or gradient at step {bad + 1} (noticed at step {step + 1})", bad
+        elif self.factor and reference is not None and loss > self.factor * abs(reference):
+            what = (f"the loss exploded by step {step + 1}: {loss:.4g} is more than divergence_factor={self.factor:g} "
+                    f"times the first step's {reference:.4g}")
+            unconfirmed = checked_before
+        else:
+            return
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(means.items()) if "loss" in k or "grad_norm" in k)
+        newest = manager.set_aside_from(unconfirmed, "diverged")
+        resume = (f"to resume from the checkpoint of step {newest} (the newest before it diverged), run "
+                  f"{SAME_COMMAND} with that change" if newest is not None else
+                  f"then run {SAME_COMMAND} with that change (no checkpoint before it diverged)")
+        raise DivergedError(f"{what}: {terms}; lower learning_rate or set grad_clip_norm (divergence_factor=0 turns "
+                            f"the explosion check off), {resume}")
+
+
+class Patience:
+    """The original's patience counter: epochs since the train loss last improved (logged, never stops)."""
+
+    def __init__(self):
+        self.best, self.count = float("inf"), 0
+
+    def update(self, loss):
+        self.best, self.count = (loss, 0) if loss < self.best else (self.best, self.count + 1)
+
+
+def write_or_save(loop, state, pseudo, step, epoch, scalars):
+    """`writer.write`; when that fails (disk full), the state is saved if it can be and the run stops."""
+    try:
+        loop.writer.write(step, epoch, scalars)
+    except OSError as e:
+        try:
+            loop.manager.save(state, pseudo, epoch_end=False)
+            loop.manager.close()
+            kept = f"the checkpoint of step {int(state['step'])} was saved"
+        except UserError:
+            kept = "no checkpoint could be saved either (the newest left is intact)"
+        raise WorkdirError(f"writing {loop.writer.path} failed ({e.strerror or e}); {kept}: free disk space, then "
+                           f"to resume, run {SAME_COMMAND}") from e
+
+
+def warn_if_waiting(loop, wait_fraction):
+    """Once per run, when the steps spend more than WAIT_WARNING of their time waiting for data."""
+    if wait_fraction <= WAIT_WARNING or loop.warned_waiting:
+        return
+    loop.warned_waiting = True
+    source = loop.run.source
+    if source.in_memory:
+        advice = "the data is in memory and gathered in the main process: is the CPU shared with other jobs?"
+    else:
+        advice = (f"raise --config.num_workers (now {pipeline.worker_count(loop.run.config.num_workers, source)}), "
+                  "or train from records written by `python -m spcl_jax.data.prepare ... --out` (5x cheaper to decode)")
+    logging.warning("the training steps waited for input data %.0f%% of the time: %s", 100 * wait_fraction, advice)
+
+
+def log_start(run, workdir):
+    """What runs where: processes and devices, the method and data (how many images pretraining uses and why),
+    the batch split, the input, the lr."""
+    config = run.config
+    logging.info("process %d of %d with %d of %d devices; workdir %s (the same options with --workdir=%s resume "
+                 "this run)", jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 workdir, workdir)
+    logging.info("method=%s dataset=%s pretrain=%d examples; global batch %d = %d per host x %d hosts "
+                 "= %d per device x %d devices; %d steps per epoch (incomplete last batch dropped)",
+                 run.method.name, config.dataset, len(run.splits.pretrain), config.batch_size,
+                 config.batch_size // jax.process_count(), jax.process_count(),
+                 config.batch_size // jax.device_count(), jax.device_count(), run.steps_per_epoch)
+    logging.info("%s", run.splits.pretrain_summary)
+    logging.info("input: %s", pipeline.describe_workers(config.num_workers, run.source))
+    peak_epoch = config.warmup_epochs - 1 if config.warmup_epochs else 0
+    logging.info("learning rate: peak %.4g (epoch %d of %d; %d warmup epochs, cosine after), prototype classifier "
+                 "SGD %.4g", float(run.schedule(jnp.int32(peak_epoch * run.steps_per_epoch))), peak_epoch + 1,
+                 config.n_epochs, config.warmup_epochs, config.learning_rate * config.batch_size / 256)
+
+
+def log_epoch(epoch, config, epoch_means, summary, seconds, patience, eta):
+    """One line per epoch: its mean loss and terms, lr, time, patience, the kNN monitor's accuracies and the ETA."""
+    logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)%s, ETA %s",
+                 epoch + 1, config.n_epochs, epoch_means["train/loss"],
+                 ", ".join(f"{k.removeprefix('train/loss_')} {v:.4f}" for k, v in epoch_means.items()
+                           if k.startswith("train/loss_")),
+                 epoch_means["train/lr"], seconds, patience.count, config.patience,
+                 "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("knn_monitor/")), eta)
+
+
+def write_summary(run, step, results, workdir):
+    """`figs/losses.png` from metrics.jsonl and, after an evaluation, `results.json` and `results.md`."""
+    os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
+    visual.save_png(visual.losses_figure(read_metrics(workdir)), os.path.join(workdir, "figs", "losses.png"))
+    if results:
+        evaluate.write_results(workdir, results, run.config, run.method.name, step)
