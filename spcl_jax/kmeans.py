@@ -154,16 +154,25 @@ def pca_whiten(x, pca_dim, valid=None, eigen_floor=EIGEN_FLOOR):
     mean, cov = _pca_stats_jit(x, valid, mesh=mesh)
     out_dim = min(pca_dim, x.shape[1])
     projection = _host_eigenbasis(cov, jnp.float32(eigen_floor), out_dim)
-    evecs, scale, floored = jax.device_put(projection, NamedSharding(mesh, P()))
+    replicated = NamedSharding(mesh, P())
+    evecs, scale, floored = (jax.make_array_from_callback(a.shape, replicated, lambda index, a=a: a[index])
+                             for a in projection)
     return Whitened(_pca_project_jit(x, valid, mean, evecs, scale, mesh=mesh), floored)
 
 
 def _host_eigenbasis(cov, eigen_floor, out_dim):
     """numpy (eigenvectors (D, out_dim), scales Λ^-1/2 (out_dim,), floored count) of the replicated covariance,
-    computed on this host's CPU (every process alike: the same input on the same kind of host)."""
-    cpu = jax.devices("cpu")[0]
-    return jax.device_get(_eigenbasis_jit(jax.device_put(np.asarray(jax.device_get(cov)), cpu),
-                                          jax.device_put(eigen_floor, cpu), out_dim=out_dim))
+    computed on the host's CPU from this process's copy of it; with several processes, process 0's result for all
+    (hosts of another CPU model could round differently, and the replicas must be equal)."""
+    cpu = jax.local_devices(backend="cpu")[0]  # jax.devices("cpu")[0] is process 0's
+    local = np.asarray(cov.addressable_data(0))  # the whole matrix: a global array cannot be fetched across hosts
+    basis = jax.device_get(_eigenbasis_jit(jax.device_put(local, cpu), jax.device_put(eigen_floor, cpu),
+                                           out_dim=out_dim))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        basis = multihost_utils.broadcast_one_to_all(basis)
+    return tuple(np.asarray(a) for a in basis)
 
 
 def lower_pca_whiten(x, pca_dim):
