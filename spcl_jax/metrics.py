@@ -4,6 +4,7 @@ import math
 import os
 
 import numpy as np
+from absl import logging
 
 
 def _plain(value):
@@ -27,6 +28,7 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             os.makedirs(workdir, exist_ok=True)
+            drop_partial_last_line(self.path)
             self._jsonl = open(self.path, "a", buffering=1)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -52,6 +54,30 @@ class MetricWriter:
             self._tb.close()
             self._jsonl.close()
             self.enabled = False
+
+
+def drop_partial_last_line(path, chunk=1 << 16):
+    """Cuts the end of `path` back to its last newline: a run killed while writing a record leaves half a line,
+    which the resumed run's next record would otherwise continue (one line no JSON parser reads)."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        position = end
+        while position > 0:
+            start = max(position - chunk, 0)
+            f.seek(start)
+            newline = f.read(position - start).rfind(b"\n")
+            if newline >= 0:
+                position = start + newline + 1
+                break
+            position = start
+        if position < end:
+            logging.warning("%s ended in a half-written record (the previous run was stopped while writing it): "
+                            "dropped its %d bytes", path, end - position)
+            f.truncate(position)
 
 
 def read_metrics(workdir):

@@ -29,7 +29,7 @@ from configs import digits
 from spcl_jax import checkpoint, epoch_batches, network, train
 from spcl_jax import workdir as workdir_module
 from spcl_jax.errors import CheckpointError, ConfigError, DivergedError, WorkdirError
-from spcl_jax.metrics import read_metrics
+from spcl_jax.metrics import MetricWriter, drop_partial_last_line, read_metrics
 from spcl_jax.workdir import claim_workdir
 from spcl_jax.method import METHODS
 from conftest import ROOT, TINY, launch
@@ -709,6 +709,25 @@ def test_a_finite_explosion_stops_and_the_newest_healthy_checkpoint_is_kept(tmp_
     state, _ = train.train_and_evaluate(config_of(run + ["--config.n_epochs=3"]), str(tmp_path))
     assert int(state["step"]) == 12
     assert all(np.isfinite(r["train/loss"]) for r in read_metrics(tmp_path) if r["step"] > 6 and "train/loss" in r)
+
+
+def test_a_record_half_written_by_a_killed_run_is_dropped_when_the_run_resumes(tmp_path):
+    """kill -9 while a record was being written leaves half a line; the resumed run's writer cuts it off instead of
+    continuing it (which made one line no JSON parser reads, and the run's end, reading the file, died)."""
+    whole = '{"step": 1, "epoch": 1, "train/loss": 2.0}\n'
+    (tmp_path / "metrics.jsonl").write_text(whole + '{"step": 2, "epoch": 1, "train/lo')
+    writer = MetricWriter(str(tmp_path))
+    writer.write(2, 0, {"train/loss": 1.5})
+    writer.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "epoch": 1, "train/loss": 2.0},
+                                      {"step": 2, "epoch": 1, "train/loss": 1.5}]
+    for text, kept in ((whole * 3 + "{", whole * 3), (whole, whole), ("{", ""), ("", "")):
+        path = tmp_path / "cut.jsonl"
+        path.write_text(text)
+        drop_partial_last_line(str(path), chunk=5)  # several reads back to the newline
+        assert path.read_text() == kept
+    drop_partial_last_line(str(tmp_path / "absent.jsonl"))  # nothing to cut
+    assert not (tmp_path / "absent.jsonl").exists()
 
 
 def test_a_full_disk_for_metrics_mid_run_saves_a_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch,
