@@ -21,6 +21,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from spcl_jax.sharding import from_whole
+
 DATA_AXIS = "data"
 INITS = ("random", "kmeans++")
 ALGORITHMS = ("Kmeans",)  # the original's `clustering` flag: k-means is its only algorithm (PIC never existed)
@@ -154,9 +156,7 @@ def pca_whiten(x, pca_dim, valid=None, eigen_floor=EIGEN_FLOOR):
     mean, cov = _pca_stats_jit(x, valid, mesh=mesh)
     out_dim = min(pca_dim, x.shape[1])
     projection = _host_eigenbasis(cov, jnp.float32(eigen_floor), out_dim)
-    replicated = NamedSharding(mesh, P())
-    evecs, scale, floored = (jax.make_array_from_callback(a.shape, replicated, lambda index, a=a: a[index])
-                             for a in projection)
+    evecs, scale, floored = (from_whole(a, NamedSharding(mesh, P())) for a in projection)
     return Whitened(_pca_project_jit(x, valid, mean, evecs, scale, mesh=mesh), floored)
 
 

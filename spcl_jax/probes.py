@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spcl_jax.sharding import from_whole
+
 PROTOCOLS = ("original", "fast")  # linear_eval_protocol
 FINETUNE_OPTIMISERS = ("sgd", "lars")
 METRIC_WEIGHTINGS = ("sample", "batch")  # batch: as written (B-17)
@@ -69,15 +71,10 @@ def knn_predict(train_x, train_y, x, num_classes, k, temperature, chunk=1024, me
     k = min(k, len(train_x))
     padding = -len(train_x) % mesh.devices.size
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
-    train_x = _global(np.pad(train_x.astype(np.float32), ((0, padding), (0, 0))), rows)
-    train_y = _global(np.pad(np.asarray(train_y, np.int32), (0, padding), constant_values=-1), rows)
+    train_x = from_whole(np.pad(train_x.astype(np.float32), ((0, padding), (0, 0))), rows)
+    train_y = from_whole(np.pad(np.asarray(train_y, np.int32), (0, padding), constant_values=-1), rows)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     votes = knn_votes_program(mesh, num_classes, k)
-    return np.concatenate([np.asarray(votes(train_x, train_y, _global(x[i:i + chunk].astype(np.float32), replicated),
+    return np.concatenate([np.asarray(votes(train_x, train_y, from_whole(x[i:i + chunk].astype(np.float32), replicated),
                                             np.float32(temperature)))
                            for i in range(0, len(x), chunk)])
-
-
-def _global(array, sharding):
-    """A global array from a numpy array every process holds whole."""
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

@@ -41,6 +41,11 @@ def to_global(local_arrays, sharding):
                         local_arrays)
 
 
+def from_whole(array, sharding):
+    """A global array from a numpy array every process holds whole (each device takes its part of it)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def connect_processes():
     """Right after the processes connect, one collective over every device and one across processes, while
     they are still in step: on CPU, gloo sets up each group of devices at its first collective and waits 30 s

@@ -132,8 +132,8 @@ def make_run(config, method, splits, mesh):
                                 optax.sgd(config.learning_rate * config.batch_size / 256))
     classifier_graphdef = None
     if method.prototype_classifier:
-        classifier_graphdef = nnx.split(nnx.eval_shape(lambda: clustering.classifier_module(config, splits.num_classes,
-                                                                                             0)))[0]
+        abstract = nnx.eval_shape(lambda: clustering.classifier_module(config, splits.num_classes, 0))
+        classifier_graphdef = nnx.split(abstract)[0]
     aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
     specs = view_specs(method, config)
     return Run(config=config, method=method, splits=splits, mesh=mesh, steps_per_epoch=steps_per_epoch,

@@ -228,24 +228,13 @@ class _InProcess(concurrent.futures.Executor):
     used: see `_compiler_processes`)."""
 
     def submit(self, fn, *args):
-        future, outcome = concurrent.futures.Future(), {}
-
-        def call():
-            try:
-                outcome["result"] = fn(*args)
-            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
-                outcome["error"] = e
-
         previous = threading.stack_size(1 << 30)
-        try:
-            thread = threading.Thread(target=call)
-            thread.start()
+        try:  # the executor starts its thread at the first submit, with the stack size set now
+            with concurrent.futures.ThreadPoolExecutor(1) as thread:
+                future = thread.submit(fn, *args)
         finally:
             threading.stack_size(previous)
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        future.set_result(outcome["result"])
+        future.result()  # a failed task raises here, at its submission, as when it ran on this thread
         return future
 
 
