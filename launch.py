@@ -136,7 +136,7 @@ def main(argv):
         _die("--config is required, e.g. --config configs/digits.py")
     _check_distributed_flags()
     from configs import default
-    from spcl_jax import checkpoint, config_validation, method
+    from spcl_jax import checkpoint, config_validation, method, storage
     from spcl_jax.errors import SAME_COMMAND, UserError
 
     workdir = None
@@ -147,6 +147,9 @@ def main(argv):
         if jax.process_count() > 1 and not _WORKDIR.value and method.pretrains(config):  # each would stamp its own
             _die("a multi-process run needs --workdir: one directory that every process sees")
         workdir = _WORKDIR.value or _default_workdir(config, flags.FLAGS["config"].config_filename)
+        if storage.unsupported_scheme(workdir):
+            _die(f"--workdir={workdir}: {storage.unsupported_scheme(workdir)}:// is not supported; valid: a local "
+                 "directory or gs://bucket/path")
         _preview(config, workdir)
         from spcl_jax import train
 

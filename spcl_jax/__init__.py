@@ -1,5 +1,8 @@
 """spcl_jax: Siamese Prototypical Contrastive Learning (BMVC 2021) in JAX/Flax NNX."""
+from spcl_jax import storage as _storage
+
 __all__ = ["load_encoder"]
+_storage.use_emulator_if_set()  # before orbax, tensorstore or gcsfs read their variables
 
 
 def __getattr__(name):

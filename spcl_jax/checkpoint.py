@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from spcl_jax import sharding, workdir as workdirs
+from spcl_jax import sharding, storage, workdir as workdirs
 from spcl_jax.errors import SAME_COMMAND, CheckpointError, WorkdirError
 from spcl_jax.models.param_groups import key_name
 
@@ -68,7 +68,7 @@ def _reason(error):
 
 
 def checkpoint_dir(workdir):
-    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+    return storage.absolute(storage.join(workdir, "checkpoints"))
 
 
 def resolved_config(config, method, facts=None):
@@ -84,9 +84,9 @@ def resolved_config(config, method, facts=None):
 def write_config_json(workdir, config, method, facts=None):
     """`<workdir>/config.json`: the resolved config (and run facts) of what the workdir holds, written whole."""
     text = json.dumps(resolved_config(config, method, facts), indent=2, sort_keys=True)
-    path = os.path.join(workdir, "config.json")
+    path = storage.join(workdir, "config.json")
     try:
-        workdirs.write_atomic(path, lambda f: f.write(text.encode()))
+        storage.write_atomic(path, lambda f: f.write(text.encode()))
     except OSError as e:
         raise WorkdirError(f"writing {path} failed ({e.strerror or e}); free disk space or pass another --workdir"
                            ) from e
@@ -132,7 +132,7 @@ def _permission_denied(step_dir, error):
     for e in chain:
         if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES, errno.EPERM):
             return str(getattr(e, "filename", None) or e)
-    for root, folders, files in os.walk(step_dir, onerror=lambda e: chain.append(e)):
+    for root, folders, files in ([] if storage.is_url(step_dir) else os.walk(step_dir, onerror=chain.append)):
         for name in folders + files:
             path = os.path.join(root, name)
             if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
@@ -149,13 +149,22 @@ DAMAGE_SIGNS = ("OUT_OF_RANGE", "DATA_LOSS", "not valid for value of size", "Une
 def _damaged(step_dir, error):
     """Whether a read error proves damaged files (truncated, missing or undecodable), not e.g. a mount."""
     text = f"{type(error).__name__}: {error}"
-    missing = not all(os.path.isdir(os.path.join(step_dir, item)) for item in ("config", "state"))
+    missing = not all(storage.isdir(storage.join(step_dir, item)) for item in ("config", "state"))
     return missing or any(sign.lower() in text.lower() for sign in DAMAGE_SIGNS)
 
 
+COMMIT_MARKER = "commit_success.txt"  # orbax on gs://: written last into a step's folder, which cannot be renamed
+
+
 def _finished_steps(directory):
-    """Steps whose save completed (orbax renames a step's temporary directory to the bare number)."""
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+    """Steps whose save completed: on a disk orbax renames a step's temporary directory to the bare number; on
+    gs:// it writes the step in place and `COMMIT_MARKER` last."""
+    if not storage.isdir(directory):
+        return []
+    steps = sorted(int(name) for name in storage.listdir(directory) if name.isdigit())
+    if storage.is_url(directory):
+        steps = [s for s in steps if storage.isfile(storage.join(directory, str(s), COMMIT_MARKER))]
+    return steps
 
 
 class Manager:
@@ -276,7 +285,7 @@ class Manager:
 
     def _unreadable(self, step, error):
         """Deleting is advised only for a step whose files are provably damaged; permissions are named."""
-        step_dir = os.path.join(self.directory, str(step))
+        step_dir = storage.join(self.directory, str(step))
         denied = _permission_denied(step_dir, error)
         if denied:
             return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: permission denied "
@@ -297,7 +306,8 @@ class Manager:
         self._shutdown()
         if jax.process_index() == 0:
             for late in (s for s in _finished_steps(self.directory) if s >= step):
-                os.replace(os.path.join(self.directory, str(late)), os.path.join(self.directory, f"{late}.{reason}"))
+                storage.move(storage.join(self.directory, str(late)), storage.join(self.directory, f"{late}.{reason}"),
+                             markers=(COMMIT_MARKER,))
         return max(_finished_steps(self.directory), default=None)
 
     def save(self, state, pseudo, *, epoch_end):
@@ -345,19 +355,19 @@ class Manager:
 def _open_step(directory, step):
     """A read-only manager of `directory` and its saved step `step` (-1 = newest). Orbax reads absolute
     paths only; messages name the directory as given."""
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist; pass the "
                               "<workdir>/checkpoints of a pretraining run")
     try:
-        manager = open_manager(os.path.abspath(directory), read_only=True)
+        manager = open_manager(storage.absolute(directory), read_only=True)
         steps = manager.all_steps()
     except OSError as e:
         raise CheckpointError(f"checkpoint directory {directory} cannot be read ({e.strerror or e}); give this user "
                               f"read access (chmod -R u+rwX {directory}) or pass a readable one") from e
     if not steps:
-        inner = os.path.join(directory, "checkpoints")
+        inner = storage.join(directory, "checkpoints")
         raise CheckpointError(f"no checkpoint in {directory}; pass " + (
-            inner if os.path.isdir(inner) else "the <workdir>/checkpoints of a pretraining run"))
+            inner if storage.isdir(inner) else "the <workdir>/checkpoints of a pretraining run"))
     step = max(steps) if step < 0 else step
     if step not in steps:
         raise CheckpointError(f"step {step} is not saved in {directory}; saved steps: {sorted(steps)}")

@@ -18,11 +18,12 @@ from absl import logging
 from flax import nnx
 
 from spcl_jax import augment, checkpoint, features, models, network, optim, probes, progress, sharding, startup
-from spcl_jax import streams
+from spcl_jax import storage, streams
 from spcl_jax import method as methods
 from spcl_jax.data import pipeline
 from spcl_jax.metrics import MetricWriter
-from spcl_jax.workdir import claim_workdir, write_atomic
+from spcl_jax.storage import write_atomic
+from spcl_jax.workdir import claim_workdir
 
 
 def _head_optimiser(config, steps_per_epoch, params):
@@ -284,8 +285,7 @@ def finished_results(workdir, config, method, step):
     """The summary in `<workdir>/results.json` if it is of this step and this config (a finished command run
     again), else None."""
     try:
-        with open(os.path.join(workdir, "results.json")) as f:
-            summary = json.load(f)
+        summary = json.loads(storage.read_text(storage.join(workdir, "results.json")))
     except (OSError, ValueError):
         return None
     same = summary.get("step") == step and summary.get("config") == checkpoint.resolved_config(config, method)
@@ -294,7 +294,7 @@ def finished_results(workdir, config, method, step):
 
 def show_results(summary, workdir):
     """The results table of a finished evaluation (as results.md holds it) and where it is."""
-    progress.show(results_markdown(summary).rstrip("\n") + f"\n(in {os.path.join(workdir, 'results.md')}; delete "
+    progress.show(results_markdown(summary).rstrip("\n") + f"\n(in {storage.join(workdir, 'results.md')}; delete "
                   "results.json there to evaluate again)")
 
 
@@ -302,7 +302,7 @@ def default_workdir(config):
     """Where an evaluation of a saved encoder writes by default: next to the run it evaluates,
     `<run workdir>/eval/<linear_eval|knn_eval|finetune|eval_disent>`."""
     kind = "eval_disent" if config.eval_disent else "finetune" if config.finetune else config.mode
-    return os.path.join(os.path.dirname(os.path.abspath(config.load_checkpoint_dir.rstrip(os.sep))), "eval", kind)
+    return storage.join(storage.parent(config.load_checkpoint_dir.rstrip(os.sep)), "eval", kind)
 
 
 def results_markdown(summary):
@@ -319,9 +319,9 @@ def results_markdown(summary):
 def write_results(workdir, results, config, method, step):
     """`<workdir>/results.json` and `results.md` of the final evaluation, each written atomically."""
     summary = results_summary(results, config, method, step)
-    write_atomic(os.path.join(workdir, "results.json"),
+    write_atomic(storage.join(workdir, "results.json"),
                  lambda f: f.write(json.dumps(summary, indent=2).encode() + b"\n"))
-    write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(results_markdown(summary).encode()))
+    write_atomic(storage.join(workdir, "results.md"), lambda f: f.write(results_markdown(summary).encode()))
 
 
 def after_pretraining(run, state, writer):

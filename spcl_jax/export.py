@@ -13,7 +13,7 @@ unbiased ones), which changes nothing in eval mode. `num_batches_tracked` holds 
 Bad input stops with one line `export: error: ...` and exit status 2; the output appears atomically.
 """
 import argparse
-import glob
+import io
 import json
 import logging
 import os
@@ -22,11 +22,11 @@ import sys
 import ml_collections
 import numpy as np
 
-from spcl_jax import checkpoint, runtime
+from spcl_jax import checkpoint, runtime, storage
 from spcl_jax.data import datasets
 from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import ARCHITECTURES
-from spcl_jax.workdir import write_atomic
+from spcl_jax.storage import write_atomic
 
 # Our module name -> torchvision's, in torchvision's registration (= state_dict) order.
 _BLOCK_MODULES = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"), ("conv3", "conv3"),
@@ -81,11 +81,13 @@ def describe(params):
 
 
 def _check_out(out):
-    folder = os.path.dirname(os.path.abspath(out))
+    folder = storage.parent(out)
     if not out.endswith(".npz"):
         raise UserError(f"--out {out!r} must end in .npz")
-    if os.path.isdir(out):
+    if storage.isdir(out):
         raise UserError(f"--out {out!r} is a directory; valid: a file path ending in .npz")
+    if storage.is_url(out):  # objects need no folder, and permissions show at the upload
+        return
     if not os.path.isdir(folder):
         raise UserError(f"--out {out!r}: directory {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
@@ -108,7 +110,7 @@ def export(directory, out, step=-1):
         raise CheckpointError(f"checkpoint step {step} in {directory} has no ResNet encoder ({e!r} missing); "
                               "pass the <workdir>/checkpoints of a spcl_jax pretraining run") from e
     mean, std = datasets.normalisation(ml_collections.ConfigDict(checkpoint.restore_config(directory, step)[0]))
-    description.update(mean=list(mean), std=list(std), checkpoint=os.path.abspath(directory), step=int(step))
+    description.update(mean=list(mean), std=list(std), checkpoint=storage.absolute(directory), step=int(step))
     try:
         write_atomic(out, lambda f: np.savez(f, **arrays))
         write_atomic(out[:-len(".npz")] + ".json",
@@ -121,17 +123,17 @@ def export(directory, out, step=-1):
 def _exported_files(path):
     """(npz, json) paths of the export at `path`: the .npz itself or the directory holding exactly one."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "*.npz")))
+    if storage.isdir(path):
+        found = sorted(name for name in storage.listdir(path) if name.endswith(".npz"))
         if len(found) != 1:
-            raise UserError(f"{path} holds {len(found)} .npz files ({', '.join(map(os.path.basename, found)) or 'none'}); "
+            raise UserError(f"{path} holds {len(found)} .npz files ({', '.join(found) or 'none'}); "
                             "valid: a directory with one encoder written by python -m spcl_jax.export, or its .npz")
-        path = found[0]
-    if not path.endswith(".npz") or not os.path.isfile(path):
+        path = storage.join(path, found[0])
+    if not path.endswith(".npz") or not storage.isfile(path):
         raise UserError(f"{path} is not an exported .npz; valid: the --out file of python -m spcl_jax.export "
                         "or the directory holding it")
     description = path[:-len(".npz")] + ".json"
-    if not os.path.isfile(description):
+    if not storage.isfile(description):
         raise UserError(f"{description} is missing; python -m spcl_jax.export writes it beside {path}")
     return path, description
 
@@ -151,8 +153,7 @@ def torchvision_encoder(path):
     except ImportError as e:
         raise UserError(f"torchvision_encoder needs PyTorch and torchvision ({e.name} is not installed): "
                         "pip install torch torchvision") from None
-    with open(description) as f:
-        meta = json.load(f)
+    meta = json.loads(storage.read_text(description))
     block = {"basic": resnet.BasicBlock, "bottleneck": resnet.Bottleneck}[meta["block"]]
     model = resnet.ResNet(block, meta["blocks_per_stage"])
     width = meta["stem_width"]
@@ -166,7 +167,7 @@ def torchvision_encoder(path):
     for stage, (planes, blocks) in enumerate(zip(meta["stage_widths"], meta["blocks_per_stage"]), start=1):
         setattr(model, f"layer{stage}", model._make_layer(block, planes, blocks, stride=1 if stage == 1 else 2))
     model.fc = torch.nn.Identity()
-    with np.load(npz) as arrays:
+    with np.load(io.BytesIO(storage.read_bytes(npz))) as arrays:
         model.load_state_dict({name: torch.from_numpy(array) for name, array in arrays.items()})
     return model.eval()
 

@@ -1,11 +1,10 @@
 """launch.py's `--print_config` and `--dry_run`: what a run would use, shown before spending hours on it.
 Neither trains, and neither writes anything in the workdir."""
 import json
-import os
 
 import jax
 
-from spcl_jax import checkpoint, sharding, startup, train
+from spcl_jax import checkpoint, sharding, startup, storage, train
 from spcl_jax import method as methods
 
 
@@ -39,7 +38,7 @@ def summary(run, state, workdir):
     work = (f"pretraining: {run.steps_per_epoch:,} steps per epoch x {config.n_epochs} epochs = "
             f"{run.steps_per_epoch * config.n_epochs:,} steps" if pretrains
             else f"evaluation of the checkpoint in {config.load_checkpoint_dir}")
-    where = ("exists: a run there resumes from its newest checkpoint, if any" if os.path.isdir(workdir)
+    where = ("exists: a run there resumes from its newest checkpoint, if any" if storage.isdir(workdir)
              else "would be created")
     return ["dry run: nothing trained, nothing written",
             f"method {method.name}, dataset {splits.name}",

@@ -7,12 +7,13 @@ SLURM logs) a plain line at a logged step at most every LINE_SECONDS. Compiling 
 take minutes with nothing else on the screen, are announced with their durations (`Announcement`).
 """
 import logging as std_logging
-import os
 import sys
 import time
 
 from absl import logging
 from tqdm import tqdm
+
+from spcl_jax import storage
 
 LOG_FILE = "train.log"
 LINE_SECONDS = 30.0  # plain progress lines (stderr without a terminal, and train.log) at most this often
@@ -23,13 +24,18 @@ _log_file = None  # the FileHandler of train.log, once `log_to_file` ran
 def log_to_file(workdir):
     """From now on absl log lines, Python warnings, `show`n text and the plain progress lines also go to
     `<workdir>/train.log`, appended so that a resumed run continues it. Called by process 0 once it holds
-    the workdir and its checkpoints passed their checks, so that a refused run writes nothing."""
+    the workdir and its checkpoints passed their checks, so that a refused run writes nothing. On gs:// the
+    lines are stored every `storage.AppendLog` interval and when the process exits."""
     global _log_file
-    path = os.path.abspath(os.path.join(workdir, LOG_FILE))
+    path = storage.absolute(storage.join(workdir, LOG_FILE))
     if _log_file is not None and _log_file.baseFilename == path:
         return
     stop_logging_to_file()
-    handler = std_logging.FileHandler(path, encoding="utf-8")
+    if storage.is_url(path):
+        handler = std_logging.StreamHandler(storage.AppendLog(path))
+        handler.baseFilename = path
+    else:
+        handler = std_logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.PythonFormatter())
     for console_filter in logging.get_absl_handler().filters:  # the library chatter the console leaves out
         handler.addFilter(console_filter)
@@ -46,6 +52,8 @@ def stop_logging_to_file():
     if _log_file is not None:
         std_logging.getLogger().removeHandler(_log_file)
         _log_file.close()
+        if isinstance(_log_file.stream, storage.AppendLog):
+            _log_file.stream.close()
         _log_file = None
 
 

@@ -237,10 +237,12 @@ def train_and_evaluate(config, workdir):
         if monitor and (epoch + 1) % config.knn_every_epochs == 0:
             summary.update(monitor.knn_monitor(state["params"], state["batch_stats"]))
         loop.writer.write(int(state["step"]), epoch, summary)
+        loop.writer.flush()  # on gs://: the epoch's records stored with its checkpoint
         log_epoch(epoch, config, epoch_means, summary, time.time() - began, patience, loop.pace.eta(int(state["step"])))
     step = int(state["step"])
     if loop.manager.stop_requested():  # a signal after the last step: pretraining is saved, say so and stop
         loop.manager.close()
+        loop.writer.close()
         raise checkpoint.Preempted(loop.manager.stop_signal, step, evaluating=config.evaluate_after_pretrain)
     loop.manager.close()  # last save complete; Ctrl-C and SIGTERM act at once again during evaluation
     results = {}
@@ -318,9 +320,11 @@ def run_epoch(loop, state, pseudo, epoch, first_step):
                 totals, count, last_time, last_step, last_wait = {}, 0, now, step + 1, loader.wait_seconds
             if save_due:
                 manager.save(state, pseudo, epoch_end=False)
+                loop.writer.flush()  # on gs://: the records stored with the checkpoint
             if stop:
                 manager.save(state, pseudo, epoch_end=False)
                 manager.close()
+                loop.writer.close()
                 raise checkpoint.Preempted(manager.stop_signal, step + 1)
     epoch_means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
     epoch_means["train/lr"] = float(run.schedule(jnp.int32(epoch * run.steps_per_epoch)))

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from spcl_jax.workdir import write_atomic
+from spcl_jax.storage import write_atomic
 
 PLOT = 384  # side of a panel's square plot area, in pixels
 LEFT, TOP, BOTTOM, LEGEND = 76, 40, 56, 176  # margins around it: tick labels and axis label, title, legend

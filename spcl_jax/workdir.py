@@ -1,23 +1,24 @@
-"""What a run owns in its workdir: an exclusive claim, so two runs never write the same checkpoints,
-and files that appear whole or not at all.
+"""What a run owns in its workdir: an exclusive claim, so two runs never write the same checkpoints.
 
-`claim_workdir` takes an advisory `fcntl.flock` on `<workdir>/.lock` and holds it for the life of
-the process. The kernel drops the lock when the process ends, however it ends, so a SIGKILLed or
+On a disk, `claim_workdir` takes an advisory `fcntl.flock` on `<workdir>/.lock` and holds it for the life
+of the process. The kernel drops the lock when the process ends, however it ends, so a SIGKILLed or
 crashed run leaves no stale lock behind. The file names the holder, for the second run's message.
+
+Object storage has no locks: on gs:// the claim is a lease object (`lease.py`).
 """
 import datetime
 import errno
 import fcntl
 import os
-import secrets
 import socket
 
 from absl import logging
 
+from spcl_jax import lease, storage
 from spcl_jax.errors import WorkdirError
 
 LOCK_FILE = ".lock"
-_held = {}  # real path of a claimed workdir -> the descriptor that holds its lock until the process ends
+_held = {}  # real path (or URL) of a claimed workdir -> its lock's descriptor, or its Lease
 
 
 def claim_workdir(workdir):
@@ -25,8 +26,11 @@ def claim_workdir(workdir):
 
     Raises WorkdirError when the workdir cannot be written or another process holds it.
     """
-    path = os.path.realpath(workdir)
+    path = storage.absolute(workdir) if storage.is_url(workdir) else os.path.realpath(workdir)
     if path in _held:
+        return
+    if storage.is_url(workdir):
+        _held[path] = lease.Lease.take(storage.join(path, lease.LEASE_OBJECT), what=f"workdir {workdir}")
         return
     try:
         os.makedirs(path, exist_ok=True)
@@ -51,31 +55,15 @@ def claim_workdir(workdir):
     _held[path] = fd
 
 
-def write_atomic(path, write):
-    """`write(file)` into a temporary file beside `path`, then rename: readers never see a partial file."""
-    fd, temporary = _create_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def _create_beside(path):
-    """(descriptor, name) of a new hidden file beside `path`, with the mode `open(path, "w")` would give it
-    (0o666 less the umask; `tempfile.mkstemp` makes 0o600 files, which other users of a shared run could not
-    read)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    while True:
-        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
-        except FileExistsError:  # another writer drew the same name
-            continue
+def release_claims():
+    """Gives back every claim of this process (the claims of a run otherwise last as long as its process: a
+    resume in the same process, as tests do, claims again for free)."""
+    while _held:
+        held = _held.popitem()[1]
+        if isinstance(held, lease.Lease):
+            held.release()
+        else:
+            os.close(held)
 
 
 OUTPUT_DIRS = ("checkpoints", "tensorboard", "figs")
@@ -86,10 +74,10 @@ RUN_OUTPUTS = OUTPUT_DIRS + OUTPUT_FILES
 def check_outputs(workdir):
     """Refuses a workdir where an output the run writes has the wrong kind (e.g. `checkpoints` a file,
     `metrics.jsonl` a directory), before anything is compiled or written."""
-    for names, wanted, is_kind in ((OUTPUT_DIRS, "directory", os.path.isdir), (OUTPUT_FILES, "file", os.path.isfile)):
+    for names, wanted, is_kind in ((OUTPUT_DIRS, "directory", storage.isdir), (OUTPUT_FILES, "file", storage.isfile)):
         for name in names:
-            path = os.path.join(workdir, name)
-            if os.path.lexists(path) and not is_kind(path):
+            path = storage.join(workdir, name)
+            if storage.exists(path) and not is_kind(path):
                 raise WorkdirError(f"{path} is not a {wanted}, and the run writes its {name} there; move it away or "
                                    "pass another --workdir")
 
@@ -97,9 +85,10 @@ def check_outputs(workdir):
 def set_aside(workdir):
     """Moves the run outputs of `workdir` into a new `replaced-<UTC time>` folder of it; returns its path."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    folder = os.path.join(workdir, f"replaced-{stamp}")
-    os.makedirs(folder)
+    folder = storage.join(workdir, f"replaced-{stamp}")
+    if not storage.is_url(folder):
+        os.makedirs(folder)
     for name in RUN_OUTPUTS:
-        if os.path.lexists(os.path.join(workdir, name)):
-            os.replace(os.path.join(workdir, name), os.path.join(folder, name))
+        if storage.exists(storage.join(workdir, name)):
+            storage.move(storage.join(workdir, name), storage.join(folder, name), markers=("commit_success.txt",))
     return folder

@@ -4,12 +4,16 @@ the suite's, shared by the tests and the launch.py processes they start.
 
 Shared helpers (`from conftest import ROOT, TINY, launch`): the repository root, the tiny digits run's
 overrides, launch.py as a subprocess; the `in_process_launch` fixture runs launch.py's flag parsing and
-`main` in this process, up to where training would start.
+`main` in this process, up to where training would start; `gcs` is a real GCS API (the registry's
+`gcp-storage-emulator`, in memory) and a fresh gs:// folder in it.
 """
 import os
+import secrets
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -83,3 +87,58 @@ def in_process_launch(monkeypatch, tmp_path):
     forget_flags()
     handler.filters[:] = filters
     absl_logging.set_verbosity(verbosity)
+
+
+BUCKET = "spcl-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """STORAGE_EMULATOR_HOST of a GCS emulator (tests/gcs_emulator.py: the registry's, with GCS's generation
+    headers and preconditions) that lives as long as this test process (one per xdist worker). Its request log
+    goes to DEVNULL: an unread pipe fills and stalls it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "start", "--port", str(port),
+                               "--in-memory", "--default-bucket", BUCKET, "-q"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the GCS emulator did not start on port {port}")
+            time.sleep(0.1)
+    host = f"http://127.0.0.1:{port}"
+    os.environ["STORAGE_EMULATOR_HOST"] = host  # for this process; subprocesses get it through `gcs.env`
+    from spcl_jax import storage
+
+    storage.use_emulator_if_set()
+    yield host
+    from spcl_jax import progress, workdir
+
+    progress.stop_logging_to_file()  # train.log of an in-process run on gs://: stored now, not at exit
+    workdir.release_claims()  # and the leases of in-process runs, while the emulator still answers
+    server.kill()
+    server.wait()
+
+
+class GcsFolder(str):
+    """A fresh gs:// folder (the str) with `env`: this environment with STORAGE_EMULATOR_HOST alone pointing at
+    the emulator, for launch.py subprocesses (spcl_jax derives tensorstore's and gcsfs' variables from it)."""
+
+    def __new__(cls, host, name):
+        folder = super().__new__(cls, f"gs://{BUCKET}/{name[:60]}-{secrets.token_hex(3)}")
+        derived = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+        folder.env = {k: v for k, v in os.environ.items() if k not in derived}
+        folder.env["STORAGE_EMULATOR_HOST"] = host
+        return folder
+
+
+@pytest.fixture
+def gcs(gcs_emulator, request):
+    return GcsFolder(gcs_emulator, request.node.name.split("[")[0])

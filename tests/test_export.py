@@ -4,6 +4,7 @@ on the exported tensors; bad input gives one line and exit status 2. `torchvisio
 encoder (where torch is installed) and `spcl_jax.load_encoder` against the trained network."""
 import builtins
 import json
+import logging as std_logging
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from configs import digits
 from spcl_jax import checkpoint, data, export, network
 from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import ResNet
-from spcl_jax.workdir import write_atomic
+from spcl_jax.storage import write_atomic
 from spcl_jax.method import METHODS
 
 STAGE_PLANES = (64, 128, 256, 512)
@@ -241,8 +242,13 @@ def test_full_width_export_has_torchvision_names_and_shapes(depth, stem):
 
 
 def _export_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        export.main(argv)
+    absl_logger = std_logging.getLogger("absl")
+    level = absl_logger.level
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            export.main(argv)
+    finally:  # main quiets orbax's notes for its process; the tests after this one log as before
+        absl_logger.setLevel(level)
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("export: error: "), lines

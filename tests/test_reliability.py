@@ -29,7 +29,8 @@ from configs import digits
 from spcl_jax import checkpoint, epoch_batches, network, train
 from spcl_jax import workdir as workdir_module
 from spcl_jax.errors import CheckpointError, ConfigError, DivergedError, WorkdirError
-from spcl_jax.metrics import MetricWriter, drop_partial_last_line, read_metrics
+from spcl_jax.metrics import MetricWriter, read_metrics
+from spcl_jax.storage import drop_partial_last_line
 from spcl_jax.workdir import claim_workdir
 from spcl_jax.method import METHODS
 from conftest import ROOT, TINY, launch

@@ -1,10 +1,10 @@
-"""spcl_jax.workdir.write_atomic: whole files only, with the permissions of any other file the run writes."""
+"""spcl_jax.storage.write_atomic: whole files only, with the permissions of any other file the run writes."""
 import os
 import stat
 
 import pytest
 
-from spcl_jax.workdir import write_atomic
+from spcl_jax.storage import write_atomic
 
 
 @pytest.fixture

@@ -143,7 +143,7 @@ def cached_header_errors(paths, folders, cache_dir):
     errors = header_errors(paths)
     if cache is not None:
         try:
-            from spcl_jax.workdir import write_atomic
+            from spcl_jax.storage import write_atomic
 
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             write_atomic(cache, lambda f: f.write(json.dumps({"folders": stamps, "bad": errors}).encode()))

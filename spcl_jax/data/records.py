@@ -128,7 +128,7 @@ def prepare(dataset, source_root, splits, classes, out, *, max_side=256, quality
                                 "another --out")
         log(f"resuming the prepare in {out}")
     else:
-        from spcl_jax.workdir import write_atomic
+        from spcl_jax.storage import write_atomic
 
         write_atomic(plan_path, lambda f: f.write(json.dumps(plan).encode()))
     jobs, names = [], {}
@@ -193,7 +193,7 @@ def write_shard(job):
     Undecodable files raise DataError or, with skip_bad, are left out."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from spcl_jax.workdir import write_atomic
+    from spcl_jax.storage import write_atomic
 
     out, name, paths, labels, max_side, quality, skip_bad = job
     slot = np.empty((*decode.canvas_shape(max_side), 3), np.uint8)
@@ -237,7 +237,7 @@ def _record(data, label, slot, quality):
 
 def write_meta(out, plan, classes, results):
     """labels, file lists and, last, records.json from {split: (paths, labels, [(shard, kept positions, _)])}."""
-    from spcl_jax.workdir import write_atomic
+    from spcl_jax.storage import write_atomic
 
     meta = dict(plan, classes=list(classes), splits={})
     for split, (paths, labels, shards) in results.items():
