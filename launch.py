@@ -25,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/digits.py; override any option with "
     "--config.<key>=<value> (all options and their meaning: configs/default.py).")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output directory (config.json, metrics.jsonl, tensorboard/, checkpoints/). "
+    "workdir", None, "Output directory or gs://bucket/path (config.json, metrics.jsonl, tensorboard/, checkpoints/). "
     "Default: runs/<config name>/<UTC timestamp>. Re-using a workdir resumes its newest checkpoint.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process runs on clusters without auto-detection: host:port "

@@ -144,5 +144,6 @@ def get_config():
     c.gpu_id = ""  # original flag: sets CUDA_VISIBLE_DEVICES before JAX starts ("" = leave as is)
     c.compilation_cache_dir = "~/.cache/spcl_jax/xla"  # JAX's persistent compilation cache ("" = off)
     c.listing_cache_dir = "~/.cache/spcl_jax/listings"  # image-folder listings by (path, mtime, count) ("" = off)
+    c.records_cache_dir = "~/.cache/spcl_jax/records"  # each host's copy of a gs:// dataset_path of prepared records
     c.max_steps_per_epoch = -1  # cap on train steps per epoch (tests and smoke runs); -1 = full epoch
     return c

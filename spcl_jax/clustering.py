@@ -4,13 +4,12 @@ labels) and the fresh prototype classifier.
 Everything takes the `train.Run` (its config, method, splits, mesh and encode program) and the state; nothing here
 steps the network.
 """
-import os
 
 import jax
 import numpy as np
 from flax import nnx
 
-from spcl_jax import features, kmeans, models, progress, prototypes, sharding, streams, visual
+from spcl_jax import features, kmeans, models, progress, prototypes, sharding, storage, streams, visual
 from spcl_jax.network import prototype_classifier_width
 
 VISUAL_POINTS = 5000  # examples in the `visual_cls` figure: a fixed random subset (datasets may be sorted by class)
@@ -92,7 +91,7 @@ def recluster(loop, state, epoch):
     if draw and jax.process_index() == 0:
         shown = streams.figure_subset(config.seed).permutation(len(pseudo))[:VISUAL_POINTS]
         image = visual.cluster_figure(points[shown], pseudo[shown], run.splits.pretrain.labels[shown], epoch + 1)
-        os.makedirs(os.path.join(loop.workdir, "figs"), exist_ok=True)
-        visual.save_png(image, os.path.join(loop.workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
+        storage.makedirs(storage.join(loop.workdir, "figs"))
+        visual.save_png(image, storage.join(loop.workdir, "figs", f"prototypes_epoch_{epoch + 1}.png"))
         writer.write_image(step, "prototypes/pca_by_pseudo_label", image)
     return pseudo

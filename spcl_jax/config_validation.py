@@ -10,7 +10,7 @@ import math
 
 from absl import logging
 
-from spcl_jax import augment, features, kmeans, losses, models, network, optim, probes, prototypes
+from spcl_jax import augment, features, kmeans, losses, models, network, optim, probes, prototypes, storage
 from spcl_jax import method as methods
 from spcl_jax.data import datasets, imagefolder, splits
 from spcl_jax.errors import ConfigError
@@ -166,6 +166,12 @@ def check_values(config, device_count):
                   f"a checkpoint directory (mode={config.mode} evaluates a saved encoder)")
     if config.dataset == "imagefolder" and not config.dataset_path:
         _fail("dataset_path", config.dataset_path, "the root of a <split>/<class>/<image> tree")
+    for key in ("load_checkpoint_dir", "dataset_path", "compilation_cache_dir"):
+        if storage.unsupported_scheme(config[key]):
+            _fail(key, config[key], "a local path or gs://bucket/path")
+    for key in ("data_dir", "records_cache_dir", "listing_cache_dir"):  # read by local-file readers, or host caches
+        if storage.unsupported_scheme(config[key]) or storage.is_url(config[key]):
+            _fail(key, config[key], "a local directory")
     if config.gpu_id and not all(p.strip().isdigit() for p in config.gpu_id.split(",")):
         _fail("gpu_id", config.gpu_id, "comma-separated GPU indices like '0,1'")
     return method

@@ -20,6 +20,7 @@ import secrets
 import socket
 import threading
 import time
+from typing import Callable
 
 from absl import logging
 
@@ -50,7 +51,8 @@ class Lease:
         self._thread = None
 
     @classmethod
-    def take(cls, url, *, seconds=LEASE_SECONDS, what=None, clock=time.monotonic):
+    def take(cls, url: str, *, seconds: float = LEASE_SECONDS, what: str | None = None,
+             clock: Callable[[], float] = time.monotonic) -> "Lease":
         """The lease on `url`, taken for this process and renewed until it exits; WorkdirError when a live run
         holds it."""
         lease = cls(url, seconds, what or url)
@@ -146,8 +148,9 @@ class Lease:
     def _refusal(self, holder):
         return WorkdirError(
             f"{self.what} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, started "
-            f"{holder.get('started')}; its lease, renewed {holder.get('renewed')}, lapses {holder.get('seconds')} "
-            "s after its last renewal if that run died); wait for it to finish or stop it, or pass another --workdir")
+            f"{holder.get('started')}; if that run died, its lease, renewed {holder.get('renewed')}, lapses "
+            f"{float(holder.get('seconds', self.seconds)):g} s after that); wait for it to finish or stop it, or pass "
+            "another --workdir")
 
     def _renew_until_stopped(self, clock):
         renewed = clock()
@@ -172,7 +175,7 @@ class Lease:
         logging.flush()
         os._exit(LOST_LEASE_EXIT)
 
-    def release(self):
+    def release(self) -> None:
         """Stops renewing and deletes the lease if it is still this run's."""
         if self._stop.is_set():
             return

@@ -2,13 +2,12 @@
 the steps wait for data, a metrics write that fails (the state saved first), the start-up log and the end-of-run
 summary files.
 """
-import os
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from spcl_jax import evaluate, visual
+from spcl_jax import evaluate, storage, visual
 from spcl_jax.data import pipeline
 from spcl_jax.errors import SAME_COMMAND, DivergedError, UserError, WorkdirError
 from spcl_jax.metrics import read_metrics
@@ -126,7 +125,7 @@ def log_epoch(epoch, config, epoch_means, summary, seconds, patience, eta):
 
 def write_summary(run, step, results, workdir):
     """`figs/losses.png` from metrics.jsonl and, after an evaluation, `results.json` and `results.md`."""
-    os.makedirs(os.path.join(workdir, "figs"), exist_ok=True)
-    visual.save_png(visual.losses_figure(read_metrics(workdir)), os.path.join(workdir, "figs", "losses.png"))
+    storage.makedirs(storage.join(workdir, "figs"))
+    visual.save_png(visual.losses_figure(read_metrics(workdir)), storage.join(workdir, "figs", "losses.png"))
     if results:
         evaluate.write_results(workdir, results, run.config, run.method.name, step)

@@ -22,13 +22,14 @@ import os
 import posixpath
 import secrets
 import time
+from typing import BinaryIO, Callable
 
 from absl import logging
 
 URL_SCHEME = "gs://"
 
 
-def use_emulator_if_set():
+def use_emulator_if_set() -> None:
     """With STORAGE_EMULATOR_HOST set, every gs:// access of this process goes to that emulator: tensorstore
     (orbax's arrays) reads its own variables, and gcsfs (orbax's directories) skips its bucket-layout
     lookup, a gRPC call an emulator does not answer. Called when spcl_jax is imported."""
@@ -39,27 +40,27 @@ def use_emulator_if_set():
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
-def is_url(path):
+def is_url(path) -> bool:
     return str(path).startswith(URL_SCHEME)
 
 
-def unsupported_scheme(path):
+def unsupported_scheme(path) -> str | None:
     """The scheme of `path` if it is a URL this library cannot write (s3://, hdfs://, ...), else None."""
     path = str(path)
     scheme = path.split("://", 1)[0] if "://" in path else None
     return scheme if scheme and not is_url(path) else None
 
 
-def join(path, *names):
+def join(path, *names: str) -> str:
     return posixpath.join(str(path), *names) if is_url(path) else os.path.join(path, *names)
 
 
-def absolute(path):
+def absolute(path) -> str:
     """A local path made absolute (orbax needs one); a URL as it is, without a trailing slash."""
     return str(path).rstrip("/") if is_url(path) else os.path.abspath(path)
 
 
-def parent(path):
+def parent(path) -> str:
     return posixpath.dirname(str(path).rstrip("/")) if is_url(path) else os.path.dirname(os.path.abspath(path))
 
 
@@ -79,7 +80,7 @@ def _bucket(url):
     return _client().bucket(_split(url)[0])
 
 
-def gcs_object(url):
+def gcs_object(url: str):
     """The client library's Blob of a gs:// URL."""
     bucket, key = _split(url)
     return _client().bucket(bucket).blob(key)
@@ -115,14 +116,14 @@ def _blobs_under(url):
     return _client().list_blobs(bucket, prefix=f"{key}/" if key else "")
 
 
-def isfile(path):
+def isfile(path) -> bool:
     if not is_url(path):
         return os.path.isfile(path)
     with os_errors(path):
         return bool(_split(path)[1]) and gcs_object(path).exists()
 
 
-def isdir(path):
+def isdir(path) -> bool:
     """A URL is a directory when an object lies under it (object storage has no empty folders)."""
     if not is_url(path):
         return os.path.isdir(path)
@@ -131,11 +132,11 @@ def isdir(path):
         return any(True for _ in _client().list_blobs(bucket, prefix=f"{key}/" if key else "", max_results=1))
 
 
-def exists(path):
+def exists(path) -> bool:
     return os.path.lexists(path) if not is_url(path) else isfile(path) or isdir(path)
 
 
-def listdir(path):
+def listdir(path) -> list[str]:
     """Names directly under `path` (files and folders), as `os.listdir`."""
     if not is_url(path):
         return os.listdir(path)
@@ -148,13 +149,26 @@ def listdir(path):
     return sorted(name for name in names if name)
 
 
-def makedirs(path):
+def sizes_under(url: str) -> dict[str, int]:
+    """{path relative to `url`: size in bytes} of every object under a gs:// folder."""
+    with os_errors(url):
+        key = _split(url)[1]
+        return {blob.name[len(key) + 1 if key else 0:]: blob.size for blob in _blobs_under(url)}
+
+
+def download(url: str, path: str) -> None:
+    """Copies the object at `url` to the local file `path`."""
+    with os_errors(url):
+        gcs_object(url).download_to_filename(path)
+
+
+def makedirs(path) -> None:
     """A local directory and its parents; nothing for a URL (a folder exists once an object lies in it)."""
     if not is_url(path):
         os.makedirs(path, exist_ok=True)
 
 
-def read_bytes(path):
+def read_bytes(path) -> bytes:
     if not is_url(path):
         with open(path, "rb") as f:
             return f.read()
@@ -162,11 +176,11 @@ def read_bytes(path):
         return gcs_object(path).download_as_bytes()
 
 
-def read_text(path):
+def read_text(path) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def write_atomic(path, write):
+def write_atomic(path, write: Callable[[BinaryIO], object]) -> None:
     """`write(file)` and publish the result whole: readers see the previous file or the new one, never part.
 
     Local: a temporary file beside `path`, fsync, rename. gs://: one upload of the bytes written."""
@@ -201,7 +215,7 @@ def _create_beside(path):
             continue
 
 
-def move(source, destination, *, markers=()):
+def move(source: str, destination: str, *, markers: tuple[str, ...] = ()) -> None:
     """Moves a file or folder. gs://: copies every object, then deletes the originals once all copies exist,
     so an interrupted move leaves the original whole (and perhaps part of a copy). Objects named in `markers`
     (e.g. orbax's `commit_success.txt`, which says a step is complete) are deleted first: an interrupted
@@ -223,7 +237,7 @@ def move(source, destination, *, markers=()):
             original.delete()
 
 
-def drop_partial_last_line(path, chunk=1 << 16):
+def drop_partial_last_line(path: str, chunk: int = 1 << 16) -> None:
     """Cuts the end of a local `path` back to its last newline: a run killed while writing a record leaves half a
     line, which the resumed run's next record would otherwise continue (one line no JSON parser reads)."""
     try:
@@ -252,7 +266,7 @@ class AppendLog:
     it uploads only when `interval` seconds have passed since the last upload), `sync` (everything written is
     stored now) and `close`. A `logging.StreamHandler` can write to it."""
 
-    def __init__(self, path, *, interval=30.0, clock=time.monotonic):
+    def __init__(self, path, *, interval: float = 30.0, clock: Callable[[], float] = time.monotonic):
         self.path = str(path)
         self._remote = is_url(path)
         if not self._remote:
@@ -268,20 +282,20 @@ class AppendLog:
             for stray in _client().list_blobs(_split(self.path)[0], prefix=_split(self.path)[1] + ".part-"):
                 stray.delete()  # the lines of an upload that a crash cut off before its compose
 
-    def write(self, text):
+    def write(self, text: str | bytes) -> None:
         """Appends `text` (str; on gs:// also bytes, e.g. TensorBoard's records)."""
         if not self._remote:
             self._file.write(text)
         elif text:
             self._pending.append(text.encode("utf-8") if isinstance(text, str) else bytes(text))
 
-    def flush(self):
+    def flush(self) -> None:
         if not self._remote:
             self._file.flush()
         elif self._pending and self._clock() - self._uploaded_at >= self._interval:
             self.sync()
 
-    def sync(self):
+    def sync(self) -> None:
         if not self._remote:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -300,7 +314,7 @@ class AppendLog:
         self._pending = []
         self._uploaded_at = self._clock()
 
-    def close(self):
+    def close(self) -> None:
         if self._remote:
             self.sync()
             atexit.unregister(self._sync_at_exit)

@@ -21,7 +21,7 @@ LOCK_FILE = ".lock"
 _held = {}  # real path (or URL) of a claimed workdir -> its lock's descriptor, or its Lease
 
 
-def claim_workdir(workdir):
+def claim_workdir(workdir: str) -> None:
     """Creates `workdir` if needed and claims it for this process; a second claim by it is a no-op.
 
     Raises WorkdirError when the workdir cannot be written or another process holds it.
@@ -55,7 +55,7 @@ def claim_workdir(workdir):
     _held[path] = fd
 
 
-def release_claims():
+def release_claims() -> None:
     """Gives back every claim of this process (the claims of a run otherwise last as long as its process: a
     resume in the same process, as tests do, claims again for free)."""
     while _held:
@@ -71,18 +71,24 @@ OUTPUT_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md", "t
 RUN_OUTPUTS = OUTPUT_DIRS + OUTPUT_FILES
 
 
-def check_outputs(workdir):
+def check_outputs(workdir: str) -> None:
     """Refuses a workdir where an output the run writes has the wrong kind (e.g. `checkpoints` a file,
-    `metrics.jsonl` a directory), before anything is compiled or written."""
+    `metrics.jsonl` a directory), before anything is compiled or written. A bucket that cannot be read is one line."""
     for names, wanted, is_kind in ((OUTPUT_DIRS, "directory", storage.isdir), (OUTPUT_FILES, "file", storage.isfile)):
         for name in names:
             path = storage.join(workdir, name)
-            if storage.exists(path) and not is_kind(path):
+            try:
+                wrong = storage.exists(path) and not is_kind(path)
+            except OSError as e:
+                raise WorkdirError(f"cannot read workdir {workdir} ({e.strerror or e}); check the bucket, the "
+                                   "credentials (application default credentials) and the network, or pass another "
+                                   "--workdir") from e
+            if wrong:
                 raise WorkdirError(f"{path} is not a {wanted}, and the run writes its {name} there; move it away or "
                                    "pass another --workdir")
 
 
-def set_aside(workdir):
+def set_aside(workdir: str) -> str:
     """Moves the run outputs of `workdir` into a new `replaced-<UTC time>` folder of it; returns its path."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     folder = storage.join(workdir, f"replaced-{stamp}")

@@ -54,6 +54,9 @@ BAD = [
     (["--config.n_classes=0"], "n_classes=0; valid: a number > 0, or 0 (every class of the data) with "
                                "infer_from_data=True"),
     (["--config.infer_from_data=True", "--config.pre_classes=-1"], "pre_classes=-1; valid: a number > 0, or 0"),
+    (["--config.dataset_path=s3://bucket/records"], "dataset_path='s3://bucket/records'; valid: a local path or "
+                                                    "gs://bucket/path"),
+    (["--config.records_cache_dir=gs://bucket/cache"], "records_cache_dir='gs://bucket/cache'; valid: a local directory"),
 ]
 
 

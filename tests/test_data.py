@@ -529,3 +529,13 @@ def test_prepare_without_tensorflow_says_what_to_install(tmp_path, capsys):
     assert prepare.main(["cifar10", "--data_dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out.strip()
     assert "\n" not in out and "pip install tensorflow-cpu" in out and f"--data_dir {tmp_path}" in out
+
+
+def test_imagenet_without_data_names_dataset_path_first(tmp_path):
+    config = get_config()
+    config.update(dataset="imagenet", data_dir=str(tmp_path))
+    with pytest.raises(DataError) as err:
+        load_splits(config)
+    assert str(err.value).startswith("dataset imagenet has no images: pass --config.dataset_path=DIR, an ImageNet "
+                                     "folder (DIR/train/<wnid>/*.JPEG, DIR/val/<wnid>/*.JPEG) or the records")
+    assert f"tfds imagenet2012 in {tmp_path}: " in str(err.value)

@@ -1,9 +1,9 @@
 """gs:// workdirs against a real GCS API (the `gcs` fixture: the registry's emulator, in memory): the storage
-functions, the workdir lease, and runs, checkpoints, evaluation and export whose paths are gs:// URLs.
+functions, the workdir lease, and runs, checkpoints, evaluation and export whose paths are gs:// URLs (two
+processes sharing one: test_multiprocess.py's PCA margins test).
 
-The emulator ignores generation preconditions (`ifGenerationMatch`), so what they add on GCS (exactly one of
-two runs that take a free lease at the same instant wins) is not tested here; the lease reads before it
-writes, so every sequential case is.
+tests/gcs_emulator.py adds to the emulator what GCS does and it lacks: generation headers on downloads (orbax's
+OCDBT needs them) and generation preconditions (the lease's "create only if absent" is tested against them).
 """
 import datetime
 import io
@@ -23,14 +23,13 @@ import pytest
 from sklearn.datasets import load_digits
 
 import spcl_jax
-from conftest import ROOT, TINY, GcsFolder, launch, launch_cli
+from conftest import ROOT, TINY, GcsFolder, launch
 from spcl_jax import checkpoint, evaluate, export, lease, storage, train
 from spcl_jax import workdir as workdir_module
-from spcl_jax.errors import WorkdirError
+from spcl_jax.data import load_splits, prepare, records, staging
+from spcl_jax.errors import DataError, WorkdirError
 from spcl_jax.metrics import read_metrics
-from test_multiprocess import RUN as MP_RUN
-from test_multiprocess import SIMCLR, _finish, _free_port, _tails, _wait_until
-from test_reliability import ON_SIGNAL_ONLY, RUN, STATE_KEYS, assert_same_run, config_of, own_signals  # noqa: F401 (a fixture)
+from test_reliability import ON_SIGNAL_ONLY, config_of, own_signals  # noqa: F401 (a fixture)
 
 
 def test_whole_files_listings_and_moves(gcs):
@@ -59,6 +58,19 @@ def test_whole_files_listings_and_moves(gcs):
     assert not storage.exists(storage.join(gcs, "a"))
 
 
+def test_a_run_moved_aside_on_gs_arrives_whole_and_leaves_nothing_behind(gcs):
+    names = ["checkpoints/2/commit_success.txt", "checkpoints/2/state/manifest.ocdbt", "config.json", "metrics.jsonl",
+             "tensorboard/events.out.tfevents.1.vm"]
+    for name in names:
+        storage.write_atomic(f"{gcs}/{name}", lambda f, name=name: f.write(name.encode()))
+    storage.write_atomic(f"{gcs}/{lease.LEASE_OBJECT}", lambda f: f.write(b"{}"))  # not a run output: stays
+    folder = workdir_module.set_aside(gcs)
+    assert folder.startswith(f"{gcs}/replaced-20")
+    moved = folder[len(gcs) + 1:]
+    assert listing(gcs) == sorted([lease.LEASE_OBJECT] + [f"{moved}/{name}" for name in names])
+    assert all(storage.read_text(f"{folder}/{name}") == name for name in names)
+
+
 def test_an_append_log_grows_by_whole_uploads_and_a_resumed_writer_continues_it(gcs):
     path = storage.join(gcs, "metrics.jsonl")
     now = [0.0]
@@ -85,6 +97,7 @@ def test_an_append_log_grows_by_whole_uploads_and_a_resumed_writer_continues_it(
 def test_a_leased_workdir_is_refused_naming_the_holder_and_released_at_the_end(gcs):
     holder = lease.Lease.take(storage.join(gcs, lease.LEASE_OBJECT), seconds=30, what=f"workdir {gcs}")
     try:
+        assert not lease.Lease(holder.url, 30, "a contender")._write(0)  # of two creations at once, one wins
         with pytest.raises(WorkdirError, match=rf"^workdir {gcs} is in use by another run \(pid \d+ on .+, started "
                                                r"20\d\d-.*; wait for it to finish or stop it, or pass another"):
             workdir_module.claim_workdir(gcs)
@@ -136,11 +149,6 @@ def test_a_run_whose_lease_is_taken_stops_at_once(gcs):
 
 # ---------------------------------------------------------------- runs with a gs:// workdir
 
-def _devices_flag(devices):
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-
-
 def listing(url):
     """Every object under `url`, as paths relative to it."""
     bucket, _, key = url[len("gs://"):].partition("/")
@@ -170,20 +178,38 @@ def event_scalars(data):
     return tags
 
 
+# One epoch of four steps with a checkpoint after every step (test_reliability's SIGTERM run, one epoch shorter).
+RUN = ["--config.method=spcl", "--config.n_epochs=1", "--config.max_steps_per_epoch=4",
+       "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=20"]
+NO_EVALUATION = "--config.evaluate_after_pretrain=False"
+
+
 @pytest.fixture(scope="module")
 def demo(gcs_emulator):
     """The tiny digits run with its evaluation through launch.py, its workdir on gs://, the emulator named by
-    STORAGE_EMULATOR_HOST alone."""
+    STORAGE_EMULATOR_HOST alone: also the uninterrupted run the interrupted ones are compared with."""
     workdir = GcsFolder(gcs_emulator, "demo")
-    done = launch(workdir, "--config.method=spcl", env=workdir.env)
+    done = launch(workdir, *RUN, "--config.checkpoint_every_steps=0", env=workdir.env)  # saved at the end only
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, done
+
+
+def assert_same_end(workdir, reference):
+    """The last checkpoints of two runs hold the same state, bit for bit (parameters, BatchNorm statistics, both
+    optimiser states, the step and the pseudo labels)."""
+    (got, got_step), (expected, step) = (checkpoint.restore_network(f"{w}/checkpoints", -1) for w in (workdir, reference))
+    assert got_step == step == 4
+    leaves = [jax.tree_util.tree_leaves_with_path(tree) for tree in (got, expected)]
+    assert [path for path, _ in leaves[0]] == [path for path, _ in leaves[1]]
+    for (path, a), (_, b) in zip(*leaves):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def test_a_run_writes_every_output_to_the_bucket_and_releases_its_lease(demo):
     workdir, done = demo
     names = listing(workdir)
-    assert {"config.json", "metrics.jsonl", "results.json", "results.md", "train.log"} <= set(names)
+    assert {"config.json", "metrics.jsonl", "results.json", "results.md", "train.log", "figs/losses.png"} <= set(names)
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))  # no local folder named after the URL
     assert not [n for n in names if n == lease.LEASE_OBJECT or ".part-" in n or ".tmp" in n], names
     assert json.loads(storage.read_text(f"{workdir}/config.json"))["method"] == "spcl"
     results = json.loads(storage.read_text(f"{workdir}/results.json"))
@@ -192,8 +218,8 @@ def test_a_run_writes_every_output_to_the_bucket_and_releases_its_lease(demo):
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
     assert "knn/test_top1" in records[-1]
     log = storage.read_text(f"{workdir}/train.log")
-    assert "epoch 2/2" in log and "knn/test_top1" in log  # the last lines too: stored at exit
-    assert checkpoint._finished_steps(f"{workdir}/checkpoints") == [2, 4]
+    assert "epoch 1/1" in log and "knn/test_top1" in log  # the last lines too: stored at exit
+    assert checkpoint._finished_steps(f"{workdir}/checkpoints") == [4]
     events = [n for n in names if n.startswith("tensorboard/events.out.tfevents.")]
     assert len(events) == 1
     scalars = event_scalars(storage.read_bytes(f"{workdir}/{events[0]}"))
@@ -204,29 +230,26 @@ def test_a_second_run_on_a_leased_workdir_is_refused_in_one_line(demo):
     workdir, _ = demo
     holder = lease.Lease.take(f"{workdir}/{lease.LEASE_OBJECT}", what=f"workdir {workdir}")
     try:
-        refused = launch(workdir, "--config.method=spcl", "--config.n_epochs=3", env=workdir.env)
+        refused = launch(workdir, *RUN, "--config.n_epochs=2", env=workdir.env)
     finally:
         holder.release()
     assert refused.returncode == 2, refused.stderr[-3000:]
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith(f"launch.py: error: workdir {workdir} is in use by another run (pid {os.getpid()} on "
                            f"{socket.gethostname()}, started {holder.record['started']};"), last
-    assert checkpoint._finished_steps(f"{workdir}/checkpoints") == [2, 4]  # untouched
+    assert checkpoint._finished_steps(f"{workdir}/checkpoints") == [4]  # untouched
 
 
 def test_evaluation_export_and_load_encoder_read_a_gs_checkpoint(demo, tmp_path):
     workdir, _ = demo
     checkpoints = f"{workdir}/checkpoints"
-    done = launch_cli("--config", "configs/digits.py", "--config.mode=linear_eval",
-                      f"--config.load_checkpoint_dir={checkpoints}", *TINY, env=workdir.env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    linear = json.loads(storage.read_text(f"{workdir}/eval/linear_eval/results.json"))  # beside the run
-    assert linear["step"] == 4 and {"linear_eval/test_top1", "knn/test_top1"} <= set(linear["metrics"])
-
-    config = config_of(TINY + ["--config.mode=knn_eval", f"--config.load_checkpoint_dir={checkpoints}"])
-    knn = evaluate.evaluate_checkpoint(config, evaluate.default_workdir(config))
-    assert knn["knn/test_top1"] == pytest.approx(linear["metrics"]["knn/test_top1"])
-    assert "knn/test_top1" in json.loads(storage.read_text(f"{workdir}/eval/knn_eval/results.json"))["metrics"]
+    for mode in ("linear_eval", "knn_eval"):  # in this process: the launch.py route is the export's below
+        config = config_of(TINY + [f"--config.mode={mode}", f"--config.load_checkpoint_dir={checkpoints}"])
+        evaluate.evaluate_checkpoint(config, evaluate.default_workdir(config))
+    linear, knn = (json.loads(storage.read_text(f"{workdir}/eval/{mode}/results.json"))  # beside the run
+                   for mode in ("linear_eval", "knn_eval"))
+    assert linear["step"] == knn["step"] == 4 and {"linear_eval/test_top1", "knn/test_top1"} <= set(linear["metrics"])
+    assert knn["metrics"]["knn/test_top1"] == pytest.approx(linear["metrics"]["knn/test_top1"])
 
     out = f"{workdir}/exported/encoder.npz"
     done = subprocess.run([sys.executable, "-m", "spcl_jax.export", "--checkpoint", checkpoints, "--out", out],
@@ -245,17 +268,12 @@ def test_evaluation_export_and_load_encoder_read_a_gs_checkpoint(demo, tmp_path)
     np.testing.assert_array_equal(spcl_jax.load_encoder(checkpoints)(images), spcl_jax.load_encoder(str(local))(images))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The SIGTERM test's run in one go, on a local disk."""
-    state, _ = train.train_and_evaluate(config_of(TINY + RUN), str(tmp_path_factory.mktemp("uninterrupted")))
-    return jax.device_get({k: state[k] for k in STATE_KEYS})
 
 
 @pytest.mark.usefixtures("own_signals")
-def test_sigterm_then_the_same_command_resumes_bit_identically(gcs, monkeypatch, uninterrupted):
-    """SIGTERM after step 3 (mid-epoch, saved by the signal) and the resumed run end with the parameters of the
-    uninterrupted run on a local disk, bit for bit; metrics.jsonl holds every step once."""
+def test_sigterm_then_the_same_command_resumes_bit_identically(gcs, monkeypatch, demo):
+    """SIGTERM after step 3 (saved by the signal) and the resumed run end with the state of the uninterrupted run,
+    bit for bit; metrics.jsonl holds every step once."""
     stops = [3]
     make_train_step = train.make_train_step
 
@@ -271,24 +289,24 @@ def test_sigterm_then_the_same_command_resumes_bit_identically(gcs, monkeypatch,
         return step
 
     monkeypatch.setattr(train, "make_train_step", signalling_step)
-    config = config_of(TINY + RUN + [ON_SIGNAL_ONLY])
+    config = config_of(TINY + RUN + [NO_EVALUATION, ON_SIGNAL_ONLY])
     with pytest.raises(checkpoint.Preempted, match="^stopped by SIGTERM at step 3; checkpoint saved"):
         train.train_and_evaluate(config, gcs)
     assert checkpoint._finished_steps(f"{gcs}/checkpoints") == [3]
-    state, _ = train.train_and_evaluate(config, gcs)
-    assert_same_run(state, uninterrupted)
-    assert checkpoint._finished_steps(f"{gcs}/checkpoints") == [3, 4, 8]
-    assert [r["step"] for r in read_metrics(gcs) if "train/loss" in r] == list(range(1, 9))
+    train.train_and_evaluate(config, gcs)
+    assert_same_end(gcs, demo[0])
+    assert checkpoint._finished_steps(f"{gcs}/checkpoints") == [3, 4]
+    assert [r["step"] for r in read_metrics(gcs) if "train/loss" in r] == [1, 2, 3, 4]
 
 
 @pytest.mark.usefixtures("own_signals")
-def test_a_run_killed_during_a_save_resumes_from_the_last_complete_step(gcs, uninterrupted):
+def test_a_run_killed_during_a_save_resumes_from_the_last_complete_step(gcs, demo):
     """SIGKILL while a step's objects are being written (orbax on gs:// writes a step in place and its
     commit_success.txt last): the step is not counted, and the resumed run ends as the uninterrupted one."""
     for attempt in range(4):
         workdir = GcsFolder(gcs.env["STORAGE_EMULATOR_HOST"], f"killed{attempt}")
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py",
-                                    f"--workdir={workdir}", *TINY, *RUN], cwd=ROOT, env=workdir.env,
+                                    f"--workdir={workdir}", *TINY, *RUN, NO_EVALUATION], cwd=ROOT, env=workdir.env,
                                    stderr=subprocess.DEVNULL)
         unfinished = []
         while process.poll() is None:
@@ -305,44 +323,49 @@ def test_a_run_killed_during_a_save_resumes_from_the_last_complete_step(gcs, uni
     else:
         pytest.fail("the kill never landed during a save in 4 runs")
     steps = checkpoint._finished_steps(f"{workdir}/checkpoints")
-    assert steps and steps[-1] < 8 and int(unfinished[-1]) not in steps
+    assert steps and steps[-1] < 4 and int(unfinished[-1]) not in steps
     assert checkpoint.restore_network(f"{workdir}/checkpoints", -1)[1] == steps[-1]
     with pytest.raises(WorkdirError, match="is in use by another run"):  # the killed run's lease has not lapsed
         workdir_module.claim_workdir(workdir)
     storage.gcs_object(f"{workdir}/{lease.LEASE_OBJECT}").delete()  # as if it had (the lease tests wait for that)
-    state, _ = train.train_and_evaluate(config_of(TINY + RUN), workdir)
-    assert_same_run(state, uninterrupted)
-    assert checkpoint._finished_steps(f"{workdir}/checkpoints") == list(range(1, 9))
+    train.train_and_evaluate(config_of(TINY + RUN + [NO_EVALUATION]), workdir)
+    assert_same_end(workdir, demo[0])
+    assert checkpoint._finished_steps(f"{workdir}/checkpoints") == [1, 2, 3, 4]
 
 
-def test_two_processes_share_a_gs_workdir_stop_together_and_one_process_resumes(gcs, tmp_path):
-    """2 processes x 2 devices on one gs:// workdir (process 0 holds the lease and writes the files, both write
-    their share of each checkpoint); SIGTERM to process 1 stops both at the same step with one committed
-    checkpoint, and the same command in one process on 4 devices finishes the run."""
-    command = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py", f"--workdir={gcs}",
-               *TINY, *MP_RUN, *SIMCLR]
-    port = _free_port()
-    pair = []
-    for index in range(2):
-        with open(tmp_path / f"{index}.log", "w") as log:
-            pair.append(subprocess.Popen(command + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                                    f"--process_id={index}", "--heartbeat_timeout_seconds=10",
-                                                    "--initialization_timeout_seconds=120"],
-                                         cwd=ROOT, env=dict(gcs.env, XLA_FLAGS=_devices_flag(2)), stdout=log,
-                                         stderr=subprocess.STDOUT))
-        pair[-1].log = log.name
-    _wait_until(lambda: "process 1 of 2 with" in open(pair[1].log).read(), pair)
-    pair[1].send_signal(signal.SIGTERM)
-    codes, logs = _finish(pair, timeout=300)
-    assert codes == [143, 143], _tails(pair)
-    assert all("stopped by SIGTERM at step 1; checkpoint saved" in log for log in logs), _tails(pair)
-    assert checkpoint._finished_steps(f"{gcs}/checkpoints") == [1]
-    assert not storage.exists(f"{gcs}/{lease.LEASE_OBJECT}")  # released by process 0 as it exited
+# ---------------------------------------------------------------- data on gs://
 
-    done = subprocess.run(command, cwd=ROOT, env=dict(gcs.env, XLA_FLAGS=_devices_flag(4)), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert checkpoint._finished_steps(f"{gcs}/checkpoints") == [1, 2]
-    assert [r["step"] for r in read_metrics(gcs) if "train/loss" in r] == [1, 2]
-    log = storage.read_text(f"{gcs}/train.log")  # continued by the resumed run
-    assert log.index("process 0 of 2 with 2 of 4 devices") < log.index("epoch 2/2")
+def test_prepared_records_on_gs_are_read_from_a_copy_each_host_makes_once_and_resumes(gcs, tmp_path):
+    """A gs:// dataset_path of prepared records is copied to records_cache_dir and read from there (array_record
+    reads local files: given a gs:// shard its reader did not return): the same images as the local records."""
+    from test_records import _config, imagenet_folder
+
+    imagenet_folder(tmp_path / "src")
+    out = tmp_path / "records"
+    assert prepare.main(["imagenet", "--dataset_path", str(tmp_path / "src"), "--out", str(out), "--max_side", "32",
+                         "--workers", "1"]) == 0
+    url = f"{gcs}/records"
+    for path in sorted(out.iterdir()):
+        storage.write_atomic(f"{url}/{path.name}", lambda f, path=path: f.write(path.read_bytes()))
+
+    cache = tmp_path / "cache"
+    local, reference = load_splits(_config(url, records_cache_dir=str(cache))), load_splits(_config(out))
+    copy = cache / gcs[len("gs://"):] / "records"
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in out.iterdir())
+    for name in ("pretrain", "test"):
+        a, b = getattr(local, name), getattr(reference, name)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        x, y = a.load(np.arange(len(a))), b.load(np.arange(len(b)))
+        for i in range(len(a)):
+            np.testing.assert_array_equal(x.upright(i), y.upright(i))
+
+    (copy / "train-00000-of-00001.array_record").unlink()  # an interrupted copy: only what is missing comes again
+    (copy / "records.json").unlink()
+    before = (copy / "test-00000-of-00001.array_record").stat().st_mtime_ns
+    assert staging.local_copy(url, str(cache)) == str(copy)
+    assert records.is_prepared(str(copy))
+    assert (copy / "test-00000-of-00001.array_record").stat().st_mtime_ns == before
+
+    storage.write_atomic(f"{gcs}/folder/train/a/0.png", lambda f: f.write(b"not records"))
+    with pytest.raises(DataError, match=r"holds no prepared records \(records.json missing\): image folders are read"):
+        staging.local_copy(f"{gcs}/folder", str(cache))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from spcl_jax import checkpoint
+from spcl_jax import checkpoint, storage
 from spcl_jax.models.param_groups import key_name
 from spcl_jax.metrics import read_metrics
 from spcl_jax.method import METHODS
@@ -49,9 +49,9 @@ def _env(devices):
     return env
 
 
-def _start(workdir, *overrides, processes=1, devices=4, port=None):
+def _start(workdir, *overrides, processes=1, devices=4, port=None, logs=None):
     """launch.py as `processes` processes of `devices` CPU devices each (output in
-    <workdir>.<launch>.<i>of<n>.log: a full pipe would block a process)."""
+    <logs or workdir>.<launch>.<i>of<n>.log: a full pipe would block a process)."""
     command = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/digits.py",
                f"--workdir={workdir}", *TINY, *RUN, *overrides]
     started, launch = [], next(_LAUNCHES)
@@ -59,7 +59,7 @@ def _start(workdir, *overrides, processes=1, devices=4, port=None):
         distributed = [] if processes == 1 else [
             f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={index}",
             f"--heartbeat_timeout_seconds={HEARTBEAT}", "--initialization_timeout_seconds=120"]
-        with open(f"{workdir}.{launch}.{index}of{processes}.log", "w") as log:
+        with open(f"{logs or workdir}.{launch}.{index}of{processes}.log", "w") as log:
             process = subprocess.Popen(command + distributed, cwd=ROOT, env=_env(devices), stdout=log,
                                        stderr=subprocess.STDOUT)
         process.log = log.name
@@ -67,8 +67,8 @@ def _start(workdir, *overrides, processes=1, devices=4, port=None):
     return started
 
 
-def _start_pair(workdir, *overrides):
-    return _start(workdir, *overrides, processes=2, devices=2, port=_free_port())
+def _start_pair(workdir, *overrides, logs=None):
+    return _start(workdir, *overrides, processes=2, devices=2, port=_free_port(), logs=logs)
 
 
 def _finish(processes, timeout):
@@ -209,16 +209,18 @@ FLIPPED_LABELS, INERTIA_RTOL = 0.05, 5e-3
 
 
 @pytest.mark.slow
-def test_with_pca_two_processes_and_one_or_eight_devices_agree_within_float_margins(tmp_path):
+def test_with_pca_two_processes_and_one_or_eight_devices_agree_within_float_margins(tmp_path, gcs):
     """The first clustering (PCA-whitening on) of 2 processes x 2 devices against the same run's clustering in this
     process on 4 devices, and that against 1 and 8 devices. (Multi-process runs with PCA-whitening on crashed at
-    their first clustering until this test: the host eigendecomposition fetched a global array.)"""
+    their first clustering until this test: the host eigendecomposition fetched a global array.) The two processes
+    share a gs:// workdir (the `gcs` emulator): process 0 holds its lease and writes its files, both write their
+    share of each checkpoint."""
     from jax.sharding import Mesh
 
     from spcl_jax import clustering, startup, streams, train
 
     run = ["--config.pca_dim=8", "--config.n_epochs=1", "--config.evaluate_after_pretrain=False"]
-    pair = _start_pair(tmp_path / "two_by_two", *run)  # after RUN: PCA-whitening on
+    pair = _start_pair(gcs, *run, logs=tmp_path / "two_by_two")  # after RUN: PCA-whitening on
     config, method, splits = startup.prepare(_config(TINY + RUN + run), 4)
     results = {}
     for devices in (4, 1, 8):
@@ -227,10 +229,10 @@ def test_with_pca_two_processes_and_one_or_eight_devices_agree_within_float_marg
         results[devices] = clustering.cluster(setup, state, 0, streams.kmeans_key(config.seed, 0))[:2]
     codes, _ = _finish(pair, timeout=600)
     assert codes == [0, 0], _tails(pair)
-    assert json.loads((tmp_path / "two_by_two" / "config.json").read_text())["pca_dim"] == 8
-    saved, _ = checkpoint.restore_network(str(tmp_path / "two_by_two" / "checkpoints"), 1)
-    results["2 processes"] = (saved["pseudo_labels"],
-                              {"inertia": _by_step(tmp_path / "two_by_two", "kmeans/inertia")[0]["kmeans/inertia"]})
+    assert json.loads(storage.read_text(f"{gcs}/config.json"))["pca_dim"] == 8
+    assert not storage.exists(f"{gcs}/.lease")  # released by process 0 as it exited
+    saved, _ = checkpoint.restore_network(f"{gcs}/checkpoints", 1)
+    results["2 processes"] = (saved["pseudo_labels"], {"inertia": _by_step(gcs, "kmeans/inertia")[0]["kmeans/inertia"]})
     reference, reference_stats = results[4]
     for topology, (pseudo, stats) in results.items():
         flipped = np.mean(pseudo != reference)

@@ -5,10 +5,12 @@ test set. `split_indices` then carves pretrain/train/valid out of the pool with 
 test set keeps the classes < n_classes; sources subset images and labels together (B-18).
 """
 import dataclasses
+import os
 
 import numpy as np
 
-from spcl_jax.data import digits, imagefolder, records, tfds_source
+from spcl_jax import storage
+from spcl_jax.data import digits, imagefolder, records, staging, tfds_source
 from spcl_jax.data.crops import EVAL_CROP_FRACTION
 from spcl_jax.data.decode import canvas_shape
 from spcl_jax.data.sources import ArraySource, FileSource, ShapeSource, TfdsSource
@@ -114,9 +116,12 @@ def _class_selection(config):
 def _files(config):
     """An image folder, or the records `python -m spcl_jax.data.prepare` wrote from one (detected)."""
     size = int(config.image_size) if config.dataset == "tinyimagenet" else load_size(config)
-    if records.is_prepared(config.dataset_path) or records.was_interrupted(config.dataset_path):
-        train, classes = records.open_split(config.dataset_path, "train", size, _class_selection(config))
-        test, _ = records.open_split(config.dataset_path, "test", size, _class_selection(config))
+    root = config.dataset_path
+    if storage.is_url(root):  # prepared records on gs://: read from this host's copy
+        root = staging.local_copy(root, config.records_cache_dir)
+    if records.is_prepared(root) or records.was_interrupted(root):
+        train, classes = records.open_split(root, "train", size, _class_selection(config))
+        test, _ = records.open_split(root, "test", size, _class_selection(config))
         return Pool(train, test, len(classes))
     if config.dataset == "imagefolder" and config.dataset_path and imagefolder.is_unlabeled(config.dataset_path):
         train, test, classes = imagefolder.unlabeled_dataset(config.dataset_path, skip_bad=bool(config.skip_bad_images),
@@ -128,6 +133,13 @@ def _files(config):
 
 
 def _imagenet_tfds(config):
+    root = tfds_source.tfds_data_dir(config.data_dir)
+    if not os.path.isdir(os.path.join(root, tfds_source.TFDS_NAMES[config.dataset])):  # before tfds' own warnings
+        raise DataError(
+            f"dataset {config.dataset} has no images: pass --config.dataset_path=DIR, an ImageNet folder "
+            "(DIR/train/<wnid>/*.JPEG, DIR/val/<wnid>/*.JPEG) or the records `python -m spcl_jax.data.prepare "
+            f"imagenet --dataset_path DIR --out RECORDS` writes from one (a local path or gs://); or, without "
+            f"dataset_path, tfds imagenet2012 in {root}: {tfds_source.prepare_hint(config.dataset, config.data_dir)}")
     select = _class_selection(config)
     names = tfds_source.label_names(config.dataset, config.data_dir)
     classes = names if select is None else select(names)
