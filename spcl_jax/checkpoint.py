@@ -7,12 +7,16 @@ crash during a save never damages the previous checkpoint; a save that fails (di
 writable) or a step that cannot be read ends the run with one CheckpointError line saying which step is
 intact.
 """
+from __future__ import annotations
+
 import contextlib
 import errno
 import hashlib
 import json
 import os
 import signal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -22,6 +26,12 @@ from absl import logging
 from spcl_jax import sharding, storage, workdir as workdirs
 from spcl_jax.errors import SAME_COMMAND, CheckpointError, WorkdirError
 from spcl_jax.models.param_groups import key_name
+
+if TYPE_CHECKING:  # for the hints only: importing them here would make a circle
+    from ml_collections import ConfigDict
+
+    from spcl_jax.data.datasets import Splits
+    from spcl_jax.method import Method
 
 # Keys that decide what the parameters mean: resuming with a different value is refused.
 IDENTITY_KEYS = ("method", "model", "stem", "width_multiplier", "proj_dim", "dataset", "image_size",
@@ -46,7 +56,7 @@ class Preempted(Exception):
 
 
 @contextlib.contextmanager
-def stop_at_once_on_sigterm(step):
+def stop_at_once_on_sigterm(step: int) -> Iterator[None]:
     """During the evaluation after pretraining, SIGTERM stops at once with a `Preempted` saying so."""
     def stop(signum, frame):
         raise Preempted(signum, step, evaluating=True)
@@ -67,11 +77,11 @@ def _reason(error):
     return f"{type(error).__name__}: {line if len(line) <= 320 else line[:100] + ' ... ' + line[-200:]}"
 
 
-def checkpoint_dir(workdir):
+def checkpoint_dir(workdir: str) -> str:
     return storage.absolute(storage.join(workdir, "checkpoints"))
 
 
-def resolved_config(config, method, facts=None):
+def resolved_config(config: ConfigDict, method: Method, facts: dict | None = None) -> dict:
     """The config as saved with every checkpoint (JSON types), with the resolved method's name and, when
     given, the facts of the run that a resume must find unchanged (`run_facts`)."""
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
@@ -81,7 +91,7 @@ def resolved_config(config, method, facts=None):
     return values
 
 
-def write_config_json(workdir, config, method, facts=None):
+def write_config_json(workdir: str, config: ConfigDict, method: Method, facts: dict | None = None) -> None:
     """`<workdir>/config.json`: the resolved config (and run facts) of what the workdir holds, written whole."""
     text = json.dumps(resolved_config(config, method, facts), indent=2, sort_keys=True)
     path = storage.join(workdir, "config.json")
@@ -96,7 +106,7 @@ def _digest(values):
     return hashlib.sha256("\n".join(map(str, values)).encode()).hexdigest()[:16]
 
 
-def data_fingerprint(splits):
+def data_fingerprint(splits: Splits) -> dict:
     """What identifies the pretraining data: a resume over other data would index other images (or fail)."""
     pretrain = splits.pretrain
     fingerprint = {"pretrain_examples": len(pretrain), "classes": splits.num_classes,
@@ -107,12 +117,12 @@ def data_fingerprint(splits):
     return fingerprint
 
 
-def run_facts(steps_per_epoch, splits):
+def run_facts(steps_per_epoch: int, splits: Splits) -> dict:
     """Facts saved with every checkpoint that must hold on resume (see `Manager.restore_or`)."""
     return {"steps_per_epoch": int(steps_per_epoch), "data": data_fingerprint(splits)}
 
 
-def open_manager(directory, *, keep=2, read_only=False):
+def open_manager(directory: str, *, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
     """Writable managers delete the temporary directories of saves that a crash cut short."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            cleanup_tmp_directories=not read_only)
@@ -198,7 +208,7 @@ class Manager:
                         " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else "")
         self.stop_signal = signum
 
-    def stop_requested(self, agree=True):
+    def stop_requested(self, agree: bool = True) -> bool:
         """Whether to save and stop now. The processes of a multi-process run must stop at the same step (a
         save is collective), so there they compare signals when `agree`, which all of them pass alike."""
         if jax.process_count() > 1:
@@ -210,7 +220,7 @@ class Manager:
             self.stop_signal = int(np.max(signals)) or None
         return self.stop_signal is not None
 
-    def restore_or(self, state, num_pretrain):
+    def restore_or(self, state: dict, num_pretrain: int) -> tuple[dict, np.ndarray | None]:
         """(state, pseudo labels) of the newest checkpoint in the workdir, or the given fresh state.
 
         A checkpoint of another run (identity keys, data or steps per epoch differ) is refused, or with
@@ -299,7 +309,7 @@ class Manager:
             advice = f"if it is damaged, move it aside (mv {step_dir} {step_dir}.unreadable) to {fallback}"
         return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({_reason(error)}); {advice}")
 
-    def set_aside_from(self, step, reason):
+    def set_aside_from(self, step: int, reason: str) -> int | None:
         """Moves saved steps >= `step` to `<step>.<reason>` (process 0) and stops saving; returns the newest
         step left, or None."""
         self.wait()
@@ -310,7 +320,7 @@ class Manager:
                              markers=(COMMIT_MARKER,))
         return max(_finished_steps(self.directory), default=None)
 
-    def save(self, state, pseudo, *, epoch_end):
+    def save(self, state: dict, pseudo: np.ndarray | None, *, epoch_end: bool) -> None:
         step = int(state["step"])
         if int(state["first_nonfinite_step"]) >= 0 or step in self._manager.all_steps():
             return
@@ -324,7 +334,7 @@ class Manager:
         self._pending = step
         logging.info("checkpoint of step %d %s", step, "(epoch end)" if epoch_end else "")
 
-    def wait(self):
+    def wait(self) -> None:
         """Blocks until the background save is complete; its failure becomes a CheckpointError."""
         try:
             self._manager.wait_until_finished()
@@ -340,7 +350,7 @@ class Manager:
                                f"{kept}: free disk space (or make the workdir writable), then to resume, run "
                                f"{SAME_COMMAND}")
 
-    def close(self):
+    def close(self) -> None:
         """Waits for the last save, then gives SIGTERM and SIGINT back to their previous handlers."""
         self.wait()
         self._shutdown()
@@ -374,7 +384,7 @@ def _open_step(directory, step):
     return manager, step
 
 
-def restore_network(directory, step):
+def restore_network(directory: str, step: int) -> tuple[dict, int]:
     """The saved pretraining state (nested dicts) of step `step` (-1 = newest) and that step."""
     manager, step = _open_step(directory, step)
     try:
@@ -391,7 +401,7 @@ def restore_network(directory, step):
     return restored, step
 
 
-def restore_config(directory, step):
+def restore_config(directory: str, step: int) -> tuple[dict, int]:
     """The resolved config (a dict, see `resolved_config`) saved with step `step` (-1 = newest), and that step."""
     manager, step = _open_step(directory, step)
     try:
@@ -403,7 +413,7 @@ def restore_config(directory, step):
         manager.close()
 
 
-def fill(template, raw, *, what):
+def fill(template: Any, raw: dict, *, what: str) -> Any:
     """`template` (an nnx State or any pytree) with its leaves taken from `raw`, the nested dicts a
     target-less orbax restore returns (string keys, Variables as {'value': array})."""
 

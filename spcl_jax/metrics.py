@@ -1,6 +1,7 @@
 """Metrics for people (TensorBoard) and machines (`<workdir>/metrics.jsonl`), from process 0 only."""
 import json
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class MetricWriter:
             self._jsonl = storage.AppendLog(self.path)
             self._tb = _tensorboard_writer(storage.join(workdir, "tensorboard"))
 
-    def write(self, step, epoch, scalars):
+    def write(self, step: int, epoch: int, scalars: Mapping[str, object]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "epoch": int(epoch) + 1}  # 1-based, as the logs count
@@ -59,23 +60,23 @@ class MetricWriter:
         for key, value in scalars.items():
             self._tb.add_scalar(key, float(np.asarray(value)), int(step))
 
-    def write_image(self, step, tag, image_hwc_uint8):
+    def write_image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
         if self.enabled:
             self._tb.add_image(tag, image_hwc_uint8, int(step), dataformats="HWC")
 
-    def flush(self):
+    def flush(self) -> None:
         if self.enabled:
             self._jsonl.sync()
             self._tb.flush()
 
-    def close(self):
+    def close(self) -> None:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
             self.enabled = False
 
 
-def read_metrics(workdir):
+def read_metrics(workdir: str) -> list[dict]:
     """All records of `<workdir>/metrics.jsonl` (for tests and tools)."""
     text = storage.read_text(storage.join(workdir, "metrics.jsonl"))
     return [json.loads(line) for line in text.splitlines() if line.strip()]

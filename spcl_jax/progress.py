@@ -9,6 +9,7 @@ take minutes with nothing else on the screen, are announced with their durations
 import logging as std_logging
 import sys
 import time
+from typing import TextIO
 
 from absl import logging
 from tqdm import tqdm
@@ -21,7 +22,7 @@ LINE_SECONDS = 30.0  # plain progress lines (stderr without a terminal, and trai
 _log_file = None  # the FileHandler of train.log, once `log_to_file` ran
 
 
-def log_to_file(workdir):
+def log_to_file(workdir: str) -> None:
     """From now on absl log lines, Python warnings, `show`n text and the plain progress lines also go to
     `<workdir>/train.log`, appended so that a resumed run continues it. Called by process 0 once it holds
     the workdir and its checkpoints passed their checks, so that a refused run writes nothing. On gs:// the
@@ -47,7 +48,7 @@ def log_to_file(workdir):
     _log_file = handler
 
 
-def stop_logging_to_file():
+def stop_logging_to_file() -> None:
     global _log_file
     if _log_file is not None:
         std_logging.getLogger().removeHandler(_log_file)
@@ -57,7 +58,7 @@ def stop_logging_to_file():
         _log_file = None
 
 
-def show(text, stream=None):
+def show(text: str, stream: TextIO | None = None) -> None:
     """Prints `text` (to stdout unless `stream`) and appends it to train.log."""
     print(text, file=stream or sys.stdout, flush=True)
     _append(text)
@@ -70,7 +71,7 @@ def _append(text):
             _log_file.flush()
 
 
-def duration(seconds):
+def duration(seconds: float) -> str:
     """H:MM:SS, hours unbounded, so that the ETA of a week-long run stays one token."""
     seconds = max(round(seconds), 0)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -85,10 +86,10 @@ class Announcement:
         self._began = clock()
 
     @property
-    def seconds(self):
+    def seconds(self) -> float:
         return self._clock() - self._began
 
-    def done(self, what, details=""):
+    def done(self, what: str, details: str = "") -> None:
         logging.info("%s in %.1f s%s", what, self.seconds, details, stacklevel=2)
 
 
@@ -105,19 +106,19 @@ class Pace:
         self._clustering_since = 0.0  # of those, the seconds spent after `_since`
 
     @property
-    def started(self):
+    def started(self) -> bool:
         """Whether this process completed a step (its first one compiles the step)."""
         return self._since is not None
 
-    def start(self, step):
+    def start(self, step: int) -> None:
         self._since = (step, self._clock())
 
-    def clustered(self, seconds):
+    def clustered(self, seconds: float) -> None:
         self._clusterings.append(seconds)
         if self.started:
             self._clustering_since += seconds
 
-    def seconds_left(self, step):
+    def seconds_left(self, step: int) -> float | None:
         """After `step` steps completed; None until a step after the first one completed."""
         if not self.started or step <= self._since[0]:
             return None
@@ -127,7 +128,7 @@ class Pace:
         per_clustering = sum(self._clusterings) / len(self._clusterings) if self._clusterings else 0.0
         return per_step * (self.total_steps - step) + per_clustering * clusterings
 
-    def eta(self, step):
+    def eta(self, step: int) -> str:
         left = self.seconds_left(step)
         return "?" if left is None else duration(left)
 
@@ -172,7 +173,7 @@ class Bar:
             logging.get_absl_handler().removeFilter(self._clear)
 
     @property
-    def step(self):
+    def step(self) -> int:
         """Completed steps of the run."""
         return self.epoch * self.total + self.done
 
@@ -181,7 +182,7 @@ class Bar:
         self._complete()
         self._pending = output
 
-    def logged(self, loss, lr, images_per_sec):
+    def logged(self, loss: float, lr: float, images_per_sec: float) -> None:
         self._complete()
         eta = self.pace.eta(self.step)
         if self._bar is not None:
