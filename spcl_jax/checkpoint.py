@@ -163,7 +163,7 @@ def _damaged(step_dir, error):
     return missing or any(sign.lower() in text.lower() for sign in DAMAGE_SIGNS)
 
 
-COMMIT_MARKER = "commit_success.txt"  # orbax on gs://: written last into a step's folder, which cannot be renamed
+COMMIT_MARKER = workdirs.COMMIT_MARKER
 
 
 def _finished_steps(directory):

@@ -121,7 +121,7 @@ class Lease:
             logging.warning("%s: the lease of the run of pid %s on %s (started %s) lapsed; taking it over",
                             self.what, holder.get("pid"), holder.get("host"), holder.get("started"))
             try:
-                storage.gcs_object(self.url).delete(if_generation_match=generation, **self._requests())
+                self.blob.delete(if_generation_match=generation, **self._requests())
             except (exceptions.NotFound, exceptions.PreconditionFailed):
                 pass  # released or taken by someone else meanwhile: look again
 
@@ -184,6 +184,6 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         try:
-            storage.gcs_object(self.url).delete(if_generation_match=self.generation, **self._requests())
+            self.blob.delete(if_generation_match=self.generation, **self._requests())
         except Exception as e:  # noqa: BLE001 - gone or taken: nothing of ours to delete
             logging.info("%s: its lease was not deleted (%s)", self.what, e)

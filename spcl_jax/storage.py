@@ -111,9 +111,14 @@ class os_errors:  # noqa: N801 - used as a function: `with os_errors(url):`
         return False
 
 
-def _blobs_under(url):
-    bucket, key = _split(url)
-    return _client().list_blobs(bucket, prefix=f"{key}/" if key else "")
+def _prefix(url):
+    """The object-name prefix of everything under a gs:// folder."""
+    key = _split(url)[1]
+    return f"{key}/" if key else ""
+
+
+def _blobs_under(url, **options):
+    return _client().list_blobs(_split(url)[0], prefix=_prefix(url), **options)
 
 
 def isfile(path) -> bool:
@@ -128,8 +133,7 @@ def isdir(path) -> bool:
     if not is_url(path):
         return os.path.isdir(path)
     with os_errors(path):
-        bucket, key = _split(path)
-        return any(True for _ in _client().list_blobs(bucket, prefix=f"{key}/" if key else "", max_results=1))
+        return any(True for _ in _blobs_under(path, max_results=1))
 
 
 def exists(path) -> bool:
@@ -141,9 +145,8 @@ def listdir(path) -> list[str]:
     if not is_url(path):
         return os.listdir(path)
     with os_errors(path):
-        bucket, key = _split(path)
-        prefix = f"{key}/" if key else ""
-        pages = _client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        prefix = _prefix(path)
+        pages = _blobs_under(path, delimiter="/")
         names = [blob.name[len(prefix):] for blob in pages]
         names += [folder[len(prefix):].rstrip("/") for folder in pages.prefixes]
     return sorted(name for name in names if name)
@@ -152,14 +155,17 @@ def listdir(path) -> list[str]:
 def sizes_under(url: str) -> dict[str, int]:
     """{path relative to `url`: size in bytes} of every object under a gs:// folder."""
     with os_errors(url):
-        key = _split(url)[1]
-        return {blob.name[len(key) + 1 if key else 0:]: blob.size for blob in _blobs_under(url)}
+        prefix = _prefix(url)
+        return {blob.name[len(prefix):]: blob.size for blob in _blobs_under(url)}
 
 
 def download(url: str, path: str) -> None:
-    """Copies the object at `url` to the local file `path`."""
-    with os_errors(url):
-        gcs_object(url).download_to_filename(path)
+    """Copies the object at `url` to the local file `path`, which appears whole or not at all (`write_atomic`)."""
+    def fetch(f):
+        with os_errors(url):
+            gcs_object(url).download_to_file(f)
+
+    write_atomic(path, fetch)
 
 
 def makedirs(path) -> None:

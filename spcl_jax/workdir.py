@@ -66,6 +66,8 @@ def release_claims() -> None:
             os.close(held)
 
 
+COMMIT_MARKER = "commit_success.txt"  # orbax on gs://: written last into a step's folder, which cannot be renamed
+
 OUTPUT_DIRS = ("checkpoints", "tensorboard", "figs")
 OUTPUT_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md", "train.log")
 RUN_OUTPUTS = OUTPUT_DIRS + OUTPUT_FILES
@@ -96,5 +98,5 @@ def set_aside(workdir: str) -> str:
         os.makedirs(folder)
     for name in RUN_OUTPUTS:
         if storage.exists(storage.join(workdir, name)):
-            storage.move(storage.join(workdir, name), storage.join(folder, name), markers=("commit_success.txt",))
+            storage.move(storage.join(workdir, name), storage.join(folder, name), markers=(COMMIT_MARKER,))
     return folder

@@ -8,7 +8,6 @@ already there with the object's size is kept, each file is downloaded to a tempo
 whole, and `records.json`, by which a folder counts as prepared, comes last.
 """
 import os
-import secrets
 
 from absl import logging
 
@@ -22,13 +21,13 @@ def local_copy(url: str, cache_dir: str) -> str:
     if not cache_dir:
         raise DataError(f"dataset_path={url} is on object storage, and records_cache_dir is empty: pass "
                         "--config.records_cache_dir=DIR on a local disk with room for the records")
-    if not storage.isfile(storage.join(url, records.META)):
+    objects = storage.sizes_under(url)
+    if records.META not in objects:
         raise DataError(f"dataset_path={url} holds no prepared records ({records.META} missing): image folders are "
                         f"read from a local disk; on gs:// pass the --out of `python -m spcl_jax.data.prepare` "
                         "(copied there whole, records.json included)")
     bucket_and_path = url[len(storage.URL_SCHEME):].rstrip("/")
     local = os.path.join(os.path.expanduser(cache_dir), *bucket_and_path.split("/"))
-    objects = storage.sizes_under(url)
     missing = {name: size for name, size in objects.items()
                if not (os.path.isfile(os.path.join(local, name)) and os.path.getsize(os.path.join(local, name)) == size)}
     if not missing and records.is_prepared(local):
@@ -41,13 +40,7 @@ def local_copy(url: str, cache_dir: str) -> str:
         for name in sorted(missing, key=lambda n: n == records.META):  # records.json last
             path = os.path.join(local, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-            try:
-                storage.download(storage.join(url, name), temporary)
-                os.replace(temporary, path)
-            finally:
-                if os.path.exists(temporary):
-                    os.unlink(temporary)
+            storage.download(storage.join(url, name), path)
     except OSError as e:
         raise DataError(f"copying the records at {url} to {local} failed ({e.strerror or e}); free disk space or "
                         "pass another --config.records_cache_dir, then run the same command (the copy resumes)"
