@@ -5,18 +5,20 @@ Importing this module starts nothing: no JAX, no config file.
 """
 import os
 import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 from absl import flags
 
 EXIT_USAGE = 2
 
 
-def program():
+def program() -> str:
     """The name the user typed: launch.py, or a console script's name (spcl-train, spcl-plan)."""
     return os.path.basename(sys.argv[0]) or "launch.py"
 
 
-def die(message, name=None):
+def die(message: str, name: str | None = None) -> NoReturn:
     """`<program>: error: <message>` on stderr (and train.log, once a run has one), exit 2."""
     from spcl_jax import progress
 
@@ -24,7 +26,7 @@ def die(message, name=None):
     sys.exit(EXIT_USAGE)
 
 
-def parse_flags(argv, doc, name=None):
+def parse_flags(argv: Sequence[str], doc: str, name: str | None = None) -> list[str]:
     """absl parsing with one-line errors and exit 2 instead of absl's usage dump and exit 1; `--help` prints
     `doc` and the flags."""
     if "--help" in argv or "-h" in argv:
@@ -51,7 +53,7 @@ def parse_flags(argv, doc, name=None):
         die(f"bad --config override: {' '.join(str(e).split())}", name)
 
 
-def check_config_file(path, name=None):
+def check_config_file(path: str, name: str | None = None) -> None:
     """One line for a config file that does not load, or whose get_config() does not return a full ConfigDict
     (absl would show a traceback, or take a missing get_config() for an unknown key)."""
     import importlib.util
@@ -61,7 +63,7 @@ def check_config_file(path, name=None):
 
     from configs import default
 
-    def where(error):
+    def where(error: BaseException) -> str:
         lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
                  if os.path.abspath(frame.filename) == os.path.abspath(path)]
         return f" at line {lines[-1]}" if lines else ""

@@ -13,13 +13,14 @@ and the padded rows count nowhere (sizes, sums, inertia, initial centroids, PCA 
 assignment -1 and all-zero preprocessed features.
 """
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.typing import ArrayLike
 
 from spcl_jax.sharding import from_whole
 
@@ -48,8 +49,9 @@ class KMeansResult(NamedTuple):
     cluster_sizes: jax.Array  # (K,) int32, valid rows per cluster
 
 
-def kmeans(x, num_clusters, num_iters, key, *, init="random", chunk_size=None, valid=None, ids=None,
-           precision="highest"):
+def kmeans(x: ArrayLike, num_clusters: int, num_iters: int, key: jax.Array, *, init: str | ArrayLike = "random",
+           chunk_size: int | None = None, valid: ArrayLike | None = None, ids: ArrayLike | None = None,
+           precision: str = "highest") -> KMeansResult:
     """Lloyd's k-means as faiss runs it for DeepCluster/SPCL, with no cluster left empty.
 
     Each of `num_iters` iterations assigns every row to its nearest centroid (squared L2) and moves
@@ -113,7 +115,8 @@ def _chunk_rows(mesh, num_rows, num_clusters, chunk_size):
     return min(chunk_size, num_rows // mesh.shape[DATA_AXIS])  # one compile for all larger
 
 
-def lower_kmeans(x, num_clusters, *, init="random", chunk_size=None, precision="highest"):
+def lower_kmeans(x: jax.ShapeDtypeStruct, num_clusters: int, *, init: str = "random", chunk_size: int | None = None,
+                 precision: str = "highest") -> jax.stages.Lowered:
     """The program `kmeans` runs on a feature bank like `x` (a `jax.ShapeDtypeStruct` (N, D) float32 with its rows
     sharded on a mesh's 'data' axis), with padding rows and ids as a run passes them, lowered without data: for
     compiling it for devices that are not here (`spcl_jax.plan`). The iteration count is an argument of the
@@ -136,7 +139,8 @@ class Whitened(NamedTuple):
     floored: jax.Array  # () int32, components whose eigenvalue was raised to the floor
 
 
-def pca_whiten(x, pca_dim, valid=None, eigen_floor=EIGEN_FLOOR):
+def pca_whiten(x: ArrayLike, pca_dim: int, valid: ArrayLike | None = None,
+               eigen_floor: float = EIGEN_FLOOR) -> Whitened:
     """PCA-whitening as faiss's PCAMatrix(D, pca_dim, eigen_power=-0.5): Λ^-1/2 Vᵀ (x − μ).
 
     Keeps min(pca_dim, D) components. μ and the covariance (divided by the number of valid rows,
@@ -175,7 +179,7 @@ def _host_eigenbasis(cov, eigen_floor, out_dim):
     return tuple(np.asarray(a) for a in basis)
 
 
-def lower_pca_whiten(x, pca_dim):
+def lower_pca_whiten(x: jax.ShapeDtypeStruct, pca_dim: int) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
     """The device programs of `pca_whiten` for a feature bank like `x` (see `lower_kmeans`), lowered without data:
     (the mean and covariance, the projection). The eigendecomposition between them runs on the host."""
     mesh, dim = x.sharding.mesh, x.shape[1]
@@ -189,14 +193,15 @@ def lower_pca_whiten(x, pca_dim):
 
 
 @jax.jit
-def l2_normalize_rows(x):
+def l2_normalize_rows(x: ArrayLike) -> jax.Array:
     """Scales each row to unit L2 norm; all-zero rows (padding) stay zero instead of becoming NaN."""
     x = x.astype(jnp.float32)
     norm = jnp.linalg.norm(x, axis=1, keepdims=True)
     return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def preprocess_features(x, pca_dim, valid=None, eigen_floor=EIGEN_FLOOR):
+def preprocess_features(x: ArrayLike, pca_dim: int, valid: ArrayLike | None = None,
+                        eigen_floor: float = EIGEN_FLOOR) -> Whitened:
     """The original's preprocessing: PCA-whitening to `pca_dim` (0 = none), then row L2-normalising.
     Returns a `Whitened` (floored = 0 without PCA)."""
     if not pca_dim:
@@ -259,7 +264,7 @@ def _kmeans_shard(x, valid, ids, key, init_centroids, num_iters, *, num_clusters
     else:
         centroids = _init_kmeanspp(x, valid, gidx, ids, init_key, num_clusters)
 
-    def lloyd_step(it, centroids):
+    def lloyd_step(it: jax.Array, centroids: jax.Array) -> jax.Array:
         means, counts = _cluster_means(x, valid, centroids, scale, chunk_size, precision)
         means = jnp.where(counts[:, None] > 0, means, centroids)
         return _split_empty(means, counts, jax.random.fold_in(split_key, it))
@@ -282,7 +287,7 @@ def _scan_rows(fn, carry, x, valid, chunk_size):
     chunk = chunk_size
     n_full, rem = divmod(x.shape[0], chunk)
 
-    def step(carry, i):
+    def step(carry: Any, i: jax.Array) -> tuple[Any, Any]:
         start = i * chunk
         return fn(carry, lax.dynamic_slice_in_dim(x, start, chunk),
                   lax.dynamic_slice_in_dim(valid, start, chunk))
@@ -331,7 +336,8 @@ def _cluster_means(x, valid, centroids, scale, chunk_size, precision):
     k = centroids.shape[0]
     c_aug = _augment(centroids)
 
-    def fn(carry, xc, vc):
+    def fn(carry: tuple[jax.Array, jax.Array], xc: jax.Array,
+           vc: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
         assign, _ = _nearest(xc, c_aug, precision)
         assign = jnp.where(vc, assign, k)  # out of range: dropped by segment_sum
         limbs, counts = carry
@@ -368,11 +374,11 @@ def _split_empty(centroids, counts, key):
     """faiss's split_clusters: each empty cluster takes half of a cluster picked ∝ (size − 1)."""
     sign = jnp.where(jnp.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0)
 
-    def needs_split(state):
+    def needs_split(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         _, counts, _ = state
         return jnp.any(counts == 0) & jnp.any(counts >= 2)
 
-    def split(state):
+    def split(state: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         centroids, counts, i = state
         empty = jnp.argmax(counts == 0)
         logits = jnp.where(counts >= 2, jnp.log(jnp.maximum(counts - 1, 1).astype(jnp.float32)),
@@ -391,11 +397,12 @@ def _split_empty(centroids, counts, key):
 
 def _fill_empty(x, valid, gidx, ids, assign, dist, centroids, counts):
     """Moves the farthest row of the biggest cluster into each empty cluster, which it then centres."""
-    def has_empty(state):
+    def has_empty(state: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
         counts = state[3]
         return jnp.any(counts == 0) & (jnp.max(counts) >= 2)
 
-    def fill(state):
+    def fill(state: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         assign, dist, centroids, counts = state
         empty, donor = jnp.argmax(counts == 0), jnp.argmax(counts)
         row = _global_argmax(jnp.where(valid & (assign == donor), dist, -jnp.inf), gidx, ids)
@@ -445,13 +452,13 @@ def _init_kmeanspp(x, valid, gidx, ids, key, k):
     One draw per centroid (no greedy trials); the draw is a Gumbel-max over per-row noise, so it is
     the same however the rows are sharded.
     """
-    def draw(i, weights):
+    def draw(i: int | jax.Array, weights: jax.Array) -> jax.Array:
         gumbel = -jnp.log(-jnp.log(_row_uniform(jax.random.fold_in(key, i), ids)))
         score = jnp.where(weights > 0, jnp.log(jnp.maximum(weights, 1e-30)) + gumbel, -3e38)
         row = _global_argmax(jnp.where(valid, score, -jnp.inf), gidx, ids)
         return _take_rows(x, gidx, row[None])[0]
 
-    def add(i, state):
+    def add(i: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         centroids, min_sq = state
         c = draw(i, min_sq)
         min_sq = jnp.minimum(min_sq, jnp.sum((x - c) ** 2, axis=1))

@@ -39,7 +39,7 @@ def _now():
 class Lease:
     """A taken lease on `url` (see the module docstring); `release` gives it back."""
 
-    def __init__(self, url, seconds, what):
+    def __init__(self, url: str, seconds: float, what: str):
         self.url, self.seconds, self.what = url, float(seconds), what
         self.blob = storage.gcs_object(url)
         self.record = {"host": socket.gethostname(), "pid": os.getpid(),

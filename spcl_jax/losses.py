@@ -4,8 +4,12 @@ Inputs of lower precision are promoted to float32 (float64 stays float64), so th
 Called on globally sharded arrays inside `jax.jit`, every batch reduction (the NT-Xent negatives included) spans
 the global batch.
 """
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
 
 CLUSTER_LOSSES = ("CE", "SCE")
 METRIC_LOSSES = ("BCE", "L1", "L2")
@@ -16,7 +20,7 @@ def _at_least_f32(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def l2_normalize(x, eps=1e-12):
+def l2_normalize(x: ArrayLike, eps: float = 1e-12) -> jax.Array:
     """Rows divided by max(||x||, eps), as torch F.normalize; the gradient stays finite at x = 0."""
     x = _at_least_f32(x)
     squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
@@ -29,7 +33,7 @@ def _similarity_logits(z_a, z_b, temperature):
     return jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST) / temperature
 
 
-def nt_xent(z_a, z_b, temperature):
+def nt_xent(z_a: jax.Array | np.ndarray, z_b: jax.Array | np.ndarray, temperature: float) -> jax.Array:
     """SimCLR NT-Xent: each of the 2B anchors has its other view as positive and the other 2B-2 rows as negatives.
 
     The self-similarity is masked with -inf inside a logsumexp, which cannot produce NaN (every row keeps its
@@ -42,13 +46,14 @@ def nt_xent(z_a, z_b, temperature):
     return jnp.mean(jax.nn.logsumexp(masked, axis=-1) - positives)
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits: ArrayLike, labels: jax.Array | np.ndarray) -> jax.Array:
     """Mean softmax cross-entropy of integer labels (torch nn.CrossEntropyLoss)."""
     log_probs = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
     return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
 
-def prototype_loss(logits, labels, kind="CE", alpha=0.1, beta=1.0):
+def prototype_loss(logits: ArrayLike, labels: jax.Array | np.ndarray, kind: str = "CE", alpha: float = 0.1,
+                   beta: float = 1.0) -> jax.Array:
     """Prototype classification loss: "CE", or "SCE" = alpha*CE + beta*mean(RCE) with the original's clamps.
 
     RCE = -sum_k clip(softmax, 1e-7, 1)_k * log(clip(onehot, 1e-4, 1)_k); logits are (B, K), labels (B,) in [0, K).
@@ -64,7 +69,7 @@ def prototype_loss(logits, labels, kind="CE", alpha=0.1, beta=1.0):
     return alpha * cross_entropy(logits, labels) + beta * jnp.mean(reverse)
 
 
-def metric_loss(logits, targets, kind="BCE"):
+def metric_loss(logits: ArrayLike, targets: ArrayLike, kind: str = "BCE") -> jax.Array:
     """Mean per-pair loss of metric logits (B,) or (B, 1) against 0/1 targets: "BCE" (with logits), "L1" or "L2"."""
     x = _at_least_f32(logits).reshape(-1)
     t = jnp.asarray(targets).reshape(-1).astype(x.dtype)
@@ -81,7 +86,8 @@ def metric_loss(logits, targets, kind="BCE"):
     return jnp.mean(per_pair)
 
 
-def siamese_metric_loss(metric_fn, h_i, h_j, v_i, v_j, similarity, kind="BCE"):
+def siamese_metric_loss(metric_fn: Callable[[jax.Array], jax.Array], h_i: ArrayLike, h_j: ArrayLike, v_i: ArrayLike,
+                        v_j: ArrayLike, similarity: ArrayLike, kind: str = "BCE") -> jax.Array:
     """Sum of the six pair terms of the siamese metric loss (DIFFERENCES.md, losses) on encoder features.
 
     The same-image view pairs (h_i, h_j) and (v_i, v_j) have target 1; the four cross-image pairs (h_i, v_i),
@@ -102,27 +108,27 @@ def siamese_metric_loss(metric_fn, h_i, h_j, v_i, v_j, similarity, kind="BCE"):
 
 
 def spcl_objective(
-    z_hi,
-    z_hj,
-    z_vi=None,
-    z_vj=None,
-    h_i=None,
-    h_j=None,
-    v_i=None,
-    v_j=None,
-    logits=None,
-    labels_a=None,
-    labels_b=None,
-    similarity=None,
-    metric_fn=None,
+    z_hi: jax.Array | np.ndarray,
+    z_hj: jax.Array | np.ndarray,
+    z_vi: jax.Array | np.ndarray | None = None,
+    z_vj: jax.Array | np.ndarray | None = None,
+    h_i: ArrayLike | None = None,
+    h_j: ArrayLike | None = None,
+    v_i: ArrayLike | None = None,
+    v_j: ArrayLike | None = None,
+    logits: Sequence[ArrayLike] | None = None,
+    labels_a: jax.Array | np.ndarray | None = None,
+    labels_b: jax.Array | np.ndarray | None = None,
+    similarity: ArrayLike | None = None,
+    metric_fn: Callable[[jax.Array], jax.Array] | None = None,
     *,
-    temperature,
-    contras_weight=1.0,
-    metric_weight=0.0,
-    cluster_weight=0.0,
-    cluster_loss="CE",
-    metric_loss_kind="BCE",
-):
+    temperature: float,
+    contras_weight: float | None = 1.0,
+    metric_weight: float | None = 0.0,
+    cluster_weight: float | None = 0.0,
+    cluster_loss: str = "CE",
+    metric_loss_kind: str = "BCE",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """λ_c·L_con + λ_m·L_metric + λ_p·L_proto (DIFFERENCES.md, losses) for every pretraining method.
 
     Image set A has views (z_hi, z_hj) / features (h_i, h_j), set B (z_vi, z_vj) / (v_i, v_j); B is absent in
@@ -170,7 +176,8 @@ def _on_all_blocks(mask):
     return jnp.tile(mask, (2, 2))
 
 
-def contrastive_diagnostics(z_a, z_b, labels, temperature):
+def contrastive_diagnostics(z_a: jax.Array | np.ndarray, z_b: jax.Array | np.ndarray, labels: jax.Array | np.ndarray,
+                            temperature: float) -> dict[str, jax.Array]:
     """False-negative statistics of one NT-Xent batch (DIFFERENCES.md, diagnostics and B-21), vectorised.
 
     With S = cosine/temperature over [a; b] and "same" = equal labels (B,):

@@ -1,6 +1,7 @@
 """Metrics for people (TensorBoard) and machines (`<workdir>/metrics.jsonl`), from process 0 only."""
 import json
 import math
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,10 +19,10 @@ class _EventsOnGcs:
     flush) instead of tensorboardX's own, which uploads the whole file at every flush and once more when it is
     garbage-collected, retrying for minutes at exit when the bucket cannot be reached."""
 
-    def open(self, path):
+    def open(self, path: str) -> storage.AppendLog:
         return storage.AppendLog(path)
 
-    def directory_check(self, path):
+    def directory_check(self, path: str) -> None:
         pass  # objects need no folder
 
 
@@ -40,7 +41,7 @@ class MetricWriter:
     metrics.jsonl is stored every `storage.AppendLog` interval and at `flush`; TensorBoard's events at its own.
     """
 
-    def __init__(self, workdir, *, enabled=True):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
         self.enabled = enabled
         self.path = storage.join(workdir, "metrics.jsonl")
         self._tb = None

@@ -6,15 +6,21 @@ prepares step i+1 while the device runs step i. On a terminal it is a tqdm bar; 
 SLURM logs) a plain line at a logged step at most every LINE_SECONDS. Compiling and clustering, which can
 take minutes with nothing else on the screen, are announced with their durations (`Announcement`).
 """
+from __future__ import annotations
+
 import logging as std_logging
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, TextIO
 
 from absl import logging
 from tqdm import tqdm
 
 from spcl_jax import storage
+
+if TYPE_CHECKING:
+    import jax
 
 LOG_FILE = "train.log"
 LINE_SECONDS = 30.0  # plain progress lines (stderr without a terminal, and train.log) at most this often
@@ -80,7 +86,7 @@ def duration(seconds: float) -> str:
 class Announcement:
     """Logs `doing ...` now and, on `done`, how long it took since: for waits long enough to look like a hang."""
 
-    def __init__(self, doing, clock=time.perf_counter):
+    def __init__(self, doing: str, clock: Callable[[], float] = time.perf_counter):
         self._clock = clock
         logging.info("%s ...", doing, stacklevel=2)  # the log line names the caller's file and line
         self._began = clock()
@@ -98,7 +104,8 @@ class Pace:
     (so compiling is left out, while checkpoints and monitors between epochs count) times the steps left,
     plus the mean measured clustering for each clustering still to come."""
 
-    def __init__(self, total_steps, clustering_steps, clock=time.monotonic):
+    def __init__(self, total_steps: int, clustering_steps: Collection[int],
+                 clock: Callable[[], float] = time.monotonic):
         """`clustering_steps`: the step counts at which a clustering runs (before the next step)."""
         self.total_steps, self._clustering_steps, self._clock = total_steps, clustering_steps, clock
         self._since = None  # (step, time) when this process's first step completed
@@ -136,11 +143,11 @@ class Pace:
 class _ClearBar(std_logging.Filter):
     """Clears the bar's line before a log line is printed; the bar redraws below it at its next update."""
 
-    def __init__(self, bar):
+    def __init__(self, bar: tqdm):
         super().__init__()
         self.bar = bar
 
-    def filter(self, record):
+    def filter(self, record: std_logging.LogRecord) -> bool:
         self.bar.clear()
         return True
 
@@ -152,8 +159,8 @@ class Bar:
     step. `logged` counts a logged step (its metrics were read, so it is complete) and shows its metrics.
     """
 
-    def __init__(self, epoch, n_epochs, steps_per_epoch, done, pace, *, enabled=True, stream=None,
-                 clock=time.monotonic):
+    def __init__(self, epoch: int, n_epochs: int, steps_per_epoch: int, done: int, pace: Pace, *, enabled: bool = True,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
         self.epoch, self.n_epochs, self.total, self.done = epoch, n_epochs, steps_per_epoch, done
         self.pace, self.enabled, self._clock = pace, enabled, clock
         self.stream = stream or sys.stderr
@@ -177,7 +184,7 @@ class Bar:
         """Completed steps of the run."""
         return self.epoch * self.total + self.done
 
-    def dispatched(self, output):
+    def dispatched(self, output: jax.Array) -> None:
         """`output`: a result of the step just dispatched (anything with `block_until_ready`)."""
         self._complete()
         self._pending = output

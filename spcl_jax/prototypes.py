@@ -30,7 +30,7 @@ class PairPlan(NamedTuple):
 class NoPairsError(ValueError):
     """The pseudo labels allow no positive or no negative pair (e.g. every image in one cluster)."""
 
-def member_table(pseudo_labels, num_clusters):
+def member_table(pseudo_labels: np.ndarray, num_clusters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cluster -> members table: members of cluster k are members_sorted[offsets[k]:offsets[k+1]].
 
     Returns (members_sorted (M,) int64, offsets (K+1,) int64, counts (K,) int64). Row indices are
@@ -49,8 +49,8 @@ def member_table(pseudo_labels, num_clusters):
     return members, offsets, counts
 
 
-def pair_plan(pseudo_labels, num_clusters, *, num_steps, batch_size, seed, epoch,
-              mode="exact_half"):
+def pair_plan(pseudo_labels: np.ndarray, num_clusters: int, *, num_steps: int, batch_size: int, seed: int, epoch: int,
+              mode: str = "exact_half") -> PairPlan:
     """An epoch's siamese pairs as a `PairPlan` of (num_steps, batch_size) arrays.
 
     similarity 1 = both rows in one prototype (drawn among clusters with >= 2 members), 0 = rows of
@@ -80,7 +80,7 @@ def pair_plan(pseudo_labels, num_clusters, *, num_steps, batch_size, seed, epoch
     n_pos = int(is_pos.sum())
     n_neg = is_pos.size - n_pos
 
-    def draw_member(clusters):
+    def draw_member(clusters: np.ndarray) -> np.ndarray:
         return members[offsets[clusters] + rng.integers(0, counts[clusters])]
 
     pos_cluster = positive_clusters[rng.integers(0, positive_clusters.size, n_pos)]
@@ -95,7 +95,8 @@ def pair_plan(pseudo_labels, num_clusters, *, num_steps, batch_size, seed, epoch
     return PairPlan(idx_a, idx_b, is_pos.astype(np.float32))
 
 
-def clustering_stats(assignments, num_clusters, inertia, true_labels=None):
+def clustering_stats(assignments: np.ndarray, num_clusters: int, inertia: float,
+                     true_labels: np.ndarray | None = None) -> dict[str, float]:
     """Diagnostics of one clustering: inertia, empty clusters, cluster sizes, NMI/ARI vs labels.
 
     Rows with assignment < 0 (padding) are left out; `true_labels` is aligned with `assignments`.

@@ -9,6 +9,7 @@ import logging as std_logging
 import os
 import sys
 import threading
+from typing import Any, NoReturn
 
 from absl import logging
 
@@ -16,7 +17,7 @@ EXIT_USAGE = 2
 _YNN_TYPES = "--xla_cpu_experimental_ynn_fusion_type"
 
 
-def configure(compilation_cache_dir="", verbose=False):
+def configure(compilation_cache_dir: str = "", verbose: bool = False) -> None:
     """Idempotent; the XLA flag only takes effect when called before JAX starts its CPU backend."""
     _choose_cpu_convolutions()
     _save_replicated_arrays_whole()
@@ -68,14 +69,14 @@ class LibraryInfoFilter(std_logging.Filter):
     """Keeps orbax's and jax's per-save/compile INFO chatter out of the run log; their warnings and errors
     show as one line each, without the traceback (a failed background save logs several), unless verbose."""
 
-    def __init__(self, keep_tracebacks=False):
+    def __init__(self, keep_tracebacks: bool = False):
         super().__init__()
         self.keep_tracebacks = keep_tracebacks
 
     # orbax warnings that mean nothing to a user: a read-only manager (evaluation, export) announcing itself
     MEANINGLESS = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
 
-    def filter(self, record):
+    def filter(self, record: std_logging.LogRecord) -> bool:
         quiet = any(part in record.pathname for part in ("/orbax/", "/jax/_src/"))
         if quiet and not self.keep_tracebacks:
             record.exc_info, record.exc_text = None, None
@@ -84,14 +85,15 @@ class LibraryInfoFilter(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or not quiet
 
 
-def auto_cluster():
+def auto_cluster() -> bool:
     """True under launchers JAX detects by itself (SLURM with several tasks, Open MPI, TPU pods)."""
     env = os.environ
     return (int(env.get("SLURM_NTASKS", "1")) > 1 or "OMPI_COMM_WORLD_SIZE" in env
             or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
 
 
-def connect(initialization_timeout_seconds, heartbeat_timeout_seconds, program="spcl_jax", **explicit):
+def connect(initialization_timeout_seconds: int, heartbeat_timeout_seconds: int, program: str = "spcl_jax",
+            **explicit: Any) -> None:
     """jax.distributed.initialize, bounded: when not every process has connected within
     `initialization_timeout_seconds` this prints one line and exits 2 (JAX itself would abort with a C++ stack
     trace blaming a dead task). A peer lost later is JAX's: it aborts the survivors (SIGABRT) after
@@ -102,7 +104,7 @@ def connect(initialization_timeout_seconds, heartbeat_timeout_seconds, program="
     timeout = initialization_timeout_seconds
     where = explicit.get("coordinator_address", "the address the cluster gave")
 
-    def give_up():
+    def give_up() -> NoReturn:
         print(f"{program}: error: not every process connected to the coordinator at {where} within {timeout} s; "
               "start all processes with the same --coordinator_address (process 0's host) and --num_processes, "
               "or raise --initialization_timeout_seconds", file=sys.stderr, flush=True)

@@ -15,6 +15,8 @@ gs:// goes through Google's client library, which finds credentials itself (appl
 on a TPU VM or GCE host, the machine's service account). `STORAGE_EMULATOR_HOST` (e.g. http://127.0.0.1:9023)
 points it, gcsfs and, through the variables `use_emulator_if_set` fills in, orbax's tensorstore at an emulator.
 """
+from __future__ import annotations
+
 import atexit
 import functools
 import io
@@ -22,9 +24,12 @@ import os
 import posixpath
 import secrets
 import time
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from absl import logging
+
+if TYPE_CHECKING:
+    from google.cloud.storage import Blob
 
 URL_SCHEME = "gs://"
 
@@ -40,27 +45,27 @@ def use_emulator_if_set() -> None:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
-def is_url(path) -> bool:
+def is_url(path: str | os.PathLike) -> bool:
     return str(path).startswith(URL_SCHEME)
 
 
-def unsupported_scheme(path) -> str | None:
+def unsupported_scheme(path: str | os.PathLike) -> str | None:
     """The scheme of `path` if it is a URL this library cannot write (s3://, hdfs://, ...), else None."""
     path = str(path)
     scheme = path.split("://", 1)[0] if "://" in path else None
     return scheme if scheme and not is_url(path) else None
 
 
-def join(path, *names: str) -> str:
+def join(path: str | os.PathLike, *names: str) -> str:
     return posixpath.join(str(path), *names) if is_url(path) else os.path.join(path, *names)
 
 
-def absolute(path) -> str:
+def absolute(path: str | os.PathLike) -> str:
     """A local path made absolute (orbax needs one); a URL as it is, without a trailing slash."""
     return str(path).rstrip("/") if is_url(path) else os.path.abspath(path)
 
 
-def parent(path) -> str:
+def parent(path: str | os.PathLike) -> str:
     return posixpath.dirname(str(path).rstrip("/")) if is_url(path) else os.path.dirname(os.path.abspath(path))
 
 
@@ -80,7 +85,7 @@ def _bucket(url):
     return _client().bucket(_split(url)[0])
 
 
-def gcs_object(url: str):
+def gcs_object(url: str) -> Blob:
     """The client library's Blob of a gs:// URL."""
     bucket, key = _split(url)
     return _client().bucket(bucket).blob(key)
@@ -90,7 +95,7 @@ class os_errors:  # noqa: N801 - used as a function: `with os_errors(url):`
     """Turns the client library's errors into the OSErrors a local path raises (FileNotFoundError,
     PermissionError, ...), so that callers handle both kinds of path with one `except`."""
 
-    def __init__(self, url):
+    def __init__(self, url: str | os.PathLike):
         self.url = url
 
     def __enter__(self):
@@ -121,14 +126,14 @@ def _blobs_under(url, **options):
     return _client().list_blobs(_split(url)[0], prefix=_prefix(url), **options)
 
 
-def isfile(path) -> bool:
+def isfile(path: str | os.PathLike) -> bool:
     if not is_url(path):
         return os.path.isfile(path)
     with os_errors(path):
         return bool(_split(path)[1]) and gcs_object(path).exists()
 
 
-def isdir(path) -> bool:
+def isdir(path: str | os.PathLike) -> bool:
     """A URL is a directory when an object lies under it (object storage has no empty folders)."""
     if not is_url(path):
         return os.path.isdir(path)
@@ -136,11 +141,11 @@ def isdir(path) -> bool:
         return any(True for _ in _blobs_under(path, max_results=1))
 
 
-def exists(path) -> bool:
+def exists(path: str | os.PathLike) -> bool:
     return os.path.lexists(path) if not is_url(path) else isfile(path) or isdir(path)
 
 
-def listdir(path) -> list[str]:
+def listdir(path: str | os.PathLike) -> list[str]:
     """Names directly under `path` (files and folders), as `os.listdir`."""
     if not is_url(path):
         return os.listdir(path)
@@ -161,20 +166,20 @@ def sizes_under(url: str) -> dict[str, int]:
 
 def download(url: str, path: str) -> None:
     """Copies the object at `url` to the local file `path`, which appears whole or not at all (`write_atomic`)."""
-    def fetch(f):
+    def fetch(f: BinaryIO) -> None:
         with os_errors(url):
             gcs_object(url).download_to_file(f)
 
     write_atomic(path, fetch)
 
 
-def makedirs(path) -> None:
+def makedirs(path: str | os.PathLike) -> None:
     """A local directory and its parents; nothing for a URL (a folder exists once an object lies in it)."""
     if not is_url(path):
         os.makedirs(path, exist_ok=True)
 
 
-def read_bytes(path) -> bytes:
+def read_bytes(path: str | os.PathLike) -> bytes:
     if not is_url(path):
         with open(path, "rb") as f:
             return f.read()
@@ -182,11 +187,11 @@ def read_bytes(path) -> bytes:
         return gcs_object(path).download_as_bytes()
 
 
-def read_text(path) -> str:
+def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def write_atomic(path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """`write(file)` and publish the result whole: readers see the previous file or the new one, never part.
 
     Local: a temporary file beside `path`, fsync, rename. gs://: one upload of the bytes written."""
@@ -272,7 +277,7 @@ class AppendLog:
     it uploads only when `interval` seconds have passed since the last upload), `sync` (everything written is
     stored now) and `close`. A `logging.StreamHandler` can write to it."""
 
-    def __init__(self, path, *, interval: float = 30.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: str | os.PathLike, *, interval: float = 30.0, clock: Callable[[], float] = time.monotonic):
         self.path = str(path)
         self._remote = is_url(path)
         if not self._remote:
@@ -334,5 +339,5 @@ class AppendLog:
             logging.warning("the last lines of %s could not be stored (%s)", self.path, e)
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return False if self._remote else self._file.closed

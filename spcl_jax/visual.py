@@ -6,6 +6,9 @@ import colorsys
 import io
 import itertools
 import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -25,13 +28,13 @@ def _font(size):
     return ImageFont.load_default(size=size)
 
 
-def label_colour(label):
+def label_colour(label: int | np.integer) -> tuple[int, int, int]:
     """A distinct colour per integer label: hues a golden-ratio turn apart."""
     r, g, b = colorsys.hsv_to_rgb((int(label) * 0.6180339887) % 1.0, 0.75, 0.85)
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def ticks(lo, hi, count=5):
+def ticks(lo: float, hi: float, count: int = 5) -> list[tuple[float, str]]:
     """About `count` round values (1, 2 or 5 times a power of ten apart) within [lo, hi]."""
     raw = (hi - lo) / count
     power = 10.0 ** math.floor(math.log10(raw))
@@ -53,7 +56,8 @@ def _limits(values, pad=0.04):
 class _Panel:
     """One panel: a white PANEL_WIDTH x PANEL_HEIGHT image with axes over the data limits `xlim`, `ylim`."""
 
-    def __init__(self, title, xlabel, ylabel, xlim, ylim):
+    def __init__(self, title: str, xlabel: str, ylabel: str, xlim: tuple[float, float],
+                 ylim: tuple[float, float]):
         self.image = Image.new("RGB", (PANEL_WIDTH, PANEL_HEIGHT), "white")
         self.draw = ImageDraw.Draw(self.image)
         self.xlim, self.ylim = xlim, ylim
@@ -76,13 +80,13 @@ class _Panel:
         ImageDraw.Draw(ylabel_image).text((PLOT / 2, 9), ylabel, fill=INK, font=_font(13), anchor="mm")
         self.image.paste(ylabel_image.rotate(90, expand=True), (4, TOP))
 
-    def x(self, value):
+    def x(self, value: float) -> float:
         return LEFT + (value - self.xlim[0]) / (self.xlim[1] - self.xlim[0]) * PLOT
 
-    def y(self, value):
+    def y(self, value: float) -> float:
         return TOP + PLOT - (value - self.ylim[0]) / (self.ylim[1] - self.ylim[0]) * PLOT
 
-    def legend(self, colour, text, line=False):
+    def legend(self, colour: tuple[int, int, int] | None, text: str, line: bool = False) -> None:
         """One legend line: a swatch of `colour` (a line segment if `line`; none for None) and `text`."""
         x, y = LEFT + PLOT + 14, self.legend_y
         if line:
@@ -114,7 +118,7 @@ def _scatter_panel(points, labels, title, name, names, radius=2):
     return panel.image
 
 
-def cluster_figure(points, pseudo, labels, epoch):
+def cluster_figure(points: np.ndarray, pseudo: np.ndarray, labels: np.ndarray, epoch: int) -> np.ndarray:
     """(n, 2) whitened components coloured by pseudo label and, if any of `labels` is >= 0 (ground truth;
     < 0 = unlabelled), a second panel coloured by it -> (PANEL_HEIGHT, 1 or 2 PANEL_WIDTH, 3) uint8."""
     points, labels = np.asarray(points, np.float64), np.asarray(labels)
@@ -155,7 +159,7 @@ def _series(records, key):
     return steps, np.asarray([by_step[s] for s in sorted(by_step)], np.float64)
 
 
-def losses_figure(records):
+def losses_figure(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """Every `train/loss*` term and `train/lr` of `metrics.jsonl` records against the step, in two panels
     -> (PANEL_HEIGHT, 2 PANEL_WIDTH, 3) uint8."""
     keys = sorted({k for r in records for k in r if k.startswith("train/loss")}, key=lambda k: (k != "train/loss", k))
@@ -165,7 +169,7 @@ def losses_figure(records):
                           _lines_panel({k: v for k, v in lr.items() if len(v[0])}, "learning rate", "learning rate")])
 
 
-def save_png(image, path):
+def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
     """Writes an (H, W, 3) uint8 image as a PNG that appears whole or not at all."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")

@@ -9,9 +9,16 @@ pure function of the run's seed and its place in the epoch's plan, whatever the 
 `scale`, log aspect ratio uniform in `log(ratio)`, 10 attempts, then the centre-crop fallback with
 the ratio clamped. `random_resized_crop_boxes` is the same for many images from drawn uniforms.
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10
@@ -36,7 +43,7 @@ def _mix(z):
         return z ^ (z >> np.uint64(31))
 
 
-def counter_uniforms(seed, ids, count):
+def counter_uniforms(seed: Iterable[int], ids: npt.ArrayLike, count: int) -> np.ndarray:
     """(len(ids), count) float64 uniforms in [0, 1), a pure function of (seed words, id): row i is the
     SplitMix64 stream of a state hashed from `seed` and ids[i]. So an image's views depend on its id (its
     place in an epoch's plan, or its dataset index) and nothing else: not on the batch it falls in, the
@@ -50,7 +57,8 @@ def counter_uniforms(seed, ids, count):
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
-def random_resized_crop_boxes(u, heights, widths, scale, ratio=CROP_RATIO):
+def random_resized_crop_boxes(u: npt.ArrayLike, heights: npt.ArrayLike, widths: npt.ArrayLike, scale: Sequence[float],
+                              ratio: Sequence[float] = CROP_RATIO) -> np.ndarray:
     """(n, 4) int64 boxes (top, left, h, w) from (n, CROP_DRAWS) uniforms for images of the given sizes."""
     u = np.asarray(u, np.float64)
     heights = np.asarray(heights, np.int64)[:, None]
@@ -84,13 +92,15 @@ def _fallback(heights, widths, ratio):
     return h.astype(np.int64), w.astype(np.int64)
 
 
-def random_resized_crop_box(rng, height, width, scale, ratio=CROP_RATIO):
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, scale: Sequence[float],
+                            ratio: Sequence[float] = CROP_RATIO) -> tuple[int, ...]:
     """torchvision's RandomResizedCrop.get_params: (top, left, h, w) ints, from a numpy Generator."""
     box = random_resized_crop_boxes(rng.random((1, CROP_DRAWS)), [height], [width], scale, ratio)[0]
     return tuple(int(v) for v in box)
 
 
-def center_crop_boxes(heights, widths, raw_heights, raw_widths, crop):
+def center_crop_boxes(heights: npt.ArrayLike, widths: npt.ArrayLike, raw_heights: npt.ArrayLike,
+                      raw_widths: npt.ArrayLike, crop: float) -> np.ndarray:
     """(n, 4) float boxes of torchvision's CenterCrop(crop) on the raw images, in stored pixels.
 
     `crop` is in pixels of the raw (original) image, as the original applies it to the file it reads;
@@ -105,6 +115,6 @@ def center_crop_boxes(heights, widths, raw_heights, raw_widths, crop):
     return np.concatenate([start * factor, size * factor], axis=1)
 
 
-def eval_crop(image_size):
+def eval_crop(image_size: int) -> int:
     """Side of the original's eval centre crop for crop size S: int(0.875 S) (28 for 32, 196 for 224)."""
     return int(EVAL_CROP_FRACTION * image_size)

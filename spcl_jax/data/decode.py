@@ -14,6 +14,7 @@ at least twice as big as needed. Other formats, and JPEGs simplejpeg refuses
 import io
 import math
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -34,12 +35,12 @@ class Decoded(NamedTuple):
     transposed: bool  # the canvas holds the image transposed (a portrait stored as a landscape)
 
 
-def canvas_shape(load_size):
+def canvas_shape(load_size: int) -> tuple[int, int]:
     """(height, width) of the canvas for images whose shorter side is capped at `load_size`."""
     return int(load_size), int(math.ceil(load_size * CANVAS_ASPECT))
 
 
-def fitted_size(height, width, canvas):
+def fitted_size(height: int, width: int, canvas: Sequence[int]) -> tuple[int, int]:
     """Upright (h, w) after scaling down to fit a canvas in whichever orientation holds it whole."""
     scale = min(1.0, canvas[0] / min(height, width), canvas[1] / max(height, width))
     if scale >= 1.0:
@@ -47,7 +48,8 @@ def fitted_size(height, width, canvas):
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def place(slot, image, raw_size=None, transposed=False):
+def place(slot: np.ndarray, image: np.ndarray, raw_size: Sequence[int] | None = None,
+          transposed: bool = False) -> Decoded:
     """Writes uint8 `image` (h, w, 3) top-left into `slot` (the canvas, landscape), transposing a
     portrait, and zeroes the rest of the slot. `transposed` says `image` is already transposed
     (prepared records store portraits that way). Returns its `Decoded`."""
@@ -68,7 +70,7 @@ def _resize(image, height, width):
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
-def too_many_pixels(height, width):
+def too_many_pixels(height: int, width: int) -> str | None:
     """Why an image this big is refused (over PIL's decompression-bomb limit `Image.MAX_IMAGE_PIXELS`, where PIL
     starts to warn), else None: one limit for every format and for the header scan of image folders."""
     limit = Image.MAX_IMAGE_PIXELS
@@ -106,7 +108,8 @@ def _decode_pil(data):
         raise DecodeError(str(e) or type(e).__name__) from e
 
 
-def decode_into(slot, data, raw_size=None, transposed=False):
+def decode_into(slot: np.ndarray, data: bytes, raw_size: Sequence[int] | None = None,
+                transposed: bool = False) -> Decoded:
     """Decodes image bytes into the canvas `slot` (Hc, Wc, 3), scaled down to fit; returns `Decoded`.
 
     `raw_size` and `transposed` describe bytes that were already prepared (see `spcl_jax.data.records`):

@@ -14,7 +14,7 @@ TEST_SIZE = 450  # fixed stratified test split: 1,347 train / 450 test
 SPLIT_SEED = 0  # independent of config.seed so every run is tested on the same images
 
 
-def resize_digits(images, size):
+def resize_digits(images: np.ndarray, size: int) -> np.ndarray:
     """float (n, 8, 8) in 0..16 -> uint8 (n, size, size, 3) in 0..255."""
     out = np.empty((len(images), size, size), np.float32)
     for i, image in enumerate(images):
@@ -23,7 +23,7 @@ def resize_digits(images, size):
     return np.repeat(out[..., None], 3, axis=-1)
 
 
-def digits_arrays(size):
+def digits_arrays(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_images, train_labels, test_images, test_labels), images uint8 (n, size, size, 3)."""
     digits = load_digits()
     labels = digits.target.astype(np.int64)
@@ -35,7 +35,7 @@ def digits_arrays(size):
     return images[train], labels[train], images[test], labels[test]
 
 
-def channel_stats(images):
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, in [0, 1] units (the normalisation constants)."""
     x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
     return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))

@@ -8,6 +8,8 @@ or is dropped with a warning under `skip_bad_images`. Pixels are decoded later, 
 The header checks of a split are cached (`listing_cache_dir`) under its class folders' (path,
 modification time, entry count): a resume or a second run lists the folders but opens no file.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 import logging
@@ -15,6 +17,8 @@ import os
 import queue
 import stat
 import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -22,6 +26,9 @@ from PIL import Image
 from spcl_jax.data import decode
 from spcl_jax.data.sources import UNLABELED
 from spcl_jax.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 # ImageNet-100 of the CMC paper (Tian, Krishnan & Isola 2019, "Contrastive Multiview Coding"):
 # the 100 wnids of `imagenet100.txt` in github.com/HobbitLong/CMC, in that file's order. Checked
@@ -69,7 +76,7 @@ def _not_regular(mode):
     return next((name for is_kind, name in NOT_REGULAR if is_kind(mode)), "a special file")
 
 
-def header_error(path):
+def header_error(path: str) -> str | None:
     """None if PIL recognises the file as an image within PIL's decompression-bomb limit, else the reason.
 
     Only regular files are opened, and without blocking: opening a named pipe or a device could wait forever.
@@ -84,7 +91,7 @@ def header_error(path):
         return str(e) or type(e).__name__
 
 
-def header_errors(paths):
+def header_errors(paths: Sequence[str]) -> dict[str, str]:
     """{path: reason} of the files among `paths` that PIL does not recognise as images.
 
     Daemon threads check them while this thread waits on a queue, which Ctrl-C interrupts: a check stuck on
@@ -123,7 +130,7 @@ def _check_queued(todo, done, stop):
             done.put((path, e))
 
 
-def cached_header_errors(paths, folders, cache_dir):
+def cached_header_errors(paths: Sequence[str], folders: dict[str, int], cache_dir: str) -> dict[str, str]:
     """`header_errors(paths)`, read from `cache_dir` when the `folders` ({folder: number of files listed})
     holding the paths still have the modification times and file counts they had when it was written
     (else computed and written)."""
@@ -152,7 +159,8 @@ def cached_header_errors(paths, folders, cache_dir):
     return errors
 
 
-def check_images(paths, labels, *, skip_bad, hint, errors=None):
+def check_images(paths: Sequence[str], labels: npt.ArrayLike, *, skip_bad: bool, hint: str,
+                 errors: dict[str, str] | None = None) -> tuple[list[str], np.ndarray]:
     """Drop (with a warning) or reject (DataError) files that are not readable images; `errors` are
     their header errors when known ({path: reason}, e.g. from `cached_header_errors`)."""
     errors = header_errors(paths) if errors is None else errors
@@ -170,12 +178,13 @@ def check_images(paths, labels, *, skip_bad, hint, errors=None):
     return [paths[i] for i in keep], np.asarray(labels, np.int64)[keep]
 
 
-def require_dir(path, what, layout):
+def require_dir(path: str, what: str, layout: str) -> None:
     if not os.path.isdir(path):
         raise DataError(f"{what} {path} does not exist or is not a directory: expected the layout {layout}")
 
 
-def scan_classes(split_dir, classes, *, skip_bad, layout, subdir="", cache_dir=""):
+def scan_classes(split_dir: str, classes: Sequence[str], *, skip_bad: bool, layout: str, subdir: str = "",
+                 cache_dir: str = "") -> tuple[list[str], np.ndarray]:
     """(paths, labels) of `split_dir/<class>[/subdir]/<file>` for the given class folder names."""
     require_dir(split_dir, "image folder", layout)
     paths, labels, folders = [], [], {}
@@ -197,7 +206,7 @@ def scan_classes(split_dir, classes, *, skip_bad, layout, subdir="", cache_dir="
     return paths, labels
 
 
-def folder_classes(split_dir, layout):
+def folder_classes(split_dir: str, layout: str) -> list[str]:
     require_dir(split_dir, "image folder", layout)
     classes = [n for n in _list_dir(split_dir) if os.path.isdir(os.path.join(split_dir, n))]
     if not classes:
@@ -205,7 +214,7 @@ def folder_classes(split_dir, layout):
     return classes
 
 
-def eval_split_dir(root):
+def eval_split_dir(root: str) -> str:
     """root/val, else root/test: the split that becomes the test set."""
     for name in ("val", "test"):
         if os.path.isdir(os.path.join(root, name)):
@@ -213,7 +222,7 @@ def eval_split_dir(root):
     raise DataError(f"{root} has neither val/ nor test/: expected the layout {FOLDER_LAYOUT}")
 
 
-def imagenet100_classes(available, choice):
+def imagenet100_classes(available: Sequence[str], choice: str) -> list[str]:
     """The 100 wnids of ImageNet-100, sorted: the first 100 (the original's choice, the default) or the CMC
     paper's list (what most published ImageNet-100 numbers use)."""
     if choice == "cmc":
@@ -231,7 +240,8 @@ def imagenet100_classes(available, choice):
     raise DataError(f"imagenet100_classes={choice!r} is not one of {IMAGENET100_CHOICES}: pass --config.imagenet100_classes=first100")
 
 
-def folder_dataset(root, *, skip_bad, select=None, cache_dir=""):
+def folder_dataset(root: str, *, skip_bad: bool, select: Callable[[list[str]], list[str]] | None = None,
+                   cache_dir: str = "") -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray], list[str]]:
     """((train_paths, train_labels), (test_paths, test_labels), classes) of an image-folder tree.
 
     `select(available_classes) -> classes` narrows the classes (ImageNet-100); labels follow `classes`.
@@ -250,7 +260,7 @@ def folder_dataset(root, *, skip_bad, select=None, cache_dir=""):
     return train, test, classes
 
 
-def is_unlabeled(root):
+def is_unlabeled(root: str) -> bool:
     """root/train holds image files and no class folder: unlabeled images, for pretraining only."""
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
@@ -259,7 +269,8 @@ def is_unlabeled(root):
     return bool(names) and not any(os.path.isdir(os.path.join(train_dir, n)) for n in names)
 
 
-def unlabeled_dataset(root, *, skip_bad, cache_dir=""):
+def unlabeled_dataset(root: str, *, skip_bad: bool, cache_dir: str = ""
+                      ) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray], list[str]]:
     """((train paths, UNLABELED labels), (no test images), no classes) of the images directly in root/train.
 
     val/ and test/ are not read: linear and kNN evaluation train their classifiers on labelled train images,
@@ -274,7 +285,8 @@ def unlabeled_dataset(root, *, skip_bad, cache_dir=""):
     return (paths, labels), ([], np.zeros(0, np.int64)), []
 
 
-def tinyimagenet_dataset(root, *, skip_bad, cache_dir=""):
+def tinyimagenet_dataset(root: str, *, skip_bad: bool, cache_dir: str = ""
+                         ) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray], list[str]]:
     """Tiny ImageNet (200 classes, 64x64): train from train/<wnid>/images, test = the labelled val split."""
     require_dir(root, "dataset_path", TINY_LAYOUT)
     train_dir = os.path.join(root, "train")

@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,30 +35,30 @@ HEADER = struct.Struct("<iIIB")  # label, original height, original width (uprig
 SPLITS = ("train", "test")
 
 
-def encode_record(label, raw_size, transposed, jpeg):
+def encode_record(label: int, raw_size: Sequence[int], transposed: bool, jpeg: bytes) -> bytes:
     return HEADER.pack(int(label), int(raw_size[0]), int(raw_size[1]), int(transposed)) + bytes(jpeg)
 
 
-def decode_record(record):
+def decode_record(record: bytes) -> tuple[int, tuple[int, int], bool, bytes]:
     """(label, (raw h, raw w), transposed, jpeg bytes) of one record."""
     label, height, width, transposed = HEADER.unpack_from(record)
     return label, (height, width), bool(transposed), record[HEADER.size:]
 
 
-def shard_names(split, count):
+def shard_names(split: str, count: int) -> list[str]:
     shards = max(1, -(-count // RECORDS_PER_SHARD))
     return [f"{split}-{i:05d}-of-{shards:05d}.array_record" for i in range(shards)]
 
 
-def is_prepared(path):
+def is_prepared(path: str) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, META))
 
 
-def was_interrupted(path):
+def was_interrupted(path: str) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, PLAN)) and not is_prepared(path)
 
 
-def read_meta(path):
+def read_meta(path: str) -> dict[str, Any]:
     """The `records.json` of a prepared directory; DataError for a half-written or foreign one."""
     if was_interrupted(path):
         raise DataError(f"{path} is a prepare that did not finish: run the same `python -m spcl_jax.data.prepare "
@@ -75,7 +77,8 @@ def read_meta(path):
 class RecordSource(DecodingSource):
     """Images of one split of a prepared directory, decoded into canvases of `load_size`."""
 
-    def __init__(self, root, split, meta, record_ids, labels, load_size):
+    def __init__(self, root: str, split: str, meta: dict[str, Any], record_ids: np.ndarray, labels: np.ndarray,
+                 load_size: int):
         super().__init__(labels, len(record_ids), load_size, skip_bad=False)
         self._paths = [os.path.join(root, name) for name in meta["splits"][split]["shards"]]
         self._counts = meta["splits"][split]["shard_counts"]
@@ -99,7 +102,8 @@ class RecordSource(DecodingSource):
         return jpeg, raw_size, transposed
 
 
-def open_split(root, split, load_size, select=None):
+def open_split(root: str, split: str, load_size: int, select: Callable[[list[str]], Iterable[str]] | None = None
+               ) -> tuple[RecordSource, list[str]]:
     """(source, classes) of a prepared split; `select(classes) -> chosen classes` keeps some of them."""
     meta = read_meta(root)
     classes = list(meta["classes"])
@@ -112,8 +116,9 @@ def open_split(root, split, load_size, select=None):
     return RecordSource(root, split, meta, keep, labels[keep], load_size), chosen
 
 
-def prepare(dataset, source_root, splits, classes, out, *, max_side=256, quality=90, workers=1, skip_bad=False,
-            log=print):
+def prepare(dataset: str, source_root: str, splits: dict[str, tuple[Sequence[str], Sequence[int] | np.ndarray]],
+            classes: Sequence[str], out: str, *, max_side: int = 256, quality: int = 90, workers: int = 1,
+            skip_bad: bool = False, log: Callable[[str], object] = print) -> dict[str, Any]:
     """Writes the records of `splits` ({split: (paths, labels)}) to `out`, resuming an interrupted prepare of
     the same listing and settings; returns records.json's content."""
     os.makedirs(out, exist_ok=True)
@@ -187,7 +192,8 @@ def _shard_result(out, name):
         return name, json.load(f), None
 
 
-def write_shard(job):
+def write_shard(job: tuple[str, str, Sequence[str], Sequence[int | np.integer], int, int, bool]
+                ) -> tuple[str, list[str]]:
     """Writes one shard (a job: out dir, name, paths, labels, max_side, quality, skip_bad) to a temporary
     file, then its list of kept positions, then renames the shard into place; returns (name, skipped).
     Undecodable files raise DataError or, with skip_bad, are left out."""
@@ -235,7 +241,9 @@ def _record(data, label, slot, quality):
     return encode_record(label, decoded.raw_size, decoded.transposed, jpeg)
 
 
-def write_meta(out, plan, classes, results):
+def write_meta(out: str, plan: dict[str, Any], classes: Sequence[str],
+               results: dict[str, tuple[Sequence[str], np.ndarray, Sequence[tuple[str, Sequence[int], Any]]]]
+               ) -> dict[str, Any]:
     """labels, file lists and, last, records.json from {split: (paths, labels, [(shard, kept positions, _)])}."""
     from spcl_jax.storage import write_atomic
 

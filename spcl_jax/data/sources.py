@@ -7,14 +7,21 @@ so that the device can cut crops from the full field of view as the original's t
 does. In-memory datasets (digits, CIFAR, STL-10) are their own canvas; sources that decode (image
 files, tfds ImageNet records, prepared records) are picklable and cheap to send to loader workers.
 """
+from __future__ import annotations
+
 import copy
 import logging
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from spcl_jax.data import decode
 from spcl_jax.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from typing_extensions import Self
 
 UNLABELED = -1  # label of an image without ground truth (STL-10 'unlabelled')
 
@@ -27,7 +34,7 @@ class Images(NamedTuple):
     raw_size: np.ndarray  # int32 (n, 2): (h, w) of each original image, upright (eval crops are in its pixels)
     transposed: np.ndarray  # bool (n,)
 
-    def upright(self, i):
+    def upright(self, i: int) -> np.ndarray:
         """Image i as stored, upright: uint8 (h, w, 3)."""
         h, w = self.size[i]
         if self.transposed[i]:
@@ -35,7 +42,7 @@ class Images(NamedTuple):
         return self.pixels[i, :h, :w]
 
 
-def empty_images(count, canvas, pixels=None):
+def empty_images(count: int, canvas: tuple[int, ...], pixels: np.ndarray | None = None) -> Images:
     """`Images` to fill, with `pixels` (count, Hc, Wc, 3) given (e.g. in shared memory) or allocated."""
     if pixels is None:
         pixels = np.empty((count, *canvas, 3), np.uint8)
@@ -50,28 +57,28 @@ class _View:
 
     canvas_shape = None  # (Hc, Wc)
 
-    def __init__(self, labels, index):
+    def __init__(self, labels: npt.ArrayLike, index: npt.ArrayLike):
         self._index = np.asarray(index, np.int64)
         self.labels = np.asarray(labels, np.int64)
         if len(self.labels) != len(self._index):
             raise ValueError(f"{len(self.labels)} labels for {len(self._index)} images")
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._index)
 
     @property
-    def index(self):
+    def index(self) -> np.ndarray:
         """Positions of this source's images in its pool (the training set for pretrain/train/valid)."""
         return self._index
 
-    def load(self, indices, pixels=None):
+    def load(self, indices: npt.ArrayLike, pixels: np.ndarray | None = None) -> Images:
         """`Images` at positions `indices` of this source (into `pixels` when given)."""
         indices = np.asarray(indices, np.int64)
         out = empty_images(len(indices), self.canvas_shape, pixels)
         self._load_into(self._index[indices], out)
         return out
 
-    def subset(self, indices):
+    def subset(self, indices: npt.ArrayLike) -> Self:
         """A source over positions `indices` of this one (images and labels together)."""
         indices = np.asarray(indices, np.int64)
         view = copy.copy(self)
@@ -85,7 +92,7 @@ class ArraySource(_View):
 
     in_memory = True
 
-    def __init__(self, images, labels):
+    def __init__(self, images: np.ndarray, labels: npt.ArrayLike):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
         super().__init__(labels, np.arange(len(images)))
@@ -103,7 +110,7 @@ class ShapeSource(_View):
     """A split known only by its labels and the canvas its images would arrive in: what planning a run for
     hardware elsewhere needs when the data is not on this machine (`spcl_jax.plan`). It holds no images."""
 
-    def __init__(self, labels, canvas_shape, in_memory):
+    def __init__(self, labels: npt.ArrayLike, canvas_shape: Iterable[int], in_memory: bool):
         super().__init__(labels, np.arange(len(labels)))
         self.canvas_shape, self.in_memory = tuple(canvas_shape), in_memory
 
@@ -114,15 +121,15 @@ class ShapeSource(_View):
 class Strings:
     """Many strings (file paths) as one UTF-8 buffer plus offsets: pickles in one copy, unlike a list."""
 
-    def __init__(self, strings):
+    def __init__(self, strings: Iterable[str]):
         encoded = [s.encode() for s in strings]
         self._data = np.frombuffer(b"".join(encoded), np.uint8)
         self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._ends)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> str:
         start = self._ends[i - 1] if i > 0 else 0
         return self._data[start:self._ends[i]].tobytes().decode()
 
@@ -136,7 +143,7 @@ class DecodingSource(_View):
 
     in_memory = False
 
-    def __init__(self, labels, count, load_size, skip_bad):
+    def __init__(self, labels: npt.ArrayLike, count: int, load_size: int, skip_bad: bool):
         super().__init__(labels, np.arange(count))
         self.canvas_shape = decode.canvas_shape(load_size)
         self.skip_bad = skip_bad
@@ -160,7 +167,7 @@ class DecodingSource(_View):
 class FileSource(DecodingSource):
     """Images as files (image folders, ImageNet)."""
 
-    def __init__(self, paths, labels, load_size, *, skip_bad=False):
+    def __init__(self, paths: Sequence[str], labels: npt.ArrayLike, load_size: int, *, skip_bad: bool = False):
         super().__init__(labels, len(paths), load_size, skip_bad)
         self.paths = Strings(paths)
 
@@ -175,7 +182,8 @@ class FileSource(DecodingSource):
 class TfdsSource(DecodingSource):
     """Encoded images of a tfds array_record data source (imagenet2012) opened with image decoding skipped."""
 
-    def __init__(self, data_source, record_ids, labels, load_size, *, name=""):
+    def __init__(self, data_source: Sequence[Any], record_ids: np.ndarray, labels: npt.ArrayLike, load_size: int, *,
+                 name: str = ""):
         super().__init__(labels, len(record_ids), load_size, skip_bad=False)
         self._data_source = data_source
         self._record_ids = np.asarray(record_ids, np.int64)

@@ -5,12 +5,18 @@ As the original: per class, `val_sample` images are drawn without replacement fo
 train/valid, classes < pre_classes to pretrain. Corrected: train_sample=-1 keeps them all (B-11),
 pre_classes may exceed n_classes, and unlabeled images (label -1, STL-10) all join pretrain (B-14).
 """
+from __future__ import annotations
+
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spcl_jax.errors import DataError
 from spcl_jax.data.sources import UNLABELED
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 SAMPLING_MODES = ("permutation", "weighted_replacement")
 
@@ -24,7 +30,8 @@ class SplitIndices:
     valid: np.ndarray
 
 
-def split_indices(labels, *, n_classes, pre_classes, train_sample, val_sample, seed, dataset):
+def split_indices(labels: npt.ArrayLike, *, n_classes: int, pre_classes: int, train_sample: int, val_sample: int,
+                  seed: int, dataset: str) -> SplitIndices:
     """Per-class pretrain/train/valid indices of the training pool with ground-truth `labels`."""
     labels = np.asarray(labels, np.int64)
     if train_sample == 0 or train_sample < -1:
@@ -56,7 +63,8 @@ def split_indices(labels, *, n_classes, pre_classes, train_sample, val_sample, s
     return SplitIndices(*(np.sort(np.concatenate([none, *parts])) for parts in (pretrain, train, valid)))
 
 
-def pretrain_summary(labels, num_pretrain, *, pre_classes, train_sample, val_sample):
+def pretrain_summary(labels: npt.ArrayLike, num_pretrain: int, *, pre_classes: int, train_sample: int,
+                     val_sample: int) -> str:
     """How many of the pool's images pretraining uses and where the others went (held out for validation, beyond
     train_sample, of classes >= pre_classes), in one line for the start-up log: the split rules leave images out
     without any error, so a small pretrain set would otherwise go unexplained."""
@@ -78,13 +86,13 @@ def pretrain_summary(labels, num_pretrain, *, pre_classes, train_sample, val_sam
     return counted + (": " + "; ".join(reasons) if reasons else "")
 
 
-def test_indices(labels, n_classes):
+def test_indices(labels: npt.ArrayLike, n_classes: int) -> np.ndarray:
     """Indices of the test images whose class is < n_classes (subset with their labels, B-18)."""
     labels = np.asarray(labels, np.int64)
     return np.flatnonzero((labels >= 0) & (labels < n_classes))
 
 
-def epoch_order(labels, rng, mode="permutation"):
+def epoch_order(labels: npt.ArrayLike, rng: np.random.Generator, mode: str = "permutation") -> np.ndarray:
     """Dataset positions for one epoch.
 
     permutation: every image once, in random order (the fix of B-15).

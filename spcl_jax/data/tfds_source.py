@@ -7,6 +7,8 @@ default), raises DataError saying how to prepare it.
 import concurrent.futures
 import logging
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,14 +20,14 @@ READ_THREADS = 16  # record reads are I/O bound
 LABEL_CACHE = "spcl_jax_labels_{split}.npy"
 
 
-def tfds_data_dir(data_dir):
+def tfds_data_dir(data_dir: str) -> str:
     """The directory tfds reads: config.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
     import tensorflow_datasets as tfds
 
     return data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
 
 
-def prepare_hint(dataset, data_dir):
+def prepare_hint(dataset: str, data_dir: str) -> str:
     """The whole way to prepare `dataset`, in one go (preparing needs TensorFlow once; training never does)."""
     import importlib.util
 
@@ -35,7 +37,7 @@ def prepare_hint(dataset, data_dir):
     return f"run {command}, or pass --config.data_dir=DIR where it is prepared"
 
 
-def open_split(dataset, split, data_dir, *, encoded_images=False):
+def open_split(dataset: str, split: str, data_dir: str, *, encoded_images: bool = False) -> Any:
     """`tfds.data_source` of one split (images as encoded bytes with `encoded_images`), or DataError with
     the way to prepare it."""
     import tensorflow_datasets as tfds
@@ -54,18 +56,18 @@ def open_split(dataset, split, data_dir, *, encoded_images=False):
         raise DataError(f"dataset {name} (split {split}) is not prepared in {root}: {prepare_hint(dataset, data_dir)}") from e
 
 
-def for_each_record(source, fn):
+def for_each_record(source: Sequence[Any], fn: Callable[[int, Any], object]) -> None:
     """fn(i, source[i]) for every record, READ_THREADS at a time (array_record reads and PIL release the GIL)."""
     with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
         list(pool.map(lambda i: fn(i, source[i]), range(len(source))))
 
 
-def read_arrays(source, labeled=True):
+def read_arrays(source: Sequence[Any], labeled: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """All images (uint8 (n, H, W, 3)) and labels of a small split; UNLABELED where `labeled` is False."""
     images = np.empty((len(source), *source[0]["image"].shape), np.uint8)
     labels = np.full(len(source), UNLABELED, np.int64)
 
-    def store(i, example):
+    def store(i: int, example: dict[str, Any]) -> None:
         images[i] = example["image"]
         if labeled:
             labels[i] = example["label"]
@@ -74,7 +76,7 @@ def read_arrays(source, labeled=True):
     return images, labels
 
 
-def record_labels(dataset, split, data_dir):
+def record_labels(dataset: str, split: str, data_dir: str) -> np.ndarray:
     """Labels of every record of a large split, cached next to the data after the first scan.
 
     The scan reads each record once with image decoding skipped (I/O bound, threaded).
@@ -89,7 +91,7 @@ def record_labels(dataset, split, data_dir):
     logging.info("reading the labels of %d records of %s/%s once (cached in %s)", len(source), TFDS_NAMES[dataset], split, cache)
     labels = np.empty(len(source), np.int64)
 
-    def store(i, example):
+    def store(i: int, example: dict[str, Any]) -> None:
         labels[i] = example["label"]
 
     for_each_record(source, store)
@@ -100,5 +102,5 @@ def record_labels(dataset, split, data_dir):
     return labels
 
 
-def label_names(dataset, data_dir, split="train"):
+def label_names(dataset: str, data_dir: str, split: str = "train") -> list[str]:
     return list(open_split(dataset, split, data_dir).dataset_info.features["label"].names)

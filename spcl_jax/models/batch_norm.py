@@ -8,6 +8,7 @@ depth: tracing a 4-view ResNet-50 train step took 60 s instead of 6 s. `Variable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 
 class BatchNorm(nnx.Module):
@@ -18,7 +19,8 @@ class BatchNorm(nnx.Module):
     those of the global batch. The running variance uses the biased batch variance (as flax; torch: unbiased).
     """
 
-    def __init__(self, num_features, *, momentum=0.9, epsilon=1e-5, dtype=jnp.float32, use_running_average=False):
+    def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
+                 dtype: DTypeLike = jnp.float32, use_running_average: bool = False):
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -28,7 +30,7 @@ class BatchNorm(nnx.Module):
         self.dtype = dtype
         self.use_running_average = use_running_average
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]

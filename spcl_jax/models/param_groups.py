@@ -1,5 +1,6 @@
 """Which parameters LARS leaves alone: every bias and every normalisation parameter (DIFFERENCES.md, B-5 and LARS)."""
 import re
+from collections.abc import Hashable
 
 import jax
 
@@ -7,7 +8,7 @@ import jax
 _NORM_NAME = re.compile(r"(?:^|_)(?:bn|norm)\d*$")
 
 
-def key_name(key):
+def key_name(key: Hashable) -> Hashable:
     """A plain str/int from an nnx path entry or a jax key-path entry (DictKey, GetAttrKey, SequenceKey)."""
     if isinstance(key, jax.tree_util.DictKey):
         return key.key
@@ -18,7 +19,7 @@ def key_name(key):
     return key
 
 
-def is_norm_or_bias(path) -> bool:
+def is_norm_or_bias(path: tuple[Hashable, ...]) -> bool:
     """True for a bias or any parameter of a normalisation module.
 
     `path` is a tuple of keys, either from `nnx.to_flat_state(state)` (e.g. `('layer1', 0, 'bn1', 'scale')`) or a

@@ -6,10 +6,17 @@ Counting where XLA gives no cost analysis (the CUDA plugin gives none): FLOPs ar
 same program lowered for one CPU device at the global sizes (the same math, before any optimisation), divided by
 the device count; bytes are the operands and results of every kernel of the compiled program (`hlo.traffic`).
 """
+from __future__ import annotations
+
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 from spcl_jax.plan import hlo
+
+if TYPE_CHECKING:
+    from spcl_jax.plan.programs import Program
+    from spcl_jax.plan.targets import Chip
 
 
 @dataclasses.dataclass
@@ -32,31 +39,31 @@ class Measured:
     compile_seconds: float
 
     @property
-    def program_bytes(self):
+    def program_bytes(self) -> int:
         """What the program itself holds at its peak: arguments + outputs + temporaries + code - aliased (donated
         arguments that become outputs count once)."""
         return self.arguments + self.outputs + self.temporaries + self.code - self.aliased
 
     @property
-    def bytes_per_device(self):
+    def bytes_per_device(self) -> int:
         """The program's peak plus what other buffers keep on the device meanwhile (`resident`)."""
         return self.program_bytes + self.resident
 
-    def least_seconds(self, chip):
+    def least_seconds(self, chip: Chip) -> float | None:
         """The least time one call can take on `chip`: its FLOPs at the peak bfloat16 rate or its bytes at the full
         memory bandwidth, whichever is longer (None when neither is known)."""
         bounds = [v for v in (self.flops and self.flops / chip.peak_bf16_flops,
                               self.bytes_accessed and self.bytes_accessed / chip.memory_bandwidth) if v]
         return max(bounds) if bounds else None
 
-    def bound_by(self, chip):
+    def bound_by(self, chip: Chip) -> str:
         if not self.flops or not self.bytes_accessed:
             return "compute" if self.flops else "memory"
         return ("compute" if self.flops / chip.peak_bf16_flops >= self.bytes_accessed / chip.memory_bandwidth
                 else "memory")
 
 
-def measure(program, counted_flops=None):
+def measure(program: Program, counted_flops: float | None = None) -> Measured:
     """Compile `program` (a `programs.Program`) and read it. `counted_flops`: FLOPs per call and device counted
     elsewhere (the CPU lowering), used where the backend gives no cost analysis."""
     start = time.perf_counter()
@@ -80,7 +87,7 @@ def measure(program, counted_flops=None):
         compile_seconds=seconds)
 
 
-def counted_flops(cpu_program, devices):
+def counted_flops(cpu_program: Program, devices: int) -> float | None:
     """FLOPs per device of a program lowered for one CPU device at the global sizes: XLA's HloCostAnalysis of the
     unoptimised program over the device count (data parallelism splits the work evenly)."""
     cost = cpu_program.lowered.cost_analysis() or {}

@@ -30,11 +30,11 @@ class Instruction:
     attributes: str
 
     @property
-    def bytes(self):
+    def bytes(self) -> int:
         return shape_bytes(self.shape)
 
 
-def shape_bytes(shape):
+def shape_bytes(shape: str) -> int:
     """Bytes of an HLO shape (a tuple's elements summed; layouts and tiling padding not counted)."""
     total = 0
     for dtype, dims in _ARRAY.findall(shape):
@@ -69,7 +69,7 @@ def _split_call(text):
     return opcode.strip(), rest, ""
 
 
-def parse(text):
+def parse(text: str) -> tuple[dict[str, list[Instruction]], str | None]:
     """({computation: [Instruction]}, entry computation name) of an HLO module's text."""
     computations, entry, current = {}, None, None
     for line in text.splitlines():
@@ -95,7 +95,7 @@ def parse(text):
     return computations, entry
 
 
-def run_counts(computations, entry):
+def run_counts(computations: dict[str, list[Instruction]], entry: str | None) -> collections.Counter[str | None]:
     """{computation: times it runs per run of the module}. Only control flow is followed: a while loop's body
     (`known_trip_count` times; once if unknown), a call, each branch of a conditional (once each), an async
     computation; fusion, reduction and custom-call bodies are counted at their caller."""
@@ -112,7 +112,7 @@ def run_counts(computations, entry):
 
 def _control_flow_callees(inst):
     """[(computation, runs per run of `inst`)] of a control-flow instruction."""
-    def names(key):
+    def names(key: str) -> list[str]:
         match = re.search(rf"\b{key}=\{{?([^}},]+(?:,\s*%[^}},]+)*)\}}?", inst.attributes)
         return re.findall(r"%?([\w.\-]+)", match[1]) if match else []
 
@@ -137,11 +137,11 @@ class Traffic:
     kernel_bytes: int
 
     @property
-    def collective_bytes(self):
+    def collective_bytes(self) -> int:
         return sum(b for _, b in self.collectives.values())
 
 
-def traffic(text):
+def traffic(text: str) -> Traffic:
     """`Traffic` of a compiled program's HLO text."""
     computations, entry = parse(text)
     counts = run_counts(computations, entry)

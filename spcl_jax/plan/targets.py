@@ -16,11 +16,17 @@ Peak bfloat16 FLOP/s, memory and memory bandwidth per device, from the vendors' 
 JAX preallocates 75% of a GPU's memory for its arrays unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise, so
 a GPU's usable memory is planned at that fraction (`memory_fraction`).
 """
+from __future__ import annotations
+
 import dataclasses
 import functools
 import importlib.resources
 import os
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
 
 GIB = 1 << 30
 GPU_MEMORY_FRACTION = 0.75  # JAX's default preallocation (XLA_PYTHON_CLIENT_MEM_FRACTION)
@@ -72,29 +78,29 @@ class Target:
     topology: tuple = ()  # get_topology_desc's (name, options) for TPUs, the topology string for GPUs
 
     @property
-    def platform(self):
+    def platform(self) -> str:
         return self.chip.platform
 
-    def usable_memory(self, memory_fraction=None):
+    def usable_memory(self, memory_fraction: float | None = None) -> int:
         """Bytes per device a program may use: the chip's memory, times JAX's preallocated fraction on GPUs."""
         if memory_fraction is None:
             memory_fraction = GPU_MEMORY_FRACTION if self.platform == "cuda" else 1.0
         return int(self.chip.memory_bytes * memory_fraction)
 
-    def describe(self):
+    def describe(self) -> str:
         slices = f" in {self.slices} slices" if self.slices > 1 else ""
         return (f"{self.name}: {self.chips} x {self.chip.device_kind}{slices}, {self.hosts} host"
                 f"{'s' if self.hosts > 1 else ''}")
 
 
-def names():
+def names() -> list[str]:
     """Every target name `parse` accepts (GPU names take --hosts)."""
     tpus = [f"{family}-{chips * _TENSORCORES_IN_NAME[family]}" for family in ("v4", "v5p") for chips in _SHAPES_3D]
     tpus += [f"{family}-{chips}" for family in ("v5e", "v6e") for chips in _SHAPES_2D]
     return tpus + [f"{family}x{n}" for family in GPU_TARGET_FILES for n in GPUS_PER_HOST]
 
 
-def parse(name, hosts=1, slices=1):
+def parse(name: str, hosts: int = 1, slices: int = 1) -> Target:
     """The Target of a name like v5e-64, v4-32, h100x8 (`hosts` GPU hosts, `slices` TPU slices); ValueError
     naming the valid choices otherwise."""
     valid = (f"valid: TPU slices v5e-1 ... v5e-256, v6e-1 ... v6e-256, v4-8 ... v4-8192, v5p-8 ... v5p-8192 "
@@ -135,7 +141,7 @@ def parse(name, hosts=1, slices=1):
                   max(chips // per_host, 1) * slices, slices, topology)
 
 
-def gpu_target_description(family):
+def gpu_target_description(family: str) -> str:
     """The GpuTargetConfig text of a GPU family, shipped in spcl_jax/plan/gpu_targets."""
     return importlib.resources.files("spcl_jax.plan").joinpath("gpu_targets", GPU_TARGET_FILES[family]).read_text()
 
@@ -148,7 +154,7 @@ COMPILE_ONLY_ENVIRONMENT = {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1", "ALLOW_MULTI
                             "TPU_ACCELERATOR_TYPE": "v5litepod-1"}
 
 
-def prepare_environment():
+def prepare_environment() -> None:
     """Sets COMPILE_ONLY_ENVIRONMENT (where not set) and JAX_PLATFORMS=cpu; call before JAX starts."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     for key, value in COMPILE_ONLY_ENVIRONMENT.items():
@@ -156,7 +162,7 @@ def prepare_environment():
 
 
 @functools.lru_cache(maxsize=None)
-def devices(target):
+def devices(target: Target) -> tuple[jax.Device, ...]:
     """The target's devices, for compiling only. TPUs need libtpu (`pip install -e ".[plan-tpu]"`), GPUs the
     CUDA plugin (`.[plan-gpu]`), and both `prepare_environment()` before JAX starts."""
     from jax.experimental import topologies
