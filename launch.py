@@ -80,9 +80,9 @@ def _resume_command(workdir):
 
 def _default_workdir(config, config_path):
     """Pretraining: runs/<config name>/<UTC timestamp>; evaluating a checkpoint: next to the run it evaluates."""
-    from spcl_jax import evaluate, method
+    from spcl_jax import config_validation, evaluate
 
-    if not method.pretrains(config):
+    if not config_validation.pretrains(config):
         return evaluate.default_workdir(config)
     name = os.path.splitext(os.path.basename(config_path))[0]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -136,7 +136,7 @@ def main(argv):
         _die("--config is required, e.g. --config configs/digits.py")
     _check_distributed_flags()
     from configs import default
-    from spcl_jax import checkpoint, config_validation, method, storage
+    from spcl_jax import checkpoint, config_validation, storage
     from spcl_jax.errors import SAME_COMMAND, UserError
 
     workdir = None
@@ -144,7 +144,7 @@ def main(argv):
     try:
         jax = _start_runtime(config)
         config_validation.validate(config, default.get_config(), jax.device_count())
-        if jax.process_count() > 1 and not _WORKDIR.value and method.pretrains(config):  # each would stamp its own
+        if jax.process_count() > 1 and not _WORKDIR.value and config_validation.pretrains(config):  # each would stamp its own
             _die("a multi-process run needs --workdir: one directory that every process sees")
         workdir = _WORKDIR.value or _default_workdir(config, flags.FLAGS["config"].config_filename)
         if storage.unsupported_scheme(workdir):

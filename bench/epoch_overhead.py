@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from bench import common
-from bench.train_step import build_step, synthetic_splits
+from bench.train_step import build_step, config_for, synthetic_splits
 from spcl_jax import clustering, epoch_batches, features, kmeans, runtime, sharding, train
 from spcl_jax.data import ArraySource
 from spcl_jax.metrics import MetricWriter
@@ -64,29 +64,32 @@ def timed(fn):
 
 def for_row(setup, images, labels, n, k):
     """The built setup on the first n images with k prototypes (its jitted functions do not depend on N or K)."""
-    config = setup.config.copy_and_resolve_references()
-    config.num_prototypes = k
+    parts = setup.parts
+    # prototype_classifier_width=num_prototypes (the default): the classifier's width follows K
+    parts = dataclasses.replace(parts, clustering=dataclasses.replace(parts.clustering, num_prototypes=k,
+                                                                      classifier_width=k))
     source = ArraySource(images[:n], labels[:n])
     splits = types.SimpleNamespace(**dict(vars(setup.splits), pretrain=source))
-    return dataclasses.replace(setup, config=config, splits=splits, steps_per_epoch=n // config.batch_size)
+    return dataclasses.replace(setup, parts=parts, splits=splits, steps_per_epoch=n // parts.training.batch_size)
 
 
 def feature_pass(setup, state, seed):
     """What `clustering.cluster` runs first: the frozen encoder over the pretrain set in dataset order."""
     encode = lambda batch: setup.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
     source = setup.splits.pretrain
-    maker = features.feature_pass(source, np.arange(len(source)), setup.config.batch_size,
-                                  features.FEATURE_VIEWS[setup.config.cluster_feature_view], setup.recipe, seed)
+    parts = setup.parts
+    maker = features.feature_pass(source, np.arange(len(source)), parts.training.batch_size,
+                                  features.FEATURE_VIEWS[parts.clustering.feature_view], parts.recipe, seed)
     return features.extract_features(encode, maker, setup.mesh)
 
 
 def pca_kmeans(setup, feats, position, key):
     """What `clustering.cluster` runs next: PCA-whitening and k-means of the valid rows."""
-    config = setup.config
+    c = setup.parts.clustering
     valid = sharding.to_global(sharding.host_slice(position < len(setup.splits.pretrain)),
                                sharding.batch_sharding(setup.mesh))
-    x = kmeans.preprocess_features(feats, config.pca_dim, valid=valid, eigen_floor=config.pca_eigen_floor).features
-    return kmeans.kmeans(x, config.num_prototypes, config.kmeans_iters, key, init=config.kmeans_init, valid=valid)
+    x = kmeans.preprocess_features(feats, c.pca_dim, valid=valid, eigen_floor=c.pca_eigen_floor).features
+    return kmeans.kmeans(x, c.num_prototypes, c.kmeans_iters, key, init=c.kmeans_init, valid=valid)
 
 
 def epoch_runner(setup, holder, pseudo):
@@ -125,7 +128,7 @@ def measure(setup, holder, images, labels, n, k, key, repeats, reference):
                **{name: statistics.median(t) for name, t in seconds.items() if name != "steps_s"})
     row["kmeans_compile_s"] = max(first_s - row["kmeans_s"], 0.0)
     row["feature_dim"] = int(feats.shape[1])
-    row["kmeans_dim"] = min(setup.config.pca_dim or feats.shape[1], int(feats.shape[1]))
+    row["kmeans_dim"] = min(setup.parts.clustering.pca_dim or feats.shape[1], int(feats.shape[1]))
     return setup, row, seconds
 
 
@@ -224,7 +227,7 @@ def main(argv=None):
     row = dataclasses.replace(PRESETS[args.preset]["row"], batch=args.batch)
     setup, state, _ = build_step(row, args.width, args.k0, mesh)
     holder = {"state": state}
-    pool = synthetic_splits(setup.config, max(n for n, _ in args.points), seed=2).pretrain
+    pool = synthetic_splits(config_for(row, args.width, args.k0), max(n for n, _ in args.points), seed=2).pretrain
     images, labels = pool.load(np.arange(len(pool))).pixels, pool.labels
     key = jax.random.key(0)
     rows, reference, seconds_per_step = [], None, None

@@ -70,7 +70,7 @@ def synthetic_splits(config, n, seed=0):
     """Fake splits whose pretrain set holds n random uint8 images with random labels, in the canvas that
     images of the dataset arrive in (ImageNet: a 256 x 384 canvas, each image filling it)."""
     rng = np.random.default_rng(seed)
-    canvas = canvas_shape(load_size(config)) if config.dataset == "imagenet" else (config.image_size,) * 2
+    canvas = canvas_shape(load_size(config.image_size)) if config.dataset == "imagenet" else (config.image_size,) * 2
     pretrain = ArraySource(rng.integers(0, 256, (n, *canvas, 3), dtype=np.uint8),
                            rng.integers(0, config.n_classes, n))
     return types.SimpleNamespace(pretrain=pretrain, num_classes=config.n_classes, mean=(0.5,) * 3, std=(0.25,) * 3)

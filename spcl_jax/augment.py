@@ -60,24 +60,6 @@ class AugmentParams:
         if self.aug_order not in AUG_ORDERS:
             raise ValueError(f"aug_order {self.aug_order!r} is not one of {AUG_ORDERS}")
 
-    @classmethod
-    def from_config(cls, config, mean, std):
-        """The dataset's recipe from the config (DIFFERENCES.md, augmentation recipes): jitter strengths (0.8d, 0.8d, 0.8d, 0.2d)."""
-        d = float(config.jitter_d)
-        return cls(
-            image_size=int(config.image_size),
-            mean=tuple(float(m) for m in mean),
-            std=tuple(float(s) for s in std),
-            jitter=(0.8 * d, 0.8 * d, 0.8 * d, 0.2 * d),
-            jitter_p=float(config.jitter_p),
-            grey_p=float(config.grey_p),
-            blur=bool(config.blur),
-            blur_p=float(config.blur_p),
-            blur_sigma=tuple(float(s) for s in config.blur_sigma),
-            aug_order=str(config.aug_order),
-            hflip_p=float(config.hflip_p),
-        )
-
 
 # ---------------------------------------------------------------- pixel ops on one (H, W, 3) image in [0, 1]
 

@@ -15,6 +15,17 @@ from spcl_jax import method as methods
 from spcl_jax.data import datasets, imagefolder, splits
 from spcl_jax.errors import ConfigError
 
+def method_of(config):
+    """The config's `Method`: the original's flags (clustering_use, metric_learn, supervised) choose it when any is
+    set, else `method` (`method.resolve`)."""
+    return methods.resolve(config.method, config.clustering_use, config.metric_learn, config.supervised)
+
+
+def pretrains(config):
+    """Whether the config pretrains (`method.pretrains`), else it evaluates a saved encoder."""
+    return methods.pretrains(config.mode, config.finetune, config.eval_disent)
+
+
 @functools.cache
 def choices():
     """{config key: its valid values}, each tuple owned by the module that acts on the key."""
@@ -142,7 +153,7 @@ def check_values(config, device_count):
         _fail("max_steps_per_epoch", config.max_steps_per_epoch, "-1 (full epochs) or >= 1")
     if config.checkpoint_step < -1:
         _fail("checkpoint_step", config.checkpoint_step, "-1 (newest) or a saved step >= 0")
-    method = methods.resolve(config)
+    method = method_of(config)
     if method.pairs and not config.rebuild_member_table and config.pre_classes == 1:  # 0: fit_to_data checks
         _fail("pre_classes", config.pre_classes,
               f"an integer >= 2 with rebuild_member_table=False ({method.name}'s pairs then come from the ground-truth "
@@ -160,7 +171,7 @@ def check_values(config, device_count):
     if config.finetune_batch_size % device_count:
         _fail("finetune_batch_size", config.finetune_batch_size,
               f"a multiple of the global device count {device_count}")
-    if not methods.pretrains(config):
+    if not pretrains(config):
         if not config.load_checkpoint_dir:
             _fail("load_checkpoint_dir", config.load_checkpoint_dir,
                   f"a checkpoint directory (mode={config.mode} evaluates a saved encoder)")
@@ -188,7 +199,7 @@ def check_image_size(config):
 def check_pretrain_size(config, num_pretrain):
     """K prototypes need at least K examples, and K < N when training on pairs from the prototypes: with one
     image per prototype there is no same-prototype pair (checked once the dataset size is known)."""
-    method = methods.resolve(config)
+    method = method_of(config)
     if not method.clustering:
         return
     if config.num_prototypes > num_pretrain:
@@ -204,7 +215,7 @@ def check_eval_size(config, num_train, device_count):
     """The original linear protocol shards its batches over the devices, so it needs a train split of at least
     one image per device (checked once the data is known, before pretraining spends its time)."""
     linear = config.finetune_epochs > 0 and config.mode != "knn_eval" and not config.eval_disent and (
-        config.evaluate_after_pretrain or not methods.pretrains(config))
+        config.evaluate_after_pretrain or not pretrains(config))
     if linear and config.linear_eval_protocol == "original" and num_train < device_count:
         _fail("linear_eval_protocol", config.linear_eval_protocol,
               f"fast, or a train split of at least {device_count} images (it has {num_train})")
@@ -233,7 +244,7 @@ def fit_to_data(config, splits, device_count):
 def _fitted_values(config, splits, device_count):
     """{key: (value fitted to the data, why)}: every class for the 0s, a batch and K the data can fill, a warmup
     that leaves most of the epochs to the cosine, and no evaluation without labels."""
-    method = methods.resolve(config)
+    method = method_of(config)
     images = len(getattr(splits, method.source_split))
     halves = method.pairs and config.pair_sampling == "exact_half"
     multiple = math.lcm(device_count, 2 if halves else 1)
@@ -262,9 +273,9 @@ def check_labels(config, splits):
     ground-truth labels is refused in one line."""
     if splits.num_classes:
         return
-    method = methods.resolve(config)
+    method = method_of(config)
     needs = (  # (whether the config needs labels, what does, the fix)
-        (not methods.pretrains(config), f"evaluating a checkpoint (mode={config.mode})",
+        (not pretrains(config), f"evaluating a checkpoint (mode={config.mode})",
          "evaluate on a folder with train/<class>/ folders"),
         (method.supervised, f"method={method.name}", "pass a self-supervised method, e.g. --config.method=spcl"),
         (method.pairs and not config.rebuild_member_table,

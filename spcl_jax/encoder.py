@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from spcl_jax import augment, checkpoint, network
-from spcl_jax import method as methods
+from spcl_jax import augment, checkpoint, network, startup
+from spcl_jax import config_validation
 from spcl_jax.data import datasets
 from spcl_jax.errors import UserError
 
@@ -29,9 +29,9 @@ def load_encoder(checkpoint_dir, step=None):
     step = -1 if step is None else step
     config, step = checkpoint.restore_config(checkpoint_dir, step)
     config = ml_collections.ConfigDict(config)
-    graphdef, params, batch_stats, _ = network.restore(config, methods.resolve(config), config.n_classes,
-                                                       checkpoint_dir, step)
-    mean, std = datasets.normalisation(config)
+    graphdef, params, batch_stats, _ = network.restore(startup.architecture(config), config_validation.method_of(config),
+                                                       config.n_classes, config.seed, checkpoint_dir, step)
+    mean, std = datasets.normalisation(config.dataset, config.image_size)
 
     @jax.jit
     def encode(params, batch_stats, images):

@@ -12,23 +12,22 @@ from spcl_jax.errors import SAME_COMMAND, DivergedError
 
 def epoch_plan(run, epoch, pseudo):
     """Global index batches of one epoch: {images_a, [images_b, similarity]} index arrays (steps, B)."""
-    config, source = run.config, run.source
-    steps, batch = run.steps_per_epoch, config.batch_size
+    parts, c, source = run.parts, run.parts.clustering, run.source
+    steps, batch = run.steps_per_epoch, parts.training.batch_size
     if run.method.pairs:
         # As written (B-2) the pairs come from the ground-truth class buckets while the cluster is drawn
         # from [0, K): only classes below K are used (the original fails on the others when K > classes).
-        buckets = pseudo if config.rebuild_member_table else np.where(source.labels < config.num_prototypes,
-                                                                      source.labels, -1)
+        buckets = pseudo if c.rebuild_member_table else np.where(source.labels < c.num_prototypes, source.labels, -1)
         try:
             idx_a, idx_b, similarity = prototypes.pair_plan(
-                buckets, config.num_prototypes, num_steps=steps, batch_size=batch, seed=config.seed, epoch=epoch,
-                mode=config.pair_sampling)
+                buckets, c.num_prototypes, num_steps=steps, batch_size=batch, seed=parts.seed, epoch=epoch,
+                mode=c.pair_sampling)
         except prototypes.NoPairsError as e:
             raise DivergedError(f"epoch {epoch + 1} has no pairs to train on ({e}): the features collapsed into too "
                                 "few prototypes; lower learning_rate or set grad_clip_norm, then resume from an "
                                 f"earlier checkpoint with {SAME_COMMAND} and that change") from e
         return {"a": idx_a, "b": idx_b, "similarity": similarity}
-    order = data.epoch_order(source.labels, streams.epoch_order(config.seed, epoch), config.pretrain_sampling)
+    order = data.epoch_order(source.labels, streams.epoch_order(parts.seed, epoch), parts.training.pretrain_sampling)
     order = order[:steps * batch]
     return {"a": order.reshape(steps, batch)}
 
@@ -36,8 +35,8 @@ def epoch_plan(run, epoch, pseudo):
 def epoch_pass(run, epoch, plan):
     """This host's `BatchMaker` of an epoch's training steps (its columns of the global plan)."""
     sets = {name: plan[name] for name in ("a", "b") if name in plan}
-    return pipeline.make_pass(run.source, sets, run.specs, run.recipe,
-                              streams.train_views(run.config.seed, epoch), jax.process_index(), jax.process_count())
+    return pipeline.make_pass(run.source, sets, run.specs, run.parts.recipe,
+                              streams.train_views(run.parts.seed, epoch), jax.process_index(), jax.process_count())
 
 
 def make_batch(run, plan, maker, step_in_epoch, host_batch, pseudo):

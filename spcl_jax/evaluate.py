@@ -18,33 +18,32 @@ from absl import logging
 from flax import nnx
 
 from spcl_jax import augment, checkpoint, features, models, network, optim, probes, progress, sharding, startup
-from spcl_jax import storage, streams
+from spcl_jax import storage, streams, visual
 from spcl_jax import method as methods
 from spcl_jax.data import pipeline
-from spcl_jax.metrics import MetricWriter
+from spcl_jax.metrics import MetricWriter, read_metrics
 from spcl_jax.storage import write_atomic
 from spcl_jax.workdir import claim_workdir
 
 
-def _head_optimiser(config, steps_per_epoch, params):
-    schedule = optim.finetune_lr_schedule(base_lr=config.finetune_learning_rate,
-                                          batch_size=config.finetune_batch_size,
-                                          epochs=config.finetune_epochs, steps_per_epoch=steps_per_epoch)
-    return optim.build_optimiser(config.finetune_optimiser, schedule, weight_decay=config.finetune_weight_decay,
-                                 params=params, lars_mode=config.lars_mode, lars_eta=config.lars_eta,
-                                 momentum=config.momentum)
+def _head_optimiser(evaluation, steps_per_epoch, params):
+    schedule = optim.finetune_lr_schedule(base_lr=evaluation.learning_rate, batch_size=evaluation.batch_size,
+                                          epochs=evaluation.epochs, steps_per_epoch=steps_per_epoch)
+    return optim.build_optimiser(evaluation.optimiser, schedule, weight_decay=evaluation.weight_decay,
+                                 params=params, lars_mode=evaluation.lars_mode, lars_eta=evaluation.lars_eta,
+                                 momentum=evaluation.momentum)
 
 
-def epoch_orders(config, num_examples, granularity=1):
+def epoch_orders(evaluation, seed, num_examples, granularity=1):
     """The linear head's global batch size and, per epoch, its (steps, batch) plan of a fresh permutation.
 
     The batch is `finetune_batch_size`, or the largest multiple of `granularity` that fits a smaller set.
     """
-    batch = min(config.finetune_batch_size, num_examples // granularity * granularity)
+    batch = min(evaluation.batch_size, num_examples // granularity * granularity)
     steps = num_examples // batch
-    rng = streams.linear_head_orders(config.seed)
+    rng = streams.linear_head_orders(seed)
     return batch, (rng.permutation(num_examples)[:steps * batch].reshape(steps, batch)
-                   for _ in range(config.finetune_epochs))
+                   for _ in range(evaluation.epochs))
 
 
 def make_head_step(graphdef, tx, embed):
@@ -66,20 +65,20 @@ def make_head_step(graphdef, tx, embed):
     return step
 
 
-def linear_head(config, steps_per_epoch, dim, num_classes, key):
+def linear_head(evaluation, steps_per_epoch, dim, num_classes, key):
     """(graphdef, params, optimiser) of a fresh Linear D->C head and its SGD/LARS with the cosine schedule."""
     graphdef, params = nnx.split(models.LinearHead(dim, num_classes, rngs=nnx.Rngs(key)))
-    return graphdef, params, _head_optimiser(config, steps_per_epoch, params)
+    return graphdef, params, _head_optimiser(evaluation, steps_per_epoch, params)
 
 
-def linear_head_epochs(config, embed, epoch_batches, steps_per_epoch, dim, num_classes, key, encoder=None):
+def linear_head_epochs(evaluation, embed, epoch_batches, steps_per_epoch, dim, num_classes, key, encoder=None):
     """SGD/LARS on a Linear D->C head, `finetune_epochs` epochs, cosine per epoch; yields the head
     after every epoch (nothing when finetune_epochs=0).
 
     `epoch_batches` yields, per epoch, that epoch's (inputs, labels) batches; `embed(encoder, inputs)` maps
     inputs (cached features, or image batches for the original protocol) to features.
     """
-    graphdef, params, tx = linear_head(config, steps_per_epoch, dim, num_classes, key)
+    graphdef, params, tx = linear_head(evaluation, steps_per_epoch, dim, num_classes, key)
     step = make_head_step(graphdef, tx, embed)
     opt_state = tx.init(params)
     for batches in epoch_batches:
@@ -134,24 +133,22 @@ def eval_sets(splits):
 class Evaluator:
     """Frozen-encoder features of every evaluation split, and the linear/kNN classifiers on them."""
 
-    def __init__(self, config, splits, graphdef, mesh):
-        self.config, self.splits, self.mesh = config, splits, mesh
-        self.aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
-        self.recipe = pipeline.Recipe.from_config(config)
-        self.encode = features.make_encode(graphdef, self.aug, mesh, "eval")
+    def __init__(self, parts, splits, graphdef, mesh):
+        """`parts`: the run's `startup.Parts` (its evaluation settings, augmentation, crops, seed and workers)."""
+        self.parts, self.evaluation, self.splits, self.mesh = parts, parts.evaluation, splits, mesh
+        self.encode = features.make_encode(graphdef, parts.augment, mesh, "eval")
         self.graphdef = graphdef
         # As written (B-17) accuracies are means of per-batch means, over loaders of `batch_size` each.
-        self.per_batch = config.batch_size if config.eval_metric_weighting == "batch" else None
+        self.per_batch = parts.training.batch_size if self.evaluation.metric_weighting == "batch" else None
 
     def features(self, params, batch_stats, source):
         fn = lambda batch: self.encode(params, batch_stats, batch)  # noqa: E731
-        return features.features_in_order(fn, source, self.config.finetune_batch_size, self.mesh, self.recipe,
-                                          self.config.num_workers)
+        return features.features_in_order(fn, source, self.evaluation.batch_size, self.mesh, self.parts.recipe,
+                                          self.parts.num_workers)
 
     def _knn(self, train_x, x, labels, k):
-        config = self.config
-        scores = probes.knn_predict(train_x, self.splits.train.labels, x, self.splits.num_classes, config.knn_k,
-                                    config.knn_temperature, mesh=self.mesh)
+        scores = probes.knn_predict(train_x, self.splits.train.labels, x, self.splits.num_classes,
+                                    self.evaluation.knn_k, self.evaluation.knn_temperature, mesh=self.mesh)
         return probes.accuracies(scores, labels, k, self.per_batch)
 
     def run(self, params, batch_stats, prefix="", linear=True):
@@ -184,17 +181,17 @@ class Evaluator:
 
     def _linear_heads(self, params, batch_stats, train_x, sets):
         """The linear heads of the configured protocol, scored on the cached valid features if any."""
-        config, splits = self.config, self.splits
-        key = streams.linear_head_init(config.seed)
+        evaluation, splits, seed = self.evaluation, self.splits, self.parts.seed
+        key = streams.linear_head_init(seed)
         labels = splits.train.labels
-        if config.linear_eval_protocol == "fast":
-            batch, orders = epoch_orders(config, len(labels))
+        if evaluation.protocol == "fast":
+            batch, orders = epoch_orders(evaluation, seed, len(labels))
             epochs = (((train_x[idx], labels[idx]) for idx in order) for order in orders)
-            heads = linear_head_epochs(config, cached_features, epochs, len(labels) // batch, train_x.shape[1],
+            heads = linear_head_epochs(evaluation, cached_features, epochs, len(labels) // batch, train_x.shape[1],
                                        splits.num_classes, key)
         else:
-            batch, orders = epoch_orders(config, len(labels), jax.device_count())
-            heads = linear_head_epochs(config, self.augmented_embed, self._augmented_epochs(orders),
+            batch, orders = epoch_orders(evaluation, seed, len(labels), jax.device_count())
+            heads = linear_head_epochs(evaluation, self.augmented_embed, self._augmented_epochs(orders),
                                        len(labels) // batch, train_x.shape[1], splits.num_classes, key,
                                        encoder=(params, batch_stats))
         valid = [top1_scorer(x, labels, self.per_batch) for name, x, labels in sets if name == "valid"]
@@ -212,16 +209,16 @@ class Evaluator:
         """Features of the frozen encoder (params, batch_stats) on a batch's train views (original protocol)."""
         net = nnx.merge(self.graphdef, *encoder, copy=True)
         net.encoder.eval()
-        return jax.lax.stop_gradient(net.encoder(augment.views(batch, (("a", "train"),), self.aug)[0]))
+        return jax.lax.stop_gradient(net.encoder(augment.views(batch, (("a", "train"),), self.parts.augment)[0]))
 
     def _augmented_epochs(self, orders):
         """Per epoch, its (global batch of train views, labels) through the input pipeline."""
         train, batch_sh = self.splits.train, sharding.batch_sharding(self.mesh)
         for epoch, order in enumerate(orders):
-            maker = pipeline.make_pass(train, {"a": order}, (("a", "train"),), self.recipe,
-                                       streams.linear_eval_views(self.config.seed, epoch), jax.process_index(),
+            maker = pipeline.make_pass(train, {"a": order}, (("a", "train"),), self.parts.recipe,
+                                       streams.linear_eval_views(self.parts.seed, epoch), jax.process_index(),
                                        jax.process_count())
-            with pipeline.Loader(maker, num_workers=self.config.num_workers) as loader:
+            with pipeline.Loader(maker, num_workers=self.parts.num_workers) as loader:
                 yield (sharding.to_global((host_batch, train.labels[indices].astype(np.int32)), batch_sh)
                        for host_batch, indices in zip(loader, maker.sets["a"]))
 
@@ -248,25 +245,26 @@ def disentanglement_probe(config, train_x, train_y, sets, runs=10):
     return results
 
 
-def report(results, writer, step, epoch, config):
+def report(results, writer, step, epoch, evaluation):
     writer.write(step, epoch, results)
     if jax.process_index() == 0 and results:
         width = max(len(k) for k in results)
         used = {key.split("/")[0] for key in results}
-        lines = [f"{family}: {how}" for family, how in protocols(config).items() if family in used] + [
+        lines = [f"{family}: {how}" for family, how in protocols(evaluation).items() if family in used] + [
             f"{'metric':<{width}}  value"] + [
             f"{k:<{width}}  {v:6d}" if isinstance(v, int) else f"{k:<{width}}  {100 * v:6.2f}%"
             for k, v in results.items()]
         progress.show("\n".join(lines))
 
 
-def protocols(config):
+def protocols(evaluation):
     """{metric family: how its numbers were measured}, so that every reported accuracy names its protocol."""
-    weighting = "per batch" if config.eval_metric_weighting == "batch" else "per sample"
-    epochs = f"{config.finetune_epochs} epoch{'' if config.finetune_epochs == 1 else 's'}"
+    weighting = "per batch" if evaluation.metric_weighting == "batch" else "per sample"
+    epochs = f"{evaluation.epochs} epoch{'' if evaluation.epochs == 1 else 's'}"
     return {"linear_eval": f"linear probe on the frozen encoder (BatchNorm in eval mode), linear_eval_protocol="
-                           f"{config.linear_eval_protocol}, {epochs}, accuracy {weighting}",
-            "knn": f"weighted kNN on L2-normalised frozen features, k={config.knn_k}, T={config.knn_temperature}, "
+                           f"{evaluation.protocol}, {epochs}, accuracy {weighting}",
+            "knn": f"weighted kNN on L2-normalised frozen features, k={evaluation.knn_k}, "
+                   f"T={evaluation.knn_temperature}, "
                    f"accuracy {weighting}",
             "disent": "the original's eval_disent: StandardScaler + RBF SVC on a random contiguous half of the "
                       "frozen features, mean accuracy of 10 runs"}
@@ -277,7 +275,8 @@ def results_summary(results, config, method, step):
     {metric: value} as `report` prints them (fractions, epochs as ints) and the resolved config."""
     return {"dataset": config.dataset, "method": method, "model": config.model, "step": int(step),
             "epochs": config.n_epochs, "linear_eval_protocol": config.linear_eval_protocol,
-            "protocols": protocols(config), "metrics": {k: v if isinstance(v, int) else float(v) for k, v in results.items()},
+            "protocols": protocols(startup.evaluation(config)),
+            "metrics": {k: v if isinstance(v, int) else float(v) for k, v in results.items()},
             "config": checkpoint.resolved_config(config, methods.METHODS[method])}
 
 
@@ -324,23 +323,32 @@ def write_results(workdir, results, config, method, step):
     write_atomic(storage.join(workdir, "results.md"), lambda f: f.write(results_markdown(summary).encode()))
 
 
+def write_summary(workdir, results, config, method, step):
+    """`figs/losses.png` from metrics.jsonl and, after an evaluation, `results.json` and `results.md`."""
+    storage.makedirs(storage.join(workdir, "figs"))
+    visual.save_png(visual.losses_figure(read_metrics(workdir)), storage.join(workdir, "figs", "losses.png"))
+    if results:
+        write_results(workdir, results, config, method, step)
+
+
 def after_pretraining(run, state, writer):
     """Linear + kNN evaluation of the trained encoder (and, if configured, of its random init)."""
-    config = run.config
-    evaluator = Evaluator(config, run.splits, run.graphdef, run.mesh)
+    parts = run.parts
+    evaluator = Evaluator(parts, run.splits, run.graphdef, run.mesh)
     results = evaluator.run(state["params"], state["batch_stats"])
-    if config.eval_random_init_baseline:
-        _, params, batch_stats = network.create(config, run.method, run.splits.num_classes, config.seed)
+    if parts.evaluation.random_init_baseline:
+        _, params, batch_stats = network.create(parts.architecture, run.method, run.splits.num_classes, parts.seed)
         results.update(evaluator.run(params, batch_stats, prefix="random_init_"))
-    report(results, writer, int(state["step"]), config.n_epochs - 1, config)  # after the last epoch
+    report(results, writer, int(state["step"]), parts.training.n_epochs - 1, parts.evaluation)  # after the last epoch
     return results
 
 
 def evaluate_checkpoint(config, workdir):
     """`mode=linear_eval|knn_eval` (or the original's `finetune`): evaluate a saved encoder."""
     config, method, splits = startup.prepare(config, jax.device_count(), pretrain=False)
+    parts = startup.parts(config, method, splits)
     mesh = sharding.data_mesh()
-    graphdef, params, batch_stats, step = network.restore(config, method, splits.num_classes,
+    graphdef, params, batch_stats, step = network.restore(parts.architecture, method, splits.num_classes, parts.seed,
                                                           config.load_checkpoint_dir, config.checkpoint_step)
     finished = finished_results(workdir, config, method, step)
     if finished:
@@ -353,7 +361,7 @@ def evaluate_checkpoint(config, workdir):
         checkpoint.write_config_json(workdir, config, method)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     logging.info("evaluating the encoder of step %d from %s; output in %s", step, config.load_checkpoint_dir, workdir)
-    evaluator = Evaluator(config, splits, graphdef, mesh)
+    evaluator = Evaluator(parts, splits, graphdef, mesh)
     if config.eval_disent:
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
         sets = {name: (evaluator.features(params, batch_stats, source), source.labels)
@@ -362,7 +370,7 @@ def evaluate_checkpoint(config, workdir):
                                         splits.train.labels, sets)
     else:
         results = evaluator.run(params, batch_stats, linear=config.mode != "knn_eval")
-    report(results, writer, step, 0, config)
+    report(results, writer, step, 0, parts.evaluation)
     writer.close()
     if jax.process_index() == 0:
         write_results(workdir, results, config, method.name, step)

@@ -12,14 +12,17 @@ The running variance was averaged from biased batch variances (flax's convention
 unbiased ones), which changes nothing in eval mode. `num_batches_tracked` holds the checkpoint's training step.
 Bad input stops with one line `export: error: ...` and exit status 2; the output appears atomically.
 """
+from __future__ import annotations
+
 import argparse
 import io
 import json
 import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import ml_collections
 import numpy as np
 
 from spcl_jax import checkpoint, runtime, storage
@@ -27,6 +30,9 @@ from spcl_jax.data import datasets
 from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import ARCHITECTURES
 from spcl_jax.storage import write_atomic
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 # Our module name -> torchvision's, in torchvision's registration (= state_dict) order.
 _BLOCK_MODULES = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"), ("conv3", "conv3"),
@@ -53,7 +59,8 @@ def _module(name, params, stats, step):
             f"{name}.num_batches_tracked": np.asarray(step, np.int64)}
 
 
-def torchvision_state_dict(params, batch_stats, step):
+def torchvision_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
+                           step: int) -> dict[str, np.ndarray]:
     """{torchvision name: numpy array} of the encoder in nested-dict `params`/`batch_stats` (the
     `encoder` subtrees of a restored checkpoint), in torchvision's state_dict order."""
     out = {}
@@ -67,7 +74,7 @@ def torchvision_state_dict(params, batch_stats, step):
     return out
 
 
-def describe(params):
+def describe(params: Mapping[str, Any]) -> dict[str, Any]:
     """Architecture of encoder `params` read off the weights: model, stem and stage widths."""
     stages = _stages(params)
     kind = "bottleneck" if "conv3" in stages[0][0] else "basic"
@@ -94,7 +101,7 @@ def _check_out(out):
         raise UserError(f"--out {out!r}: directory {folder} is not writable")
 
 
-def export(directory, out, step=-1):
+def export(directory: str, out: str, step: int = -1) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Writes the encoder of checkpoint `step` (-1 = newest) in `directory` to `out` (.npz) and its
     description (architecture, the normalisation of its inputs, step) to the .json beside it; returns
     (description, {name: array})."""
@@ -109,7 +116,8 @@ def export(directory, out, step=-1):
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint step {step} in {directory} has no ResNet encoder ({e!r} missing); "
                               "pass the <workdir>/checkpoints of a spcl_jax pretraining run") from e
-    mean, std = datasets.normalisation(ml_collections.ConfigDict(checkpoint.restore_config(directory, step)[0]))
+    saved = checkpoint.restore_config(directory, step)[0]
+    mean, std = datasets.normalisation(saved["dataset"], saved["image_size"])
     description.update(mean=list(mean), std=list(std), checkpoint=storage.absolute(directory), step=int(step))
     try:
         write_atomic(out, lambda f: np.savez(f, **arrays))
@@ -138,7 +146,7 @@ def _exported_files(path):
     return path, description
 
 
-def torchvision_encoder(path):
+def torchvision_encoder(path: str | os.PathLike) -> ResNet:
     """The encoder exported to `path` (.npz, or the directory holding it) as a torchvision ResNet in eval
     mode whose forward pass returns the pooled features (fc = Identity), built from the .json beside it.
 
@@ -173,12 +181,12 @@ def torchvision_encoder(path):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         print(f"export: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     parser = _Parser(prog="python -m spcl_jax.export",
                      description="Write a checkpoint's encoder with torchvision ResNet names and layouts.")
     parser.add_argument("--checkpoint", required=True, help="the <workdir>/checkpoints directory of a run")

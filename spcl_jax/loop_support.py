@@ -1,16 +1,13 @@
 """What watches the training loop and reports on it: the divergence guard, the patience counter, the warning when
-the steps wait for data, a metrics write that fails (the state saved first), the start-up log and the end-of-run
-summary files.
+the steps wait for data, a metrics write that fails (the state saved first) and the start-up and epoch logs.
 """
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from spcl_jax import evaluate, storage, visual
 from spcl_jax.data import pipeline
 from spcl_jax.errors import SAME_COMMAND, DivergedError, UserError, WorkdirError
-from spcl_jax.metrics import read_metrics
 
 WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than this share of the time
 
@@ -88,7 +85,7 @@ def warn_if_waiting(loop, wait_fraction):
     if source.in_memory:
         advice = "the data is in memory and gathered in the main process: is the CPU shared with other jobs?"
     else:
-        advice = (f"raise --config.num_workers (now {pipeline.worker_count(loop.run.config.num_workers, source)}), "
+        advice = (f"raise --config.num_workers (now {pipeline.worker_count(loop.run.parts.num_workers, source)}), "
                   "or train from records written by `python -m spcl_jax.data.prepare ... --out` (5x cheaper to decode)")
     logging.warning("the training steps waited for input data %.0f%% of the time: %s", 100 * wait_fraction, advice)
 
@@ -96,36 +93,29 @@ def warn_if_waiting(loop, wait_fraction):
 def log_start(run, workdir):
     """What runs where: processes and devices, the method and data (how many images pretraining uses and why),
     the batch split, the input, the lr."""
-    config = run.config
+    parts, training = run.parts, run.parts.training
     logging.info("process %d of %d with %d of %d devices; workdir %s (the same options with --workdir=%s resume "
                  "this run)", jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                  workdir, workdir)
     logging.info("method=%s dataset=%s pretrain=%d examples; global batch %d = %d per host x %d hosts "
                  "= %d per device x %d devices; %d steps per epoch (incomplete last batch dropped)",
-                 run.method.name, config.dataset, len(run.splits.pretrain), config.batch_size,
-                 config.batch_size // jax.process_count(), jax.process_count(),
-                 config.batch_size // jax.device_count(), jax.device_count(), run.steps_per_epoch)
+                 run.method.name, parts.dataset, len(run.splits.pretrain), training.batch_size,
+                 training.batch_size // jax.process_count(), jax.process_count(),
+                 training.batch_size // jax.device_count(), jax.device_count(), run.steps_per_epoch)
     logging.info("%s", run.splits.pretrain_summary)
-    logging.info("input: %s", pipeline.describe_workers(config.num_workers, run.source))
-    peak_epoch = config.warmup_epochs - 1 if config.warmup_epochs else 0
+    logging.info("input: %s", pipeline.describe_workers(parts.num_workers, run.source))
+    warmup = parts.optimisation.warmup_epochs
+    peak_epoch = warmup - 1 if warmup else 0
     logging.info("learning rate: peak %.4g (epoch %d of %d; %d warmup epochs, cosine after), prototype classifier "
                  "SGD %.4g", float(run.schedule(jnp.int32(peak_epoch * run.steps_per_epoch))), peak_epoch + 1,
-                 config.n_epochs, config.warmup_epochs, config.learning_rate * config.batch_size / 256)
+                 training.n_epochs, warmup, parts.optimisation.classifier_learning_rate(training.batch_size))
 
 
-def log_epoch(epoch, config, epoch_means, summary, seconds, patience, eta):
+def log_epoch(epoch, training, epoch_means, summary, seconds, patience, eta):
     """One line per epoch: its mean loss and terms, lr, time, patience, the kNN monitor's accuracies and the ETA."""
     logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)%s, ETA %s",
-                 epoch + 1, config.n_epochs, epoch_means["train/loss"],
+                 epoch + 1, training.n_epochs, epoch_means["train/loss"],
                  ", ".join(f"{k.removeprefix('train/loss_')} {v:.4f}" for k, v in epoch_means.items()
                            if k.startswith("train/loss_")),
-                 epoch_means["train/lr"], seconds, patience.count, config.patience,
+                 epoch_means["train/lr"], seconds, patience.count, training.patience,
                  "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("knn_monitor/")), eta)
-
-
-def write_summary(run, step, results, workdir):
-    """`figs/losses.png` from metrics.jsonl and, after an evaluation, `results.json` and `results.md`."""
-    storage.makedirs(storage.join(workdir, "figs"))
-    visual.save_png(visual.losses_figure(read_metrics(workdir)), storage.join(workdir, "figs", "losses.png"))
-    if results:
-        evaluate.write_results(workdir, results, run.config, run.method.name, step)

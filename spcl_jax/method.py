@@ -1,8 +1,8 @@
 """What each pretraining method trains on and with, resolved once from the config.
 
 The code asks a `Method` (does it train on pairs? cluster? keep a prototype classifier?) instead of
-comparing method names. `resolve(config)` maps the original's method flags onto a method as its
-main.py dispatched them (DIFFERENCES.md, methods).
+comparing method names. `resolve` maps the original's method flags onto a method as its main.py
+dispatched them (DIFFERENCES.md, methods); `config_validation.method_of(config)` calls it with the config's.
 """
 import dataclasses
 
@@ -55,17 +55,18 @@ NAMES = tuple(METHODS)
 _FLAGS = {(True, True): "spcl", (True, False): "cluster", (False, True): "metric", (False, False): "simclr"}
 
 
-def pretrains(config):
-    """Whether the config pretrains (else it evaluates a saved encoder: mode=linear_eval|knn_eval, or the
+def pretrains(mode: str, finetune: bool, eval_disent: bool) -> bool:
+    """Whether a run pretrains (else it evaluates a saved encoder: mode=linear_eval|knn_eval, or the
     original's `finetune` / `eval_disent` switches)."""
-    return config.mode == "pretrain" and not config.finetune and not config.eval_disent
+    return mode == "pretrain" and not finetune and not eval_disent
 
 
-def resolve(config):
-    """The config's `Method`: the original's flags choose it when any of them is set, else `config.method`.
+def resolve(name: str, clustering_use: bool | None = None, metric_learn: bool | None = None,
+            supervised: bool | None = None) -> Method:
+    """The `Method`: the original's flags choose it when any of them is set, else `name`.
     A method name that is not one of NAMES raises KeyError (the config validator names it first)."""
-    if all(flag is None for flag in (config.clustering_use, config.metric_learn, config.supervised)):
-        return METHODS[config.method]
-    if config.supervised:
+    if all(flag is None for flag in (clustering_use, metric_learn, supervised)):
+        return METHODS[name]
+    if supervised:
         return METHODS["supervised"]
-    return METHODS[_FLAGS[(bool(config.clustering_use), bool(config.metric_learn))]]
+    return METHODS[_FLAGS[(bool(clustering_use), bool(metric_learn))]]

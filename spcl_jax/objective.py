@@ -1,19 +1,39 @@
 """The pretraining objective of one batch: its views through the network (each view its own BatchNorm batch), then
-`losses.spcl_objective` with the config's weights for the terms the method keeps, or the supervised head's
+`losses.spcl_objective` with the `Objective`'s weights for the terms the method keeps, or the supervised head's
 cross-entropy.
 """
+import dataclasses
+from collections.abc import Callable
+
 from flax import nnx
 
 from spcl_jax import augment, losses
+from spcl_jax.method import Method
 
 
-def view_specs(method, config):
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The loss of a batch: NT-Xent temperature, the weights and kinds of its terms, the encoder's BatchNorm mode
+    and whether the first view is left clean as written (B-7); config keys of the same names
+    (`metric_loss_kind` is `metric_loss`)."""
+
+    temperature: float
+    contras_weight: float
+    cluster_weight: float
+    metric_weight: float
+    cluster_loss: str
+    metric_loss_kind: str
+    encoder_bn_mode: str
+    asymmetric_first_view: bool
+
+
+def view_specs(method: Method, asymmetric_first_view: bool) -> tuple[tuple[str, str], ...]:
     """(image set, recipe) of each view: A1, A2, B1, B2 for pair methods, two views of one image for
     simclr/cluster, one for supervised. With `asymmetric_first_view` (B-7) the first view of every image
     is the clean eval view where the original's code leaves it so (simclr and metric)."""
     if method.supervised:
         return (("a", "train"),)
-    first = "eval" if config.asymmetric_first_view and method.first_view_clean_as_written else "pretrain"
+    first = "eval" if asymmetric_first_view and method.first_view_clean_as_written else "pretrain"
     return tuple(view for name in method.image_sets for view in ((name, first), (name, "pretrain")))
 
 
@@ -32,15 +52,16 @@ def encode_views(graphdef, params, batch_stats, views, *, project, frozen_bn):
     return nnx.state(net, nnx.BatchStat), (h, z)
 
 
-def make_loss_fn(config, method, graphdef, classifier_graphdef, aug, specs):
+def make_loss_fn(objective: Objective, method: Method, graphdef: nnx.GraphDef, classifier_graphdef: nnx.GraphDef | None,
+                 aug: augment.AugmentParams, specs: tuple[tuple[str, str], ...]) -> Callable:
     """loss(params, classifier_params, batch_stats, batch) -> (total, (terms, batch_stats, diagnostics)):
-    the views of the batch through the network, then `losses.spcl_objective` with the config's weights for
+    the views of the batch through the network, then `losses.spcl_objective` with the objective's weights for
     the terms of `method` (or, supervised, the cross-entropy of its linear head on the labels)."""
 
     def loss_fn(params, classifier_params, batch_stats, batch):
         views = augment.views(batch, specs, aug)
         batch_stats, (h, z) = encode_views(graphdef, params, batch_stats, views, project=method.contrastive,
-                                           frozen_bn=config.encoder_bn_mode == "frozen_init_stats")
+                                           frozen_bn=objective.encoder_bn_mode == "frozen_init_stats")
         net = nnx.merge(graphdef, params, batch_stats, copy=True)
         if method.supervised:
             loss = losses.prototype_loss(net.supervised_head(h[0]), batch["labels_a"])
@@ -54,11 +75,11 @@ def make_loss_fn(config, method, graphdef, classifier_graphdef, aug, specs):
             pairs = dict(z_vi=z[2], z_vj=z[3], h_i=h[0], h_j=h[1], v_i=h[2], v_j=h[3], labels_b=batch["labels_b"],
                          similarity=batch["similarity"], metric_fn=net.metric_learner.from_difference)
         total, terms = losses.spcl_objective(
-            z[0], z[1], logits=logits, labels_a=batch["labels_a"], temperature=config.temperature,
-            contras_weight=config.contras_weight, metric_weight=config.metric_weight if method.pairs else 0.0,
-            cluster_weight=config.cluster_weight if method.prototype_classifier else 0.0,
-            cluster_loss=config.cluster_loss, metric_loss_kind=config.metric_loss, **pairs)
-        diagnostics = losses.contrastive_diagnostics(z[0], z[1], batch["labels_a"], config.temperature)
+            z[0], z[1], logits=logits, labels_a=batch["labels_a"], temperature=objective.temperature,
+            contras_weight=objective.contras_weight, metric_weight=objective.metric_weight if method.pairs else 0.0,
+            cluster_weight=objective.cluster_weight if method.prototype_classifier else 0.0,
+            cluster_loss=objective.cluster_loss, metric_loss_kind=objective.metric_loss_kind, **pairs)
+        diagnostics = losses.contrastive_diagnostics(z[0], z[1], batch["labels_a"], objective.temperature)
         return total, (terms, batch_stats, diagnostics)
 
     return loss_fn

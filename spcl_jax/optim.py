@@ -5,8 +5,11 @@ parameter from weight decay and from the trust ratio, and falls back to ratio 1 
 `as_written` reproduces the original: weight decay chosen by the case-sensitive torch name filter,
 and a trust ratio eta*|w|/|g| on every tensor, so zero-initialised biases never move.
 """
+import dataclasses
 import math
 import re
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +129,41 @@ def finetune_lr_schedule(*, base_lr, batch_size, epochs, steps_per_epoch):
         return lr0 * 0.5 * (1 + jnp.cos(math.pi * epoch / epochs))
 
     return schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimisation:
+    """The pretraining optimisers and schedule (config keys of the same names; `name` is `optimiser`)."""
+
+    name: str
+    learning_rate: float
+    weight_decay: float
+    lars_mode: str
+    lars_eta: float
+    momentum: float
+    grad_clip_norm: float
+    warmup_epochs: int
+    lr_stepping: str
+    epoch0_zero_lr: bool
+    no_warmup_peak: str
+
+    def classifier_learning_rate(self, batch_size: int) -> float:
+        """The prototype classifier's SGD lr: learning_rate * B / 256, as the original's."""
+        return self.learning_rate * batch_size / 256
+
+
+def pretrain_optimisers(optimisation: Optimisation, *, batch_size: int, n_epochs: int, steps_per_epoch: int,
+                        params: Any) -> tuple[Callable, optax.GradientTransformation, optax.GradientTransformation]:
+    """(schedule, the network's optimiser, the prototype classifier's SGD with weight decay) of a pretraining run."""
+    o = optimisation
+    schedule = pretrain_lr_schedule(
+        base_lr=o.learning_rate, batch_size=batch_size, n_epochs=n_epochs, warmup_epochs=o.warmup_epochs,
+        steps_per_epoch=steps_per_epoch, stepping=o.lr_stepping, epoch0_zero_lr=o.epoch0_zero_lr,
+        no_warmup_peak=o.no_warmup_peak)
+    tx = build_optimiser(o.name, schedule, weight_decay=o.weight_decay, params=params, lars_mode=o.lars_mode,
+                         lars_eta=o.lars_eta, momentum=o.momentum)
+    if o.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+    classifier_tx = optax.chain(optax.add_decayed_weights(o.weight_decay),
+                                optax.sgd(o.classifier_learning_rate(batch_size)))
+    return schedule, tx, classifier_tx

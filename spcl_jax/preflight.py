@@ -5,13 +5,13 @@ import json
 import jax
 
 from spcl_jax import checkpoint, sharding, startup, storage, train
-from spcl_jax import method as methods
+from spcl_jax import config_validation
 
 
 def print_config(config):
     """Every option after the overrides, with `method` resolved from the original's flags: config.json's
     content, less the facts that only loading the data gives."""
-    print(json.dumps(checkpoint.resolved_config(config, methods.resolve(config)), indent=2, sort_keys=True))
+    print(json.dumps(checkpoint.resolved_config(config, config_validation.method_of(config)), indent=2, sort_keys=True))
 
 
 def dry_run(config, workdir):
@@ -19,22 +19,22 @@ def dry_run(config, workdir):
     as the run would, so that their errors show now, and prints what they are."""
     config, method, splits = startup.prepare(config, jax.device_count())
     run, state = train.build(config, method, splits, sharding.data_mesh())
-    print("\n".join(summary(run, state, workdir)))
+    print("\n".join(summary(config, run, state, workdir)))
 
 
 def _count(tree):
     return sum(leaf.size for leaf in jax.tree.leaves(tree))
 
 
-def summary(run, state, workdir):
+def summary(config, run, state, workdir):
     """The lines `dry_run` prints."""
-    config, splits, method = run.config, run.splits, run.method
+    splits, method = run.splits, run.method
     devices = jax.device_count()
     model = (f"model: {config.model} (width x{config.width_multiplier:g}), {_count(state['params']):,} parameters "
              f"(encoder {_count(state['params']['encoder']):,})")
     if method.prototype_classifier:
         model += f" + prototype classifier {_count(state['classifier_params']):,}"
-    pretrains = methods.pretrains(config)
+    pretrains = config_validation.pretrains(config)
     work = (f"pretraining: {run.steps_per_epoch:,} steps per epoch x {config.n_epochs} epochs = "
             f"{run.steps_per_epoch * config.n_epochs:,} steps" if pretrains
             else f"evaluation of the checkpoint in {config.load_checkpoint_dir}")

@@ -1,5 +1,6 @@
 """The pure parts of evaluation: top-1/top-k accuracies weighted as the original reports them, the sharded
-weighted kNN, and the valid choices of the evaluation keys (checked by config_validation)."""
+weighted kNN, the evaluation's settings and the valid choices of their keys (checked by config_validation)."""
+import dataclasses
 import functools
 import math
 
@@ -14,11 +15,33 @@ FINETUNE_OPTIMISERS = ("sgd", "lars")
 METRIC_WEIGHTINGS = ("sample", "batch")  # batch: as written (B-17)
 
 
-def top_k(num_classes):
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Linear and kNN evaluation: the protocol, the linear head's epochs, batch and optimiser (LARS with the
+    pretraining's lars_mode, lars_eta and momentum), kNN's k and temperature, how accuracies are averaged and
+    whether the random init is scored too. Config keys `linear_eval_protocol`, `finetune_<field>`, `knn_k`,
+    `knn_temperature`, `eval_metric_weighting`, `eval_random_init_baseline`, `lars_mode`, `lars_eta`, `momentum`."""
+
+    protocol: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    optimiser: str
+    lars_mode: str
+    lars_eta: float
+    momentum: float
+    knn_k: int
+    knn_temperature: float
+    metric_weighting: str
+    random_init_baseline: bool
+
+
+def top_k(num_classes: int) -> int:
     return min(math.ceil(num_classes / 2), 5)
 
 
-def weighted_mean(hits, batch_size=None):
+def weighted_mean(hits: np.ndarray, batch_size: int | None = None) -> float:
     """Mean of per-sample hits or, given `batch_size`, the unweighted mean of per-batch means as the
     original reports accuracies (B-17: a smaller last batch counts as much as a full one)."""
     hits = np.asarray(hits, np.float64)
@@ -27,7 +50,7 @@ def weighted_mean(hits, batch_size=None):
     return float(np.mean([hits[i:i + batch_size].mean() for i in range(0, len(hits), batch_size)]))
 
 
-def accuracies(logits, labels, k, batch_size=None):
+def accuracies(logits: np.ndarray, labels: np.ndarray, k: int, batch_size: int | None = None) -> tuple[float, float]:
     """(top-1, top-k) fractions, weighted as `weighted_mean`; ties rank the lower class first (argmax)."""
     ranked = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
     labels = np.asarray(labels)
@@ -36,7 +59,7 @@ def accuracies(logits, labels, k, batch_size=None):
 
 
 @functools.lru_cache(maxsize=None)
-def knn_votes_program(mesh, num_classes, k):
+def knn_votes_program(mesh: jax.sharding.Mesh, num_classes: int, k: int) -> jax.stages.Wrapped:
     """jit((train_x, train_y, block, temperature) -> (b, C) votes): the weighted kNN of `knn_predict` with the
     training features sharded by rows over `mesh` (labels -1 on padding rows, which never vote).
 
@@ -47,7 +70,7 @@ def knn_votes_program(mesh, num_classes, k):
     """
     axis = mesh.axis_names[0]
 
-    def local(train_x, train_y, block, temperature):
+    def local(train_x: jax.Array, train_y: jax.Array, block: jax.Array, temperature: jax.Array) -> jax.Array:
         sims = jnp.where(train_y[None, :] >= 0, block @ train_x.T, -jnp.inf)
         top_sim, top_idx = jax.lax.top_k(sims, min(k, train_x.shape[0]))
         gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True, to="invarying")
@@ -62,7 +85,8 @@ def knn_votes_program(mesh, num_classes, k):
                                  out_specs=jax.sharding.PartitionSpec()))
 
 
-def knn_predict(train_x, train_y, x, num_classes, k, temperature, chunk=1024, mesh=None):
+def knn_predict(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, num_classes: int, k: int, temperature: float,
+                chunk: int = 1024, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """Weighted kNN votes (cosine similarity, weights exp(sim/T)) -> (n, C) scores, the training features sharded
     over `mesh` (default: one device)."""
     mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))

@@ -11,20 +11,18 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from flax import nnx
 
-from spcl_jax import augment, checkpoint, clustering, data, epoch_batches, evaluate, features
+from spcl_jax import checkpoint, clustering, config_validation, data, epoch_batches, evaluate, features
 from spcl_jax import method as methods
 from spcl_jax import network, optim, progress, sharding, startup, streams
 from spcl_jax.data import pipeline
 from spcl_jax.data.sizes import Sizes
 from spcl_jax.errors import ConfigError
-from spcl_jax.loop_support import (DivergenceGuard, Patience, log_epoch, log_start, warn_if_waiting, write_or_save,
-                                   write_summary)
+from spcl_jax.loop_support import DivergenceGuard, Patience, log_epoch, log_start, warn_if_waiting, write_or_save
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.objective import make_loss_fn, view_specs
 from spcl_jax.plan import fit
@@ -33,9 +31,9 @@ from spcl_jax.workdir import check_outputs, claim_workdir
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """Everything static about a run: the method, the data, the networks' graphs, optimisers and jitted steps."""
+    """Everything static about a run: its parts, the data, the networks' graphs, optimisers and jitted steps."""
 
-    config: ml_collections.ConfigDict
+    parts: startup.Parts
     method: methods.Method
     splits: data.Splits
     mesh: jax.sharding.Mesh
@@ -44,8 +42,6 @@ class Run:
     classifier_graphdef: nnx.GraphDef | None  # of the prototype classifier (methods that keep one)
     tx: optax.GradientTransformation
     classifier_tx: optax.GradientTransformation
-    aug: augment.AugmentParams
-    recipe: pipeline.Recipe
     specs: tuple  # (image set, recipe) of each view, see view_specs
     schedule: Callable[[jax.Array], jax.Array]  # step -> learning rate
     train_step: Callable  # (state, batch) -> (state, metrics)
@@ -70,16 +66,16 @@ class Loop:
     guard: DivergenceGuard = dataclasses.field(init=False)
 
     def __post_init__(self):
-        config, steps = self.run.config, self.run.steps_per_epoch
-        self.guard = DivergenceGuard(config.divergence_factor, self.manager.facts)
-        clusters = self.run.method.clustering
-        self.pace = progress.Pace(config.n_epochs * steps, [epoch * steps for epoch in range(config.n_epochs)
-                                                            if clusters and epoch % config.reassign == 0])
+        training, steps = self.run.parts.training, self.run.steps_per_epoch
+        self.guard = DivergenceGuard(training.divergence_factor, self.manager.facts)
+        clusters, reassign = self.run.method.clustering, self.run.parts.clustering.reassign
+        self.pace = progress.Pace(training.n_epochs * steps, [epoch * steps for epoch in range(training.n_epochs)
+                                                              if clusters and epoch % reassign == 0])
 
 
-def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx, aug, specs, mesh):
+def make_train_step(parts, graphdef, classifier_graphdef, tx, classifier_tx, specs, mesh):
     """One jitted, donated step: state (replicated) x batch (sharded by rows) -> state, metrics."""
-    loss_fn = make_loss_fn(config, method, graphdef, classifier_graphdef, aug, specs)
+    loss_fn = make_loss_fn(parts.objective, parts.method, graphdef, classifier_graphdef, parts.augment, specs)
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
     def step(state, batch):
@@ -108,47 +104,43 @@ def make_train_step(config, method, graphdef, classifier_graphdef, tx, classifie
                    donate_argnums=0)
 
 
-def make_run(config, method, splits, mesh):
-    """The `Run`: networks as graphs, optimisers, jitted steps. Computes and places nothing, so the same run is
-    built for this machine's mesh or for a mesh of devices elsewhere (`spcl_jax.plan`); the state comes from
-    `initial_state` or, as shapes, `abstract_state`."""
+def make_run(parts, splits, mesh):
+    """The `Run` of `parts` on `splits` and `mesh`: networks as graphs, optimisers, jitted steps. Computes and places
+    nothing, so the same run is built for this machine's mesh or for a mesh of devices elsewhere (`spcl_jax.plan`);
+    the state comes from `initial_state` or, as shapes, `abstract_state`."""
+    method, training = parts.method, parts.training
     source = getattr(splits, method.source_split)
-    steps_per_epoch = len(source) // config.batch_size
+    steps_per_epoch = len(source) // training.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"invalid config: batch_size={config.batch_size}; valid: at most the training "
+        raise ConfigError(f"invalid config: batch_size={training.batch_size}; valid: at most the training "
                           f"set size {len(source)} (pretraining drops the incomplete last batch)")
-    if config.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    graphdef, params, _ = network.abstract(config, method, splits.num_classes)
-    schedule = optim.pretrain_lr_schedule(
-        base_lr=config.learning_rate, batch_size=config.batch_size, n_epochs=config.n_epochs,
-        warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch, stepping=config.lr_stepping,
-        epoch0_zero_lr=config.epoch0_zero_lr, no_warmup_peak=config.no_warmup_peak)
-    tx = optim.build_optimiser(config.optimiser, schedule, weight_decay=config.weight_decay, params=params,
-                               lars_mode=config.lars_mode, lars_eta=config.lars_eta, momentum=config.momentum)
-    if config.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    classifier_tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                                optax.sgd(config.learning_rate * config.batch_size / 256))
+    if training.max_steps_per_epoch > 0:
+        steps_per_epoch = min(steps_per_epoch, training.max_steps_per_epoch)
+    graphdef, params, _ = network.abstract(parts.architecture, method, splits.num_classes)
+    schedule, tx, classifier_tx = optim.pretrain_optimisers(
+        parts.optimisation, batch_size=training.batch_size, n_epochs=training.n_epochs,
+        steps_per_epoch=steps_per_epoch, params=params)
     classifier_graphdef = None
     if method.prototype_classifier:
-        abstract = nnx.eval_shape(lambda: clustering.classifier_module(config, splits.num_classes, 0))
+        abstract = nnx.eval_shape(lambda: clustering.classifier_module(
+            parts.architecture.features_dim, parts.clustering.classifier_width, 0))
         classifier_graphdef = nnx.split(abstract)[0]
-    aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
-    specs = view_specs(method, config)
-    return Run(config=config, method=method, splits=splits, mesh=mesh, steps_per_epoch=steps_per_epoch,
+    specs = view_specs(method, parts.objective.asymmetric_first_view)
+    view = features.FEATURE_VIEWS[parts.clustering.feature_view]
+    return Run(parts=parts, method=method, splits=splits, mesh=mesh, steps_per_epoch=steps_per_epoch,
                graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
-               aug=aug, recipe=pipeline.Recipe.from_config(config), specs=specs, schedule=schedule,
-               train_step=make_train_step(config, method, graphdef, classifier_graphdef, tx, classifier_tx,
-                                          aug, specs, mesh),
-               encode=features.make_encode(graphdef, aug, mesh, features.FEATURE_VIEWS[config.cluster_feature_view]))
+               specs=specs, schedule=schedule,
+               train_step=make_train_step(parts, graphdef, classifier_graphdef, tx, classifier_tx, specs, mesh),
+               encode=features.make_encode(graphdef, parts.augment, mesh, view))
 
 
 def initial_state(run):
-    """The state at step 0 from the config's seed, not yet placed on the mesh."""
-    config = run.config
-    _, params, batch_stats = network.create(config, run.method, run.splits.num_classes, config.seed)
-    classifier_params = (clustering.classifier_params(config, run.splits.num_classes, streams.network_init(config.seed))
+    """The state at step 0 from the seed, not yet placed on the mesh."""
+    parts = run.parts
+    _, params, batch_stats = network.create(parts.architecture, run.method, run.splits.num_classes, parts.seed)
+    classifier_params = (clustering.classifier_params(parts.architecture.features_dim,
+                                                      parts.clustering.classifier_width,
+                                                      streams.network_init(parts.seed))
                          if run.method.prototype_classifier else {})
     return dict(params=params, batch_stats=batch_stats, opt_state=run.tx.init(params), step=jnp.int32(0),
                 first_nonfinite_step=jnp.int32(-1), classifier_params=classifier_params,
@@ -175,8 +167,9 @@ def batch_spec(run, batch_size):
 
 
 def build(config, method, splits, mesh):
-    """The `Run` and its initial state on the mesh (nothing here touches the workdir)."""
-    run = make_run(config, method, splits, mesh)
+    """The `Run` of `config` (fitted to the data) and its initial state on the mesh (nothing here touches the
+    workdir)."""
+    run = make_run(startup.parts(config, method, splits), splits, mesh)
     return run, jax.device_put(initial_state(run), sharding.replicated(mesh))
 
 
@@ -188,9 +181,12 @@ def check_step_fits(config, method, mesh):
     available = fit.device_memory(device)
     if available is None:
         return
-    run = make_run(config, method, Sizes.for_step(config).splits(config.dataset), mesh)
+    sizes = Sizes.for_step(config.dataset, config.image_size, config.batch_size, config.n_classes)
+    splits = sizes.splits(config.dataset)
+    run = make_run(startup.parts(config, method, splits), splits, mesh)
     compiled = run.train_step.lower(abstract_state(run), batch_spec(run, config.batch_size)).compile()
-    fit.check_memory(compiled.memory_analysis(), available, config, device, mesh.devices.size)
+    fit.check_memory(compiled.memory_analysis(), available, config.batch_size, config.remat, device,
+                     mesh.devices.size)
 
 
 def train_and_evaluate(config, workdir):
@@ -224,7 +220,7 @@ def train_and_evaluate(config, workdir):
             evaluate.show_results(finished, workdir)
         return state, finished["metrics"] if finished else {}
     patience = Patience()
-    monitor = evaluate.Evaluator(config, splits, run.graphdef, run.mesh) if config.knn_every_epochs else None
+    monitor = evaluate.Evaluator(run.parts, splits, run.graphdef, run.mesh) if config.knn_every_epochs else None
     for epoch in range(start_step // run.steps_per_epoch, config.n_epochs):
         first_step = max(start_step - epoch * run.steps_per_epoch, 0)
         if first_step == 0:
@@ -238,7 +234,8 @@ def train_and_evaluate(config, workdir):
             summary.update(monitor.knn_monitor(state["params"], state["batch_stats"]))
         loop.writer.write(int(state["step"]), epoch, summary)
         loop.writer.flush()  # on gs://: the epoch's records stored with its checkpoint
-        log_epoch(epoch, config, epoch_means, summary, time.time() - began, patience, loop.pace.eta(int(state["step"])))
+        log_epoch(epoch, run.parts.training, epoch_means, summary, time.time() - began, patience,
+                  loop.pace.eta(int(state["step"])))
     step = int(state["step"])
     if loop.manager.stop_requested():  # a signal after the last step: pretraining is saved, say so and stop
         loop.manager.close()
@@ -251,17 +248,17 @@ def train_and_evaluate(config, workdir):
             results = evaluate.after_pretraining(run, state, loop.writer)
     loop.writer.close()
     if is_main:
-        write_summary(run, step, results, workdir)
+        evaluate.write_summary(workdir, results, config, method.name, step)
     return state, results
 
 
 def start_epoch(loop, state, pseudo, epoch):
     """Re-clustering (every `reassign` epochs) and classifier re-initialisation (every `classifier_init_freq`)."""
-    run, config = loop.run, loop.run.config
-    if run.method.clustering and (epoch % config.reassign == 0 or pseudo is None):
+    run, c = loop.run, loop.run.parts.clustering
+    if run.method.clustering and (epoch % c.reassign == 0 or pseudo is None):
         pseudo = clustering.recluster(loop, state, epoch)
-    if run.method.prototype_classifier and epoch % config.classifier_init_freq == 0:
-        params, opt_state = clustering.new_classifier(run, streams.classifier_init(config.seed, epoch))
+    if run.method.prototype_classifier and epoch % c.classifier_init_freq == 0:
+        params, opt_state = clustering.new_classifier(run, streams.classifier_init(run.parts.seed, epoch))
         state = dict(state, **jax.device_put(dict(classifier_params=params, classifier_opt_state=opt_state),
                                             sharding.replicated(run.mesh)))
         loop.writer.write(int(state["step"]), epoch, {"prototypes/classifier_reinitialised": 1})
@@ -283,14 +280,14 @@ def train_step(loop, state, batch):
 def run_epoch(loop, state, pseudo, epoch, first_step):
     """The steps of `epoch` from `first_step` on; (state, the epoch's mean metrics)."""
     run, manager = loop.run, loop.manager
-    config = run.config
+    training = run.parts.training
     plan = epoch_batches.epoch_plan(run, epoch, pseudo)
     maker = epoch_batches.epoch_pass(run, epoch, plan)
     totals, count, last_time, last_step, last_wait = {}, 0, time.time(), int(state["step"]), 0.0
     epoch_sums, epoch_count = {}, 0
-    bar = progress.Bar(epoch, config.n_epochs, run.steps_per_epoch, first_step, loop.pace,
+    bar = progress.Bar(epoch, training.n_epochs, run.steps_per_epoch, first_step, loop.pace,
                        enabled=jax.process_index() == 0)
-    with bar, pipeline.Loader(maker, num_workers=config.num_workers, start=first_step) as loader:
+    with bar, pipeline.Loader(maker, num_workers=run.parts.num_workers, start=first_step) as loader:
         for i, host_batch in zip(range(first_step, run.steps_per_epoch), loader):
             step = epoch * run.steps_per_epoch + i
             state, metrics = train_step(loop, state, epoch_batches.make_batch(run, plan, maker, i, host_batch, pseudo))
@@ -300,8 +297,9 @@ def run_epoch(loop, state, pseudo, epoch, first_step):
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics
             count += 1
             last = i == run.steps_per_epoch - 1
-            save_due = config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not last
-            logged = (step + 1) % config.log_every_steps == 0 or last or save_due  # every save is checked first
+            every = training.checkpoint_every_steps
+            save_due = every and (step + 1) % every == 0 and not last
+            logged = (step + 1) % training.log_every_steps == 0 or last or save_due  # every save is checked first
             stop = manager.stop_requested(agree=logged)  # multi-process runs stop at the next logged step
             if logged or stop:
                 sums = {k: float(v) for k, v in totals.items()}
@@ -310,7 +308,7 @@ def run_epoch(loop, state, pseudo, epoch, first_step):
                 means = {k: v / count for k, v in sums.items()}
                 now = time.time()
                 means["train/lr"] = float(run.schedule(jnp.int32(step)))
-                means["train/images_per_sec"] = ((step + 1 - last_step) * config.batch_size * len(run.specs)
+                means["train/images_per_sec"] = ((step + 1 - last_step) * training.batch_size * len(run.specs)
                                                  / max(now - last_time, 1e-9))
                 means["data/wait_fraction"] = min((loader.wait_seconds - last_wait) / max(now - last_time, 1e-9), 1.0)
                 loop.guard.check(state, means, step, last_step, manager)
@@ -333,6 +331,6 @@ def run_epoch(loop, state, pseudo, epoch, first_step):
 
 def run_mode(config, workdir):
     """What `launch.py` calls: pretraining or, for `mode=linear_eval|knn_eval`, evaluation of a checkpoint."""
-    if methods.pretrains(config):
+    if config_validation.pretrains(config):
         return train_and_evaluate(config, workdir)
     return evaluate.evaluate_checkpoint(config, workdir)

@@ -37,6 +37,13 @@ TINY = ["--config.image_size=16", "--config.width_multiplier=0.0625", "--config.
         "--config.finetune_batch_size=64", "--config.knn_k=5", "--config.log_every_steps=1"]
 
 
+def load_splits(config, pool=None):
+    """`data.load_splits` of the `DataSpec` of `config` (a ConfigDict, as the tests build them)."""
+    from spcl_jax import data, startup
+
+    return data.load_splits(startup.data_spec(config), pool)
+
+
 def launch_cli(*args, cwd=ROOT, env=None, timeout=600):
     """launch.py with exactly these arguments, as a subprocess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args],
@@ -49,12 +56,17 @@ def launch(workdir, *overrides, env=None, timeout=600):
                       env=env, timeout=timeout)
 
 
+CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
 @pytest.fixture
 def in_process_launch(monkeypatch, tmp_path):
     """run(overrides) -> exit status: launch.py's own flag parsing and `main` on configs/digits.py in this
     process, stopping where training would start (0; the config it would train with is `run.accepted`)."""
     from absl import flags
     from absl import logging as absl_logging
+
+    import jax
 
     import launch as launch_py
     from spcl_jax import train
@@ -64,6 +76,9 @@ def in_process_launch(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     handler = absl_logging.get_absl_handler()
     filters, verbosity = list(handler.filters), absl_logging.get_verbosity()
+    # launch.py points JAX's compilation cache at the config's compilation_cache_dir (the fuzz test's "inf" too):
+    # put it back, or the tests after this one in the process would write their programs there
+    cache = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
 
     def forget_flags():
         for name in [n for n in flags.FLAGS if n.startswith("config.")]:
@@ -87,6 +102,8 @@ def in_process_launch(monkeypatch, tmp_path):
     forget_flags()
     handler.filters[:] = filters
     absl_logging.set_verbosity(verbosity)
+    for name, value in cache.items():
+        jax.config.update(name, value)
 
 
 BUCKET = "spcl-test"

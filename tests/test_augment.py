@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from configs.default import get_config
-from spcl_jax import augment
+from spcl_jax import augment, startup
 from spcl_jax.data import crops, decode, pipeline
 from spcl_jax.data.sources import ArraySource, empty_images
 
@@ -277,10 +277,10 @@ def test_blur_taps_are_slices_with_the_gathers_values_bit_for_bit():
 def test_from_config_and_validation():
     config = get_config()
     config.jitter_d, config.image_size, config.blur, config.crop_scale = 0.5, 96, True, (0.2, 1.0)
-    params = augment.AugmentParams.from_config(config, MEAN, STD)
+    params = startup.augment_params(config, MEAN, STD)
     assert params.jitter == (0.4, 0.4, 0.4, 0.1) and params.image_size == 96 and params.blur
     assert params.mean == MEAN and params.aug_order == "colour_first"
-    assert pipeline.Recipe.from_config(config) == pipeline.Recipe((0.2, 1.0), eval_crop=84)
+    assert startup.recipe(config) == pipeline.Recipe((0.2, 1.0), eval_crop=84)
     hash(params)
     with pytest.raises(ValueError, match="aug_order"):
         dataclasses.replace(params, aug_order="random")

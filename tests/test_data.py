@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from configs.default import get_config
-from conftest import ROOT
-from spcl_jax.data import UNLABELED, epoch_order, load_splits
+from conftest import ROOT, load_splits
+from spcl_jax.data import UNLABELED, epoch_order
 from spcl_jax.data import digits
 from spcl_jax.data.imagefolder import IMAGENET100_CMC
 from spcl_jax.data.splits import pretrain_summary, split_indices

@@ -5,7 +5,7 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
 from configs import default
-from spcl_jax import evaluate, probes
+from spcl_jax import evaluate, probes, startup
 from spcl_jax.method import METHODS
 
 
@@ -47,10 +47,10 @@ def test_best_valid_head_is_the_epoch_of_highest_valid_top1():
     valid_x, valid_y = _blobs(rng, centres, 60)
 
     def heads():
-        batch, orders = evaluate.epoch_orders(config, len(train_y))
+        batch, orders = evaluate.epoch_orders(startup.evaluation(config), config.seed, len(train_y))
         epochs = (((train_x[idx], train_y[idx]) for idx in order) for order in orders)
-        return evaluate.linear_head_epochs(config, evaluate.cached_features, epochs, len(train_y) // batch, 6, 3,
-                                           jax.random.key(0))
+        return evaluate.linear_head_epochs(startup.evaluation(config), evaluate.cached_features, epochs,
+                                           len(train_y) // batch, 6, 3, jax.random.key(0))
 
     weights = [(np.asarray(h.fc.kernel[...], np.float64), np.asarray(h.fc.bias[...], np.float64)) for h in heads()]
     expected = [np.mean(np.argmax(valid_x @ w + b, axis=1) == valid_y) for w, b in weights]  # float64 reference
@@ -87,12 +87,14 @@ def test_as_written_accuracies_average_batches_of_the_pretraining_batch_size():
     """B-17 as written: the original's evaluation loaders all use `batch_size`, and it averages per batch."""
     from configs import digits
     from spcl_jax import network, sharding
-    from spcl_jax.data import load_splits
+    from conftest import load_splits
 
     config = digits.get_config()
     config.batch_size, config.finetune_batch_size, config.eval_metric_weighting = 128, 64, "batch"
     splits = load_splits(config)
-    graphdef = network.create(config, METHODS["spcl"], splits.num_classes, config.seed)[0]
-    assert evaluate.Evaluator(config, splits, graphdef, sharding.data_mesh()).per_batch == 128
+    graphdef = network.create(startup.architecture(config), METHODS["spcl"], splits.num_classes, config.seed)[0]
+    parts = startup.parts(config, METHODS["spcl"], splits)
+    assert evaluate.Evaluator(parts, splits, graphdef, sharding.data_mesh()).per_batch == 128
     config.eval_metric_weighting = "sample"
-    assert evaluate.Evaluator(config, splits, graphdef, sharding.data_mesh()).per_batch is None
+    parts = startup.parts(config, METHODS["spcl"], splits)
+    assert evaluate.Evaluator(parts, splits, graphdef, sharding.data_mesh()).per_batch is None

@@ -18,7 +18,8 @@ from flax import nnx
 
 import spcl_jax
 from configs import digits
-from spcl_jax import checkpoint, data, export, network
+from conftest import load_splits
+from spcl_jax import checkpoint, export, network
 from spcl_jax.errors import CheckpointError, UserError
 from spcl_jax.models.resnet import ResNet
 from spcl_jax.storage import write_atomic
@@ -192,7 +193,7 @@ def test_export_writes_torchvision_names_layouts_and_values(saved_run, tmp_path)
     assert (meta["model"], meta["stem"], meta["stage_widths"], meta["step"]) == ("resnet18", "cifar", [4, 8, 16, 32], 7)
     config = digits.get_config()
     config.image_size = 16
-    splits = data.load_splits(config)
+    splits = load_splits(config)
     assert (meta["mean"], meta["std"]) == (list(splits.mean), list(splits.std))  # what the run trained with
 
     encoder = nnx.to_pure_dict(params["encoder"])
@@ -306,7 +307,7 @@ def test_load_encoder_from_a_relative_path_equals_the_trained_encoder(saved_run,
     encode = spcl_jax.load_encoder(os.path.join(directory.parent.name, directory.name))
     config = digits.get_config()
     config.image_size = 16
-    splits = data.load_splits(config)  # the normalisation the run trained with
+    splits = load_splits(config)  # the normalisation the run trained with
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, size=(3, 20, 24, 3), dtype=np.uint8)  # any size: nothing is cropped
     normalised = (images / 255.0 - np.asarray(splits.mean)) / np.asarray(splits.std)

@@ -3,19 +3,21 @@ import jax
 import numpy as np
 
 from configs import digits
-from spcl_jax import augment, features, network, sharding
-from spcl_jax.data import ArraySource, load_splits, pipeline
+from conftest import load_splits
+from spcl_jax import features, network, sharding, startup
+from spcl_jax.data import ArraySource
 from spcl_jax.method import METHODS
 
 
 def _features(source, kind, batch_size, config, splits):
-    graphdef, params, batch_stats = network.create(config, METHODS["spcl"], splits.num_classes, config.seed)
+    graphdef, params, batch_stats = network.create(startup.architecture(config), METHODS["spcl"], splits.num_classes,
+                                                   config.seed)
     mesh = sharding.data_mesh()
-    aug = augment.AugmentParams.from_config(config, splits.mean, splits.std)
+    aug = startup.augment_params(config, splits.mean, splits.std)
     encode = features.make_encode(graphdef, aug, mesh, kind)
     params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
     maker = features.feature_pass(source, np.arange(len(source)), batch_size, kind,
-                                  pipeline.Recipe.from_config(config), seed=(config.seed, 1, 0))
+                                  startup.recipe(config), seed=(config.seed, 1, 0))
     feats, position = features.extract_features(lambda b: encode(params, batch_stats, b), maker, mesh)
     out = np.empty((len(source), feats.shape[1]), np.float32)
     valid = position < len(source)

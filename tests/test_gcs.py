@@ -23,10 +23,10 @@ import pytest
 from sklearn.datasets import load_digits
 
 import spcl_jax
-from conftest import ROOT, TINY, GcsFolder, launch
+from conftest import GcsFolder, ROOT, TINY, launch, load_splits
 from spcl_jax import checkpoint, evaluate, export, lease, storage, train
 from spcl_jax import workdir as workdir_module
-from spcl_jax.data import load_splits, prepare, records, staging
+from spcl_jax.data import prepare, records, staging
 from spcl_jax.errors import DataError, WorkdirError
 from spcl_jax.metrics import read_metrics
 from test_reliability import ON_SIGNAL_ONLY, config_of, own_signals  # noqa: F401 (a fixture)

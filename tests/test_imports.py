@@ -79,3 +79,25 @@ def test_config_validation_imports_no_orchestration():
     modules = module_names()
     imports = imported(modules["spcl_jax.config_validation"], modules)
     assert not imports & {"spcl_jax.train", "spcl_jax.evaluate", "spcl_jax.preflight", "spcl_jax.plan.planner"}
+
+
+def config_takers(path):
+    """Names of the functions in `path` with a parameter named config or annotated as a ConfigDict."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            if any(a.arg == "config" or (a.annotation is not None and "ConfigDict" in ast.unparse(a.annotation))
+                   for a in arguments):
+                found.add(node.name)
+    return found
+
+
+def test_the_config_dict_stops_at_the_edge():
+    """Below training and evaluation every part takes typed parts (`startup.Parts`), not the ConfigDict: only
+    validation, the start-up sequence, the dry run, the trainer, the evaluator and the checkpoint (which stores it)
+    take one."""
+    takers = {name for name, path in module_names().items() if config_takers(path)}
+    assert "spcl_jax.train" in takers  # the parser sees them
+    assert takers <= {"spcl_jax.config_validation", "spcl_jax.startup", "spcl_jax.preflight", "spcl_jax.train",
+                      "spcl_jax.evaluate", "spcl_jax.checkpoint"}, takers

@@ -2,7 +2,7 @@
 import pytest
 
 from configs import default
-from spcl_jax import method as methods
+from spcl_jax import config_validation
 
 
 @pytest.mark.parametrize("flags,method", [
@@ -12,4 +12,4 @@ from spcl_jax import method as methods
 def test_original_method_flags_map_onto_method(flags, method):
     config = default.get_config()
     config.clustering_use, config.metric_learn, config.supervised = flags
-    assert methods.resolve(config).name == method
+    assert config_validation.method_of(config).name == method

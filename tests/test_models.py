@@ -6,12 +6,12 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from spcl_jax.models import (
+    Architecture,
     LinearHead,
     MetricLearner,
     ProjectionHead,
@@ -95,14 +95,12 @@ def test_feature_dim():
 
 
 def _config(**overrides):
-    config = ml_collections.ConfigDict(
-        dict(model="resnet18", stem="auto", image_size=32, width_multiplier=1.0, dtype="float32", remat="none")
-    )
-    config.update(overrides)
-    return config
+    fields = dict(model="resnet18", stem="auto", image_size=32, width_multiplier=1.0, dtype="float32", remat="none",
+                  proj_dim=128)
+    return Architecture(**{**fields, **overrides})
 
 
-def test_build_encoder_reads_the_config():
+def test_build_encoder_reads_the_architecture():
     auto_small = nnx.eval_shape(lambda: build_encoder(_config(image_size=64), rngs=nnx.Rngs(0)))
     assert auto_small.stem == "cifar" and auto_small.stem_conv.kernel.shape == (3, 3, 3, 64)
     auto_large = nnx.eval_shape(

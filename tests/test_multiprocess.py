@@ -18,7 +18,7 @@ from spcl_jax import checkpoint, storage
 from spcl_jax.models.param_groups import key_name
 from spcl_jax.metrics import read_metrics
 from spcl_jax.method import METHODS
-from conftest import ROOT, TINY, launch_cli
+from conftest import ROOT, TINY, launch_cli, load_splits
 
 HEARTBEAT = 10
 # pca_dim=0: PCA-whitening divides by small eigenvalues and turns the ~1e-7 float noise of summing over
@@ -173,11 +173,11 @@ def _config(overrides):
 @pytest.mark.slow
 def test_two_process_run_resumes_in_one_process(runs):
     """What a resume does (`Manager.restore_or` into this run's freshly built state), here with 8 devices."""
-    from spcl_jax import data, sharding, train
+    from spcl_jax import sharding, train
 
     root, _ = runs
     config = _config(TINY + RUN)
-    splits = data.load_splits(config)
+    splits = load_splits(config)
     _, fresh = train.build(config, METHODS["spcl"], splits, sharding.data_mesh())
     manager = checkpoint.Manager(root / "two_by_two", config, METHODS["spcl"])
     try:

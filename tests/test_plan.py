@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import digits, imagenet
-from spcl_jax import data, epoch_batches, network, probes, train
+from conftest import load_splits
+from spcl_jax import data, epoch_batches, network, probes, startup, train
 from spcl_jax.data import datasets, pipeline
 from spcl_jax.data.sizes import Sizes
 from spcl_jax.errors import ConfigError
@@ -33,10 +34,11 @@ def _mesh(devices):
 def test_abstract_state_and_batch_are_the_shapes_of_the_concrete_ones():
     """What the planner compiles from (shapes and shardings, nothing computed) is what a run passes its step."""
     config = _tiny()
-    splits = data.load_splits(config)
+    splits = load_splits(config)
     for method in ("spcl", "simclr", "supervised"):
-        abstract_graph = network.abstract(config, METHODS[method], splits.num_classes)[0]
-        assert abstract_graph == network.create(config, METHODS[method], splits.num_classes, 0)[0]
+        architecture = startup.architecture(config)
+        abstract_graph = network.abstract(architecture, METHODS[method], splits.num_classes)[0]
+        assert abstract_graph == network.create(architecture, METHODS[method], splits.num_classes, 0)[0]
         run, state = train.build(config, METHODS[method], splits, _mesh(8))
         shapes = train.abstract_state(run)
         assert jax.tree.structure(shapes) == jax.tree.structure(state)
@@ -57,20 +59,20 @@ def test_abstract_state_and_batch_are_the_shapes_of_the_concrete_ones():
 
 def test_nominal_sizes_and_canvas_stand_for_the_data():
     config = _tiny()
-    real = data.load_splits(config)
-    assert datasets.nominal_canvas(config) == tuple(real.pretrain.canvas_shape)
+    real = load_splits(config)
+    assert datasets.nominal_canvas(config.dataset, config.image_size) == tuple(real.pretrain.canvas_shape)
     config = imagenet.get_config()
-    pool = data.nominal_pool(config)
+    pool = data.nominal_pool(startup.data_spec(config))
     assert (len(pool.train), len(pool.test), pool.classes) == (1_281_167, 50_000, 1000)
-    splits = data.load_splits(config, pool)
+    splits = load_splits(config, pool)
     assert len(splits.valid) == 50 * 1000 and len(splits.pretrain) == 1_281_167 - 50_000  # val_sample held out
     assert tuple(splits.pretrain.canvas_shape) == (256, 384)
     with pytest.raises(data.DataError if hasattr(data, "DataError") else Exception, match="no images"):
         splits.pretrain.load(np.arange(2))
     config.dataset = "imagefolder"
     with pytest.raises(Exception, match="--num_examples"):
-        data.nominal_pool(config)
-    assert len(data.nominal_pool(config, 5_000).train) == 5_000
+        data.nominal_pool(startup.data_spec(config))
+    assert len(data.nominal_pool(startup.data_spec(config), 5_000).train) == 5_000
 
 
 def test_sharded_knn_votes_equal_one_device_on_random_features():
@@ -88,12 +90,13 @@ def test_programs_build_for_a_mesh_and_compile_on_the_cpu():
     """Every program of a run, built from shapes alone, compiles here; its memory is XLA's and the step's FLOPs
     grow with the batch."""
     config = _tiny()
-    sizes = Sizes.of(data.load_splits(config), nominal=False)
-    built = programs.build(config, METHODS["spcl"], sizes, _mesh(8))
+    sizes = Sizes.of(load_splits(config), nominal=False)
+    splits = sizes.splits(config.dataset)
+    built = programs.build(startup.parts(config, METHODS["spcl"], splits), sizes, _mesh(8))
     assert list(built) == ["train_step", "feature_pass", "pca_statistics", "pca_projection", "kmeans",
                            "linear_eval_step", "knn"]
     assert built["kmeans"].counted_flops > 0 and built["feature_pass"].resident > 0
-    supervised = programs.build(config, METHODS["supervised"], sizes, _mesh(8))
+    supervised = programs.build(startup.parts(config, METHODS["supervised"], splits), sizes, _mesh(8))
     assert "kmeans" not in supervised and "feature_pass" not in supervised
 
 
@@ -190,10 +193,10 @@ def test_a_step_that_cannot_fit_stops_before_the_data_is_loaded(monkeypatch, tmp
 
 def test_batch_spec_matches_the_batches_the_loader_makes():
     config = _tiny()
-    splits = data.load_splits(config)
+    splits = load_splits(config)
     specs = (("a", "pretrain"), ("a", "pretrain"), ("b", "eval"))
     maker = pipeline.make_pass(splits.pretrain, {"a": np.arange(32).reshape(2, 16), "b": np.arange(32).reshape(2, 16)},
-                               specs, pipeline.Recipe.from_config(config), (1, 2))
+                               specs, startup.recipe(config), (1, 2))
     batch = maker(0)
     spec = pipeline.batch_spec(("a", "b"), 3, splits.pretrain.canvas_shape, 16)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s, np.dtype(d)) for k, (s, d) in spec.items()}

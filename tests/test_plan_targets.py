@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_splits
 
 pytestmark = pytest.mark.slow  # minutes of compiles for a TPU and a GPU
 
@@ -76,7 +76,7 @@ def route_checks(platform):
     targets.prepare_environment()
     import jax
 
-    from spcl_jax import data, runtime, sharding
+    from spcl_jax import runtime, sharding, startup
     from spcl_jax.data.sizes import Sizes
     from spcl_jax.method import METHODS
     from spcl_jax.plan import analysis, planner, programs, report
@@ -87,20 +87,20 @@ def route_checks(platform):
     out = {}
 
     def sizes_of(config):
-        return Sizes.of(data.load_splits(config), nominal=False)
+        return Sizes.of(load_splits(config), nominal=False)
 
     config = _config(px=route["px"], width=route["width"], batch=route["batch"])
     target = targets.parse(route["target"])
     sizes = sizes_of(config)
-    plan = planner.plan(config, METHODS["supervised"], sizes, target, quick=True, jobs=1)
+    parts = startup.parts(config, METHODS["supervised"], sizes.splits(config.dataset))
+    plan = planner.plan(parts, sizes, target, quick=True, jobs=1)
     out["plan"] = report.summary(plan)
     step = plan.programs["train_step"]
     tight = dataclasses.replace(plan, usable_memory=step.bytes_per_device - 1)  # one byte short for the step
     out["tight"] = report.summary(tight)
     out["tight_markdown"] = report.markdown(out["tight"])
     out["analytic_flops_per_device"] = resnet18_flops(route["px"], route["width"], route["batch"], 10) / target.chips
-    block = planner.run_task(planner.Task(config.copy_and_resolve_references(), METHODS["supervised"], sizes, target,
-                                          ("train_step",), remat="block"))[0]
+    block = planner.run_task(planner.Task(parts, sizes, target, ("train_step",), remat="block"))[0]
     steps = {"none": step, "block": block}
     out["remat"] = {remat: (m.temporaries, m.flops) for remat, m in steps.items()}
 
@@ -109,7 +109,9 @@ def route_checks(platform):
     def feature_pass_bytes(target_name, batch, slices=1):
         spcl.batch_size = batch
         mesh = sharding.data_mesh(targets.devices(targets.parse(target_name, slices=slices)))
-        program = programs.build(spcl, METHODS["spcl"], sizes_of(spcl), mesh, ("feature_pass",))["feature_pass"]
+        sizes = sizes_of(spcl)
+        parts = startup.parts(spcl, METHODS["spcl"], sizes.splits(spcl.dataset))
+        program = programs.build(parts, sizes, mesh, ("feature_pass",))["feature_pass"]
         return analysis.measure(program).program_bytes
 
     four, eight = route["pass_targets"]

@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import digits
-from spcl_jax import data, epoch_batches, objective, train
+from conftest import load_splits
+from spcl_jax import epoch_batches, objective, train
 from spcl_jax.method import METHODS
 
 LOSS_PRIMITIVES = {"exp", "log", "log1p", "logistic", "rsqrt", "div"}
@@ -26,7 +27,7 @@ def _config(dtype):
 @pytest.fixture(scope="module")
 def steps():
     """One SPCL step per dtype from the same init and batch: (state before, state after, metrics)."""
-    splits = data.load_splits(_config("float32"))
+    splits = load_splits(_config("float32"))
     mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     pseudo = np.arange(len(splits.pretrain)) % 8
     results = {}
@@ -91,8 +92,8 @@ def test_convolutions_run_in_the_compute_dtype_and_the_loss_math_in_float32(step
     """The traced loss: every convolution in `dtype`; every exp/log/rsqrt/division (NT-Xent, softmax
     cross-entropy, BCE, BatchNorm normalisation, the augmentation) in float32."""
     setup, before, _, _, batch = steps[dtype]
-    loss_fn = objective.make_loss_fn(setup.config, METHODS["spcl"], setup.graphdef, setup.classifier_graphdef, setup.aug,
-                                 setup.specs)
+    loss_fn = objective.make_loss_fn(setup.parts.objective, METHODS["spcl"], setup.graphdef, setup.classifier_graphdef,
+                                     setup.parts.augment, setup.specs)
     jaxpr = jax.make_jaxpr(jax.grad(lambda *a: loss_fn(*a)[0]))(
         before["params"], before["classifier_params"], before["batch_stats"], batch)
     equations = list(_equations(jaxpr.jaxpr))

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from configs.default import get_config
-from spcl_jax.data import load_splits, prepare, records
+from spcl_jax.data import prepare, records
 from spcl_jax.errors import DataError
 from spcl_jax.metrics import read_metrics
-from conftest import launch_cli
+from conftest import launch_cli, load_splits
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 

@@ -26,7 +26,7 @@ import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from configs import digits
-from spcl_jax import checkpoint, epoch_batches, network, train
+from spcl_jax import checkpoint, epoch_batches, network, startup, train
 from spcl_jax import workdir as workdir_module
 from spcl_jax.errors import CheckpointError, ConfigError, DivergedError, WorkdirError
 from spcl_jax.metrics import MetricWriter, read_metrics
@@ -387,7 +387,7 @@ def tiny_model_saved(tmp_path_factory):
     previous = stop_handlers()
     workdir = tmp_path_factory.mktemp("tiny_model")
     config = config_of(TINY)
-    _, params, batch_stats = network.create(config, METHODS["spcl"], 10, 0)
+    _, params, batch_stats = network.create(startup.architecture(config), METHODS["spcl"], 10, 0)
     manager = checkpoint.Manager(workdir, config, METHODS["spcl"])
     manager.restore_or(fake_state(0), 5)
     manager.save(dict(fake_state(4), params=params, batch_stats=batch_stats), None, epoch_end=True)
@@ -407,7 +407,7 @@ def test_a_checkpoint_of_another_model_is_refused_for_evaluation(tiny_model_save
     before = snapshot(tiny_model_saved)
     config = config_of(TINY)
     config.update(change)
-    _, other_params, _ = network.create(config, METHODS["spcl"], 10, 0)
+    _, other_params, _ = network.create(startup.architecture(config), METHODS["spcl"], 10, 0)
     saved, step = checkpoint.restore_network(str(tiny_model_saved / "checkpoints"), -1)
     what = f"checkpoint step {step} in {tiny_model_saved / 'checkpoints'}"
     with pytest.raises(CheckpointError) as refused:
@@ -548,8 +548,8 @@ def test_resuming_on_other_data_is_refused_naming_what_changed(one_epoch, tmp_pa
     shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
     load_splits = train.data.load_splits
 
-    def fewer_images(config):
-        splits = load_splits(config)
+    def fewer_images(spec):
+        splits = load_splits(spec)
         return dataclasses.replace(splits, pretrain=splits.pretrain.subset(np.arange(1000)))
 
     monkeypatch.setattr(train.data, "load_splits", fewer_images)
@@ -764,7 +764,9 @@ def test_a_train_split_too_small_for_the_original_linear_protocol_is_refused_bef
 def test_collapsed_features_without_pairs_stop_in_one_line():
     config = config_of(ONE_EPOCH)
     source = dataclasses.make_dataclass("Source", ["labels"])(np.zeros(40, np.int64))
-    run = types.SimpleNamespace(config=config, source=source, steps_per_epoch=2, method=METHODS["spcl"])
+    splits = types.SimpleNamespace(num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    parts = startup.parts(config, METHODS["spcl"], splits)
+    run = types.SimpleNamespace(parts=parts, source=source, steps_per_epoch=2, method=METHODS["spcl"])
     with pytest.raises(DivergedError, match=r"^epoch 3 has no pairs to train on \(cannot build pairs: 1 clusters "
                                             r"have >= 2 members and 1 are non-empty .*\): the features collapsed"):
         epoch_batches.epoch_plan(run, 2, np.zeros(40, np.int64))

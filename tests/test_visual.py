@@ -8,9 +8,8 @@ import pytest
 from PIL import Image
 
 from configs import digits
-from spcl_jax import loop_support, visual
+from spcl_jax import evaluate, visual
 from spcl_jax.metrics import MetricWriter
-from spcl_jax.method import METHODS
 
 
 def _colours(image):
@@ -52,8 +51,7 @@ def test_losses_figure_is_written_from_a_metrics_file(tmp_path):
                                         "train/grad_norm": 1.0})
     writer.write(40, 4, {"linear_eval/test_top1": 0.9})
     writer.close()
-    setup = type("Setup", (), {"config": digits.get_config(), "method": "cluster"})()
-    loop_support.write_summary(setup, 40, {}, str(tmp_path))
+    evaluate.write_summary(str(tmp_path), {}, digits.get_config(), "cluster", 40)
     assert os.listdir(tmp_path / "figs") == ["losses.png"] and not (tmp_path / "results.json").exists()
     image = np.asarray(Image.open(tmp_path / "figs" / "losses.png"))
     assert image.shape == (visual.PANEL_HEIGHT, 2 * visual.PANEL_WIDTH, 3) and _colours(image) > 20
@@ -77,9 +75,8 @@ def test_results_files_hold_the_metrics_and_their_protocols(tmp_path, protocol):
     config.linear_eval_protocol = protocol
     results = {"linear_eval/test_top1": 0.9733, "linear_eval/test_top5": 0.999, "linear_eval/best_epoch": 37,
                "knn/test_top1": 0.95, "linear_eval/random_init_test_top1": 0.8311}
-    run = type("Run", (), {"config": config, "method": METHODS["spcl"]})()
     (tmp_path / "metrics.jsonl").write_text("")
-    loop_support.write_summary(run, 250, results, str(tmp_path))
+    evaluate.write_summary(str(tmp_path), results, config, "spcl", 250)
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["metrics"] == results and saved["step"] == 250 and saved["linear_eval_protocol"] == protocol
     assert (saved["dataset"], saved["method"], saved["model"], saved["epochs"]) == ("digits", "spcl", "resnet18", 50)

@@ -34,10 +34,6 @@ class Recipe:
     crop_ratio: tuple = crops.CROP_RATIO
     eval_crop: int = 28  # int(0.875 S) pixels of the original image
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(crop_scale=tuple(float(s) for s in config.crop_scale), eval_crop=crops.eval_crop(config.image_size))
-
 
 @dataclasses.dataclass(frozen=True)
 class BatchMaker:

@@ -18,7 +18,7 @@ import argparse
 import importlib.util
 import os
 import sys
-import types
+from collections.abc import Sequence
 
 from spcl_jax.data import datasets, records, tfds_source
 from spcl_jax.data.pipeline import default_workers
@@ -44,7 +44,7 @@ def _build_with_tensorflow(name, root, manual_dir):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
-def prepare_tfds(dataset, data_dir, manual_dir):
+def prepare_tfds(dataset: str, data_dir: str, manual_dir: str) -> int:
     name = tfds_source.TFDS_NAMES[dataset]
     root = tfds_source.tfds_data_dir(data_dir)
     manual_dir = manual_dir or os.path.join(root, "downloads", "manual")
@@ -71,12 +71,10 @@ def prepare_tfds(dataset, data_dir, manual_dir):
     return 0
 
 
-def prepare_folder(args):
+def prepare_folder(args: argparse.Namespace) -> int:
     """Checks an image folder and, with --out, writes its records."""
-    listing_config = types.SimpleNamespace(dataset=args.dataset, dataset_path=args.dataset_path,
-                                           skip_bad_images=args.skip_bad_images,
-                                           imagenet100_classes=args.imagenet100_classes, listing_cache_dir="")
-    train, test, classes = datasets.folder_listing(listing_config)
+    train, test, classes = datasets.folder_listing(args.dataset, args.dataset_path, skip_bad=args.skip_bad_images,
+                                                   imagenet100_classes=args.imagenet100_classes, cache_dir="")
     if not args.out:
         print(f"{args.dataset} in {args.dataset_path} is ready: {len(classes)} classes, {len(train[0])} training and "
               f"{len(test[0])} test images; `--out DST` writes them as records, which load about 5x cheaper")
@@ -90,7 +88,7 @@ def prepare_folder(args):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=datasets.DATASETS)
     parser.add_argument("--data_dir", default="", help="tensorflow-datasets directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")

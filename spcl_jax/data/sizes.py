@@ -30,12 +30,12 @@ class Sizes:
                    bool(splits.pretrain.in_memory), nominal)
 
     @classmethod
-    def for_step(cls, config):
-        """Sizes that build the training step of `config` before its data is loaded: the dataset's nominal
-        canvas, one batch of examples (the normalisation constants do not change the program's shape)."""
+    def for_step(cls, dataset: str, image_size: int, batch_size: int, n_classes: int) -> "Sizes":
+        """Sizes that build the training step before the data is loaded: the dataset's nominal canvas, one batch of
+        examples (the normalisation constants do not change the program's shape)."""
         half, quarter = (0.5,) * 3, (0.25,) * 3
-        return cls(config.batch_size, config.batch_size, 0, 1, max(int(config.n_classes), 1), half, quarter,
-                   datasets.nominal_canvas(config), config.dataset in datasets.IN_MEMORY, True)
+        return cls(batch_size, batch_size, 0, 1, max(int(n_classes), 1), half, quarter,
+                   datasets.nominal_canvas(dataset, image_size), dataset in datasets.IN_MEMORY, True)
 
     def splits(self, name):
         """Splits of `ShapeSource`s of these sizes (no images), for building the programs."""

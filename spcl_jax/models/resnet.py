@@ -4,6 +4,7 @@ PyTorch pads strided convolutions and the stem max-pool symmetrically, so every 
 (Flax's 'SAME' pads (0, 1) for stride 2). Parameters and BatchNorm statistics are float32 whatever the compute
 dtype; the pooled features are returned in float32 so that the losses never run in bfloat16.
 """
+import dataclasses
 import math
 
 import jax
@@ -254,18 +255,37 @@ def total_stride(stem, image_size):
     return _STEM_STRIDES[resolve_stem(stem, image_size)] * math.prod(_STAGE_STRIDES)
 
 
-def build_encoder(config, *, rngs):
-    """ResNet from config.model, config.stem, config.image_size, config.width_multiplier, config.dtype and
-    config.remat."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype {config.dtype!r} is not supported; valid: {', '.join(DTYPES)}")
-    if config.width_multiplier <= 0:
-        raise ValueError(f"width_multiplier {config.width_multiplier} must be positive")
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The network's shape and numerics (config keys model, stem, image_size, width_multiplier, dtype, remat,
+    proj_dim): what building, restoring and exporting an encoder need."""
+
+    model: str
+    stem: str
+    image_size: int
+    width_multiplier: float
+    dtype: str
+    remat: str
+    proj_dim: int
+
+    @property
+    def features_dim(self) -> int:
+        """The encoder's output width D."""
+        return feature_dim(self.model, self.width_multiplier)
+
+
+def build_encoder(architecture: Architecture, *, rngs: nnx.Rngs) -> ResNet:
+    """The ResNet of `architecture` (its projection head is built by `spcl_jax.network`)."""
+    a = architecture
+    if a.dtype not in DTYPES:
+        raise ValueError(f"dtype {a.dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+    if a.width_multiplier <= 0:
+        raise ValueError(f"width_multiplier {a.width_multiplier} must be positive")
     return ResNet(
-        _depth(config.model),
-        stem=resolve_stem(config.stem, config.image_size),
-        width_multiplier=config.width_multiplier,
-        dtype=DTYPES[config.dtype],
-        remat=config.remat,
+        _depth(a.model),
+        stem=resolve_stem(a.stem, a.image_size),
+        width_multiplier=a.width_multiplier,
+        dtype=DTYPES[a.dtype],
+        remat=a.remat,
         rngs=rngs,
     )

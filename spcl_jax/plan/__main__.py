@@ -68,28 +68,6 @@ def _target():
     return target
 
 
-def _sizes(config, devices):
-    """(config fitted to the data, Sizes): from the data when it is here, else nominal."""
-    from absl import logging
-
-    from spcl_jax import config_validation, data
-    from spcl_jax.errors import DataError
-    from spcl_jax.data.sizes import Sizes
-
-    splits, nominal = None, True
-    if _NUM_EXAMPLES.value is None:
-        try:
-            splits, nominal = data.load_splits(config), False
-        except DataError as e:
-            logging.info("the data is not here (%s): planning with the dataset's nominal sizes", e)
-    if splits is None:
-        splits = data.load_splits(config, data.nominal_pool(config, _NUM_EXAMPLES.value))
-    config = config_validation.fit_to_data(config, splits, devices)
-    config_validation.check_pretrain_size(config, len(splits.pretrain))
-    config_validation.check_eval_size(config, len(splits.train), devices)
-    return config, Sizes.of(splits, nominal)
-
-
 def main(argv):
     if len(argv) > 1:
         _die(f"unexpected arguments {argv[1:]}; options are given as --config.<key>=<value>")
@@ -101,15 +79,16 @@ def main(argv):
 
     targets.prepare_environment()
     from configs import default
-    from spcl_jax import config_validation, runtime
+    from spcl_jax import config_validation, runtime, startup
     from spcl_jax.errors import UserError
     from spcl_jax.plan import planner, report
 
     runtime.configure()
     try:
-        method = config_validation.validate(config, default.get_config(), target.chips)
-        config, sizes = _sizes(config, target.chips)
-        plan = planner.plan(config, method, sizes, target, quick=_QUICK.value, jobs=_JOBS.value,
+        config_validation.validate(config, default.get_config(), target.chips)
+        config, method, sizes = startup.prepare_plan(config, target.chips, _NUM_EXAMPLES.value)
+        parts = startup.parts(config, method, sizes.splits(config.dataset))
+        plan = planner.plan(parts, sizes, target, quick=_QUICK.value, jobs=_JOBS.value,
                             memory_fraction=_MEMORY_FRACTION.value)
     except UserError as e:
         _die(str(e))

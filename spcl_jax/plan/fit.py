@@ -44,16 +44,16 @@ def needed_bytes(memory):
             + memory.generated_code_size_in_bytes - memory.alias_size_in_bytes)
 
 
-def check_memory(memory, available, config, device, devices):
+def check_memory(memory, available, batch_size, remat, device, devices):
     """Raises ConfigError, naming the bytes needed and available and the remedies, when the training step whose
     memory analysis is `memory` needs more than `available` bytes of `device`."""
     needed = needed_bytes(memory)
     if needed <= available:
         return
     largest = predict_largest_batch(needed, memory.temp_size_in_bytes, memory.argument_size_in_bytes,
-                                    config.batch_size, available, devices)
+                                    batch_size, available, devices)
     advice = f"a global batch of about {largest}" if largest else "a smaller batch_size"
-    remat = "set --config.remat=block (recomputes each block, less memory), " if config.remat == "none" else ""
+    remat = "set --config.remat=block (recomputes each block, less memory), " if remat == "none" else ""
     raise ConfigError(
         f"the training step needs {needed / GIB:.2f} GiB per device and a {device.device_kind} has "
         f"{available / GIB:.2f} GiB: {remat}use {advice} (--config.batch_size; `python -m spcl_jax.plan` finds the "

@@ -27,10 +27,9 @@ REMATS = ("none", "block")
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Programs to compile in one worker: `names` of the run of `config` (with `batch_size` and `remat` when given)."""
+    """Programs to compile in one worker: `names` of the run of `parts` (with `batch_size` and `remat` when given)."""
 
-    config: object
-    method: object
+    parts: object  # startup.Parts
     sizes: Sizes
     target: targets.Target
     names: tuple
@@ -46,16 +45,12 @@ def run_task(task):
 
     # Executables for devices that are not here cannot be loaded back from JAX's persistent cache: keep out of it.
     jax.config.update("jax_enable_compilation_cache", False)
-    config = task.config.copy_and_resolve_references()
-    if task.batch_size is not None:
-        config.batch_size = task.batch_size
-    if task.remat is not None:
-        config.remat = task.remat
+    parts = task.parts.with_step(batch_size=task.batch_size, remat=task.remat)
     devices = targets.devices(task.target)
-    built = programs.build(config, task.method, task.sizes, sharding.data_mesh(devices), task.names)
+    built = programs.build(parts, task.sizes, sharding.data_mesh(devices), task.names)
     cpu = None
     if task.target.platform != "tpu":  # no cost analysis there: count the FLOPs on a CPU lowering
-        cpu = programs.build(config, task.method, task.sizes, sharding.data_mesh(jax.devices("cpu")[:1]), task.names)
+        cpu = programs.build(parts, task.sizes, sharding.data_mesh(jax.devices("cpu")[:1]), task.names)
     results = []
     for name, program in built.items():
         counted = analysis.counted_flops(cpu[name], len(devices)) if cpu else None
@@ -125,8 +120,7 @@ class Search:
 @dataclasses.dataclass
 class Plan:
     target: targets.Target
-    config: object
-    method: object
+    parts: object  # startup.Parts
     sizes: Sizes
     usable_memory: int
     programs: dict  # name -> Measured (the config's batch and remat)
@@ -134,21 +128,22 @@ class Plan:
     max_batch: dict | None  # remat -> Search.answer(), None when quick
 
 
-def plan(config, method, sizes, target, *, quick=False, jobs=2, memory_fraction=None):
-    """The `Plan` of the run of `config` on `target`."""
+def plan(parts, sizes, target, *, quick=False, jobs=2, memory_fraction=None):
+    """The `Plan` of the run of `parts` (a `startup.Parts`) on `target`."""
     usable = target.usable_memory(memory_fraction)
     rest = tuple(n for n in programs.PROGRAMS if n != "train_step")
-    remats = (config.remat,) if quick else (config.remat,) + tuple(r for r in REMATS if r != config.remat)
+    batch_size, remat = parts.training.batch_size, parts.architecture.remat
+    remats = (remat,) if quick else (remat,) + tuple(r for r in REMATS if r != remat)
     searches = {r: Search(r, usable, target.chips) for r in remats}
-    tasks = [Task(config, method, sizes, target, ("train_step",), remat=r) for r in remats]
-    tasks.append(Task(config, method, sizes, target, rest))
+    tasks = [Task(parts, sizes, target, ("train_step",), remat=r) for r in remats]
+    tasks.append(Task(parts, sizes, target, rest))
     measured = {}
     with Compilers(jobs) as pool:
         for task, results in pool.run(tasks):
             for m in results:
                 if m.name == "train_step":
-                    searches[task.remat].add(config.batch_size, m)
-                    if task.remat == config.remat:
+                    searches[task.remat].add(batch_size, m)
+                    if task.remat == remat:
                         measured[m.name] = m
                 else:
                     measured[m.name] = m
@@ -158,7 +153,7 @@ def plan(config, method, sizes, target, *, quick=False, jobs=2, memory_fraction=
                 batch = search.next_batch()
                 if batch is not None:
                     search.checks += 1
-                    round_tasks.append(Task(config, method, sizes, target, ("train_step",), batch, search.remat))
+                    round_tasks.append(Task(parts, sizes, target, ("train_step",), batch, search.remat))
             if not round_tasks:
                 break
             for task, results in pool.run(round_tasks):
@@ -166,7 +161,7 @@ def plan(config, method, sizes, target, *, quick=False, jobs=2, memory_fraction=
                 logging.info("remat=%s: a global batch of %d needs %.2f GiB per device (%.2f GiB usable)", task.remat,
                              task.batch_size, results[0].bytes_per_device / 2**30, usable / 2**30)
     ordered = {name: measured[name] for name in programs.PROGRAMS if name in measured}
-    return Plan(target, config, method, sizes, usable, ordered, {r: s.steps for r, s in searches.items()},
+    return Plan(target, parts, sizes, usable, ordered, {r: s.steps for r, s in searches.items()},
                 None if quick else {r: s.answer() for r, s in searches.items()})
 
 
@@ -187,7 +182,7 @@ def completed(pool, tasks):
                 f"{e}); with --jobs=1 the crash ends this process too; another libtpu or CUDA plugin version may "
                 "compile it") from e
         for m in results:
-            setting = f" (global batch {task.batch_size or task.config.batch_size}, remat={task.remat})" if (
+            setting = f" (global batch {task.batch_size or task.parts.training.batch_size}, remat={task.remat})" if (
                 m.name == "train_step") else ""
             logging.info("compiled %s%s for %s in %.0f s: %.2f GiB per device", m.name, setting, task.target.name,
                          m.compile_seconds, m.bytes_per_device / 2**30)

@@ -13,27 +13,29 @@ HOST_MS_PER_IMAGE = 0.686
 
 def summary(plan):
     """The plan as a JSON-able dict (the keys README's "Plan before you pay" lists)."""
-    target, config, chip = plan.target, plan.config, plan.target.chip
+    target, parts, chip = plan.target, plan.parts, plan.target.chip
+    training, architecture = parts.training, parts.architecture
     progs = {name: _program(m, plan) for name, m in plan.programs.items()}
     step = plan.programs.get("train_step")
     step_s = step.least_seconds(chip) if step else None
-    steps_per_epoch = step.calls // max(config.n_epochs, 1) if step else 0
+    steps_per_epoch = step.calls // max(training.n_epochs, 1) if step else 0
     clustering_s = _clustering_seconds(plan)
     epoch_s = steps_per_epoch * step_s + clustering_s if step_s is not None else None
     clusterings = plan.programs["kmeans"].calls if "kmeans" in plan.programs else 0
     eval_s = _evaluation_seconds(plan)
-    run_s = (config.n_epochs * steps_per_epoch * step_s + clusterings * clustering_s + eval_s
+    run_s = (training.n_epochs * steps_per_epoch * step_s + clusterings * clustering_s + eval_s
              if step_s is not None else None)
-    images_per_step = config.batch_size * len(plan.method.image_sets)
+    images_per_step = training.batch_size * len(parts.method.image_sets)
     feed = images_per_step / step_s if step_s else None
     out = {
         "target": target.name, "platform": target.platform, "devices": target.chips, "hosts": target.hosts,
         "slices": target.slices, "device_kind": chip.device_kind, "device_memory_bytes": chip.memory_bytes,
         "usable_memory_bytes": plan.usable_memory, "peak_bf16_flops": chip.peak_bf16_flops,
         "memory_bandwidth": chip.memory_bandwidth, "chip_facts": chip.source,
-        "config": {"dataset": config.dataset, "model": config.model, "width_multiplier": config.width_multiplier,
-                   "image_size": config.image_size, "dtype": config.dtype, "method": plan.method.name,
-                   "global_batch": config.batch_size, "remat": config.remat, "n_epochs": config.n_epochs},
+        "config": {"dataset": parts.dataset, "model": architecture.model,
+                   "width_multiplier": architecture.width_multiplier, "image_size": architecture.image_size,
+                   "dtype": architecture.dtype, "method": parts.method.name, "global_batch": training.batch_size,
+                   "remat": architecture.remat, "n_epochs": training.n_epochs},
         "examples": {"pretrain": plan.sizes.pretrain, "train": plan.sizes.train, "valid": plan.sizes.valid,
                      "test": plan.sizes.test, "nominal": plan.sizes.nominal},
         "programs": progs,
@@ -89,14 +91,14 @@ def _clustering_seconds(plan):
 def _evaluation_seconds(plan):
     """The linear head's steps, the kNN calls and the evaluation features (train, valid and test through the
     encoder, at the feature pass's cost per image)."""
-    config = plan.config
+    training = plan.parts.training
     seconds = 0.0
     for name in ("linear_eval_step", "knn"):
         if name in plan.programs:
             seconds += plan.programs[name].calls * _least(plan, name)
-    if "feature_pass" in plan.programs and config.evaluate_after_pretrain:
+    if "feature_pass" in plan.programs and training.evaluate_after_pretrain:
         sizes = plan.sizes
-        seconds += _least(plan, "feature_pass") / config.batch_size * (sizes.train + sizes.valid + sizes.test)
+        seconds += _least(plan, "feature_pass") / training.batch_size * (sizes.train + sizes.valid + sizes.test)
     return seconds
 
 
@@ -104,7 +106,7 @@ def _remat_comparison(plan):
     """{remat: {bytes_per_device, temporaries, flops_per_device}} of the steps compiled at the config's batch."""
     out = {}
     for remat, steps in plan.steps.items():
-        m = steps.get(plan.config.batch_size)
+        m = steps.get(plan.parts.training.batch_size)
         if m is not None:
             out[remat] = {"bytes_per_device": m.bytes_per_device, "temporaries": m.temporaries,
                           "flops_per_device": m.flops}
