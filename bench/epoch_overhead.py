@@ -75,7 +75,7 @@ def for_row(setup, images, labels, n, k):
 
 def feature_pass(setup, state, seed):
     """What `clustering.cluster` runs first: the frozen encoder over the pretrain set in dataset order."""
-    encode = lambda batch: setup.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
+    encode = lambda batch: setup.encode(state.params, state.batch_stats, batch)  # noqa: E731
     source = setup.splits.pretrain
     parts = setup.parts
     maker = features.feature_pass(source, np.arange(len(source)), parts.training.batch_size,

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # for the hints only: importing them here would make a circle
 
     from spcl_jax.data.datasets import Splits
     from spcl_jax.method import Method
+    from spcl_jax.train_state import TrainState
 
 # Keys that decide what the parameters mean: resuming with a different value is refused.
 IDENTITY_KEYS = ("method", "model", "stem", "width_multiplier", "proj_dim", "dataset", "image_size",
@@ -129,9 +130,15 @@ def open_manager(directory: str, *, keep: int = 2, read_only: bool = False) -> o
     return ocp.CheckpointManager(directory, options=options)
 
 
+def _parts(state):
+    """{name: part} of a train state: a `train_state.TrainState`, or a dict of such parts."""
+    return dict(state) if isinstance(state, dict) else state.parts()
+
+
 def _to_saved(state, pseudo, num_pretrain):
+    """What a checkpoint stores: the state's parts by name and the pseudo labels (-1 before any clustering)."""
     labels = np.full(num_pretrain, -1, np.int64) if pseudo is None else np.asarray(pseudo, np.int64)
-    return dict(state, pseudo_labels=labels)
+    return dict(_parts(state), pseudo_labels=labels)
 
 
 def _permission_denied(step_dir, error):
@@ -220,7 +227,7 @@ class Manager:
             self.stop_signal = int(np.max(signals)) or None
         return self.stop_signal is not None
 
-    def restore_or(self, state: dict, num_pretrain: int) -> tuple[dict, np.ndarray | None]:
+    def restore_or(self, state: TrainState | dict, num_pretrain: int) -> tuple[TrainState | dict, np.ndarray | None]:
         """(state, pseudo labels) of the newest checkpoint in the workdir, or the given fresh state.
 
         A checkpoint of another run (identity keys, data or steps per epoch differ) is refused, or with
@@ -255,7 +262,7 @@ class Manager:
             raise self._unreadable(step, e) from e
         pseudo = np.asarray(restored.pop("pseudo_labels"))
         logging.info("resuming from the checkpoint of step %d in %s", step, self.directory)
-        return restored, (None if (pseudo < 0).any() else pseudo)
+        return type(state)(**restored), (None if (pseudo < 0).any() else pseudo)
 
     def _differences(self, saved):
         """{what: (saved, now)} of everything that makes the saved checkpoint another run's."""
@@ -320,9 +327,10 @@ class Manager:
                              markers=(COMMIT_MARKER,))
         return max(_finished_steps(self.directory), default=None)
 
-    def save(self, state: dict, pseudo: np.ndarray | None, *, epoch_end: bool) -> None:
-        step = int(state["step"])
-        if int(state["first_nonfinite_step"]) >= 0 or step in self._manager.all_steps():
+    def save(self, state: TrainState | dict, pseudo: np.ndarray | None, *, epoch_end: bool) -> None:
+        parts = _parts(state)
+        step = int(parts["step"])
+        if int(parts["first_nonfinite_step"]) >= 0 or step in self._manager.all_steps():
             return
         self.wait()
         try:

@@ -68,7 +68,7 @@ def cluster(run, state, epoch, key, *, projection=False):
     maker = features.feature_pass(run.splits.pretrain, order, parts.training.batch_size,
                                   features.FEATURE_VIEWS[c.feature_view], parts.recipe,
                                   streams.feature_views(parts.seed, epoch))
-    encode = lambda batch: run.encode(state["params"], state["batch_stats"], batch)  # noqa: E731
+    encode = lambda batch: run.encode(state.params, state.batch_stats, batch)  # noqa: E731
     feats, position = features.extract_features(encode, maker, run.mesh, parts.num_workers)
     valid = position < num
     # Each row's example index (-1 on padding): k-means draws by it, so any device count clusters alike.
@@ -102,7 +102,7 @@ def recluster(loop, state, epoch):
     `visual_cls`, the figure of the first two whitened components (`figs/prototypes_epoch_<n>.png`)."""
     run, writer = loop.run, loop.writer
     seed, c = run.parts.seed, run.parts.clustering
-    step = int(state["step"])
+    step = int(state.step)
     clustering = progress.Announcement(f"epoch {epoch + 1}: clustering {len(run.splits.pretrain):,} examples")
     draw = c.visual_cls and epoch % c.visual_freq == 0
     pseudo, stats, points = cluster(run, state, epoch, streams.kmeans_key(seed, epoch), projection=draw)

@@ -335,11 +335,11 @@ def after_pretraining(run, state, writer):
     """Linear + kNN evaluation of the trained encoder (and, if configured, of its random init)."""
     parts = run.parts
     evaluator = Evaluator(parts, run.splits, run.graphdef, run.mesh)
-    results = evaluator.run(state["params"], state["batch_stats"])
+    results = evaluator.run(state.params, state.batch_stats)
     if parts.evaluation.random_init_baseline:
         _, params, batch_stats = network.create(parts.architecture, run.method, run.splits.num_classes, parts.seed)
         results.update(evaluator.run(params, batch_stats, prefix="random_init_"))
-    report(results, writer, int(state["step"]), parts.training.n_epochs - 1, parts.evaluation)  # after the last epoch
+    report(results, writer, int(state.step), parts.training.n_epochs - 1, parts.evaluation)  # after the last epoch
     return results
 
 

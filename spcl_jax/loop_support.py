@@ -31,7 +31,7 @@ class DivergenceGuard:
 
     def check(self, state, means, step, checked_before, manager):
         """`means` of the steps after `checked_before` (the step of the previous check) up to `step` (0-based)."""
-        bad = int(state["first_nonfinite_step"])
+        bad = int(state.first_nonfinite_step)
         reference = self.facts.get("first_step_loss")
         loss = means["train/loss"]
         if bad >= 0:
@@ -69,7 +69,7 @@ def write_or_save(loop, state, pseudo, step, epoch, scalars):
         try:
             loop.manager.save(state, pseudo, epoch_end=False)
             loop.manager.close()
-            kept = f"the checkpoint of step {int(state['step'])} was saved"
+            kept = f"the checkpoint of step {int(state.step)} was saved"
         except UserError:
             kept = "no checkpoint could be saved either (the newest left is intact)"
         raise WorkdirError(f"writing {loop.writer.path} failed ({e.strerror or e}); {kept}: free disk space, then "

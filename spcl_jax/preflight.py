@@ -30,10 +30,10 @@ def summary(config, run, state, workdir):
     """The lines `dry_run` prints."""
     splits, method = run.splits, run.method
     devices = jax.device_count()
-    model = (f"model: {config.model} (width x{config.width_multiplier:g}), {_count(state['params']):,} parameters "
-             f"(encoder {_count(state['params']['encoder']):,})")
+    model = (f"model: {config.model} (width x{config.width_multiplier:g}), {_count(state.params):,} parameters "
+             f"(encoder {_count(state.params['encoder']):,})")
     if method.prototype_classifier:
-        model += f" + prototype classifier {_count(state['classifier_params']):,}"
+        model += f" + prototype classifier {_count(state.classifier_params):,}"
     pretrains = config_validation.pretrains(config)
     work = (f"pretraining: {run.steps_per_epoch:,} steps per epoch x {config.n_epochs} epochs = "
             f"{run.steps_per_epoch * config.n_epochs:,} steps" if pretrains

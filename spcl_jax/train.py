@@ -25,6 +25,7 @@ from spcl_jax.errors import ConfigError
 from spcl_jax.loop_support import DivergenceGuard, Patience, log_epoch, log_start, warn_if_waiting, write_or_save
 from spcl_jax.metrics import MetricWriter
 from spcl_jax.objective import make_loss_fn, view_specs
+from spcl_jax.train_state import TrainState
 from spcl_jax.plan import fit
 from spcl_jax.workdir import check_outputs, claim_workdir
 
@@ -80,19 +81,19 @@ def make_train_step(parts, graphdef, classifier_graphdef, tx, classifier_tx, spe
 
     def step(state, batch):
         (total, (terms, batch_stats, diagnostics)), (grads, classifier_grads) = grad_fn(
-            state["params"], state["classifier_params"], state["batch_stats"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+            state.params, state.classifier_params, state.batch_stats, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         classifier_updates, classifier_opt_state = classifier_tx.update(
-            classifier_grads, state["classifier_opt_state"], state["classifier_params"])
-        classifier_params = optax.apply_updates(state["classifier_params"], classifier_updates)
+            classifier_grads, state.classifier_opt_state, state.classifier_params)
+        classifier_params = optax.apply_updates(state.classifier_params, classifier_updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        new_state = dict(
+        new_state = TrainState(
             params=params, batch_stats=batch_stats, opt_state=opt_state, classifier_params=classifier_params,
-            classifier_opt_state=classifier_opt_state, step=state["step"] + 1,
-            first_nonfinite_step=jnp.where((state["first_nonfinite_step"] < 0) & ~finite, state["step"],
-                                           state["first_nonfinite_step"]))
+            classifier_opt_state=classifier_opt_state, step=state.step + 1,
+            first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                                           state.first_nonfinite_step))
         metrics = {"train/loss": total, "train/grad_norm": grad_norm}
         metrics.update({f"train/loss_{k}": v for k, v in terms.items()})
         metrics.update({f"train/{k}": v for k, v in diagnostics.items()})
@@ -142,9 +143,10 @@ def initial_state(run):
                                                       parts.clustering.classifier_width,
                                                       streams.network_init(parts.seed))
                          if run.method.prototype_classifier else {})
-    return dict(params=params, batch_stats=batch_stats, opt_state=run.tx.init(params), step=jnp.int32(0),
-                first_nonfinite_step=jnp.int32(-1), classifier_params=classifier_params,
-                classifier_opt_state=run.classifier_tx.init(classifier_params))
+    return TrainState(params=params, batch_stats=batch_stats, opt_state=run.tx.init(params),
+                      classifier_params=classifier_params,
+                      classifier_opt_state=run.classifier_tx.init(classifier_params), step=jnp.int32(0),
+                      first_nonfinite_step=jnp.int32(-1))
 
 
 def abstract_state(run):
@@ -208,7 +210,7 @@ def train_and_evaluate(config, workdir):
         progress.log_to_file(workdir)  # after restore_or: a refused resume leaves the workdir as it was
         checkpoint.write_config_json(workdir, config, method, facts)
     log_start(run, workdir)
-    start_step = int(state["step"])
+    start_step = int(state.step)
     done = start_step == config.n_epochs * run.steps_per_epoch
     finished = evaluate.finished_results(workdir, config, method, start_step) if done else None
     if done and (finished or not config.evaluate_after_pretrain):
@@ -231,12 +233,12 @@ def train_and_evaluate(config, workdir):
         patience.update(epoch_means["train/loss"])
         summary = {"train/epoch_loss": epoch_means["train/loss"], "train/epochs_without_improvement": patience.count}
         if monitor and (epoch + 1) % config.knn_every_epochs == 0:
-            summary.update(monitor.knn_monitor(state["params"], state["batch_stats"]))
-        loop.writer.write(int(state["step"]), epoch, summary)
+            summary.update(monitor.knn_monitor(state.params, state.batch_stats))
+        loop.writer.write(int(state.step), epoch, summary)
         loop.writer.flush()  # on gs://: the epoch's records stored with its checkpoint
         log_epoch(epoch, run.parts.training, epoch_means, summary, time.time() - began, patience,
-                  loop.pace.eta(int(state["step"])))
-    step = int(state["step"])
+                  loop.pace.eta(int(state.step)))
+    step = int(state.step)
     if loop.manager.stop_requested():  # a signal after the last step: pretraining is saved, say so and stop
         loop.manager.close()
         loop.writer.close()
@@ -259,9 +261,9 @@ def start_epoch(loop, state, pseudo, epoch):
         pseudo = clustering.recluster(loop, state, epoch)
     if run.method.prototype_classifier and epoch % c.classifier_init_freq == 0:
         params, opt_state = clustering.new_classifier(run, streams.classifier_init(run.parts.seed, epoch))
-        state = dict(state, **jax.device_put(dict(classifier_params=params, classifier_opt_state=opt_state),
-                                            sharding.replicated(run.mesh)))
-        loop.writer.write(int(state["step"]), epoch, {"prototypes/classifier_reinitialised": 1})
+        state = state.replace(**jax.device_put(dict(classifier_params=params, classifier_opt_state=opt_state),
+                                               sharding.replicated(run.mesh)))
+        loop.writer.write(int(state.step), epoch, {"prototypes/classifier_reinitialised": 1})
     return state, pseudo
 
 
@@ -271,9 +273,9 @@ def train_step(loop, state, batch):
         return loop.run.train_step(state, batch)
     compiling = progress.Announcement("compiling the training step")
     state, metrics = loop.run.train_step(state, batch)
-    state["step"].block_until_ready()
+    state.step.block_until_ready()
     compiling.done("compiled", " (its first step included)")
-    loop.pace.start(int(state["step"]))
+    loop.pace.start(int(state.step))
     return state, metrics
 
 
@@ -283,7 +285,7 @@ def run_epoch(loop, state, pseudo, epoch, first_step):
     training = run.parts.training
     plan = epoch_batches.epoch_plan(run, epoch, pseudo)
     maker = epoch_batches.epoch_pass(run, epoch, plan)
-    totals, count, last_time, last_step, last_wait = {}, 0, time.time(), int(state["step"]), 0.0
+    totals, count, last_time, last_step, last_wait = {}, 0, time.time(), int(state.step), 0.0
     epoch_sums, epoch_count = {}, 0
     bar = progress.Bar(epoch, training.n_epochs, run.steps_per_epoch, first_step, loop.pace,
                        enabled=jax.process_index() == 0)
@@ -291,7 +293,7 @@ def run_epoch(loop, state, pseudo, epoch, first_step):
         for i, host_batch in zip(range(first_step, run.steps_per_epoch), loader):
             step = epoch * run.steps_per_epoch + i
             state, metrics = train_step(loop, state, epoch_batches.make_batch(run, plan, maker, i, host_batch, pseudo))
-            bar.dispatched(metrics["train/loss"])  # not state["step"]: the next step donates the state
+            bar.dispatched(metrics["train/loss"])  # not state.step: the next step donates the state
             if step == 0:
                 loop.guard.first_step(metrics)
             totals = jax.tree.map(jnp.add, totals, metrics) if totals else metrics

@@ -282,7 +282,7 @@ def test_sigterm_then_the_same_command_resumes_bit_identically(gcs, monkeypatch,
 
         def step(state, batch):
             state, metrics = jitted(state, batch)
-            if stops and int(state["step"]) == stops[0]:
+            if stops and int(state.step) == stops[0]:
                 stops.pop()
                 os.kill(os.getpid(), signal.SIGTERM)
             return state, metrics

@@ -184,11 +184,12 @@ def test_two_process_run_resumes_in_one_process(runs):
         state, pseudo = manager.restore_or(fresh, len(splits.pretrain))
     finally:
         manager.close()
-    assert len(state["params"]["encoder"]["stem_conv"]["kernel"].sharding.device_set) == 8
+    assert len(state.params["encoder"]["stem_conv"]["kernel"].sharding.device_set) == 8
     saved, _ = checkpoint.restore_network(str(root / "two_by_two" / "checkpoints"), 2)
     np.testing.assert_array_equal(pseudo, saved["pseudo_labels"])
     parts = ("params", "batch_stats", "opt_state", "classifier_params")
-    resumed, written = (_leaves_by_path({k: tree[k] for k in parts}) for tree in (jax.device_get(state), saved))
+    trees = (jax.device_get(state).parts(), saved)
+    resumed, written = (_leaves_by_path({k: tree[k] for k in parts}) for tree in trees)
     assert resumed.keys() == written.keys() and len(resumed) > 100
     for path, leaf in resumed.items():
         np.testing.assert_array_equal(leaf, written[path], err_msg=str(path))

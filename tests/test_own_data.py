@@ -43,7 +43,7 @@ def test_a_labelled_folder_fits_the_config_and_the_same_command_resumes(tmp_path
     _folder(tmp_path / "data", [2, 2], split="val")
     workdir = str(tmp_path / "run")
     state, results = train.train_and_evaluate(_config(tmp_path / "data"), workdir)
-    assert int(state["step"]) == 2 and 0 <= results["knn/test_top1"] <= 1
+    assert int(state.step) == 2 and 0 <= results["knn/test_top1"] <= 1
     assert ("infer_from_data: n_classes 0 -> 2 (every class of the data); pre_classes 0 -> 2 (every class of the data); "
             "batch_size 512 -> 16 (at most the 16 pretrain images, in multiples of 8 devices and of 2 for the pairs' "
             "halves); warmup_epochs 10 -> 0 (at most a tenth of n_epochs=2); num_prototypes 512 -> 2 (16 pretraining "
@@ -56,13 +56,13 @@ def test_a_labelled_folder_fits_the_config_and_the_same_command_resumes(tmp_path
     info_lines.clear()
     state, again = train.train_and_evaluate(_config(tmp_path / "data"), workdir)  # the same command: same inference
     assert any(line.startswith("resuming from the checkpoint of step 2 in ") for line in info_lines)
-    assert int(state["step"]) == 2 and again == results
+    assert int(state.step) == 2 and again == results
 
 
 def test_an_unlabeled_folder_pretrains_without_evaluation_or_label_statistics(tmp_path, info_lines):
     _unlabeled(tmp_path / "data", 16)
     state, results = train.train_and_evaluate(_config(tmp_path / "data"), str(tmp_path / "run"))
-    assert int(state["step"]) == 2 and results == {}
+    assert int(state.step) == 2 and results == {}
     inferred = next(line for line in info_lines if line.startswith("infer_from_data: "))
     assert (f"evaluate_after_pretrain True -> False (linear/kNN evaluation needs labelled images: {tmp_path}/data/train "
             "has no class folders)") in inferred

@@ -54,7 +54,7 @@ def test_abstract_state_and_batch_are_the_shapes_of_the_concrete_ones():
         if method == "spcl":  # the step compiled from the shapes runs on the concrete arrays
             compiled = run.train_step.lower(shapes, spec).compile()
             new_state, metrics = compiled(state, batch)
-            assert np.isfinite(float(metrics["train/loss"])) and int(new_state["step"]) == 1
+            assert np.isfinite(float(metrics["train/loss"])) and int(new_state.step) == 1
 
 
 def test_nominal_sizes_and_canvas_stand_for_the_data():

@@ -49,18 +49,18 @@ def _float_leaves(tree):
 def test_bf16_step_keeps_parameters_optimiser_state_and_statistics_float32(steps):
     _, before, after, metrics, _ = steps["bfloat16"]
     for part in ("params", "batch_stats", "opt_state", "classifier_params", "classifier_opt_state"):
-        leaves = _float_leaves(after[part])
+        leaves = _float_leaves(getattr(after, part))
         assert leaves or part == "classifier_opt_state", part  # plain SGD keeps no float state
         for name, leaf in leaves:
             assert np.asarray(leaf).dtype == np.float32, f"{part}{name}: {np.asarray(leaf).dtype}"
     for key, value in metrics.items():  # counts are int32, everything else float32
         assert np.asarray(value).dtype in (np.float32, np.int32) and np.isfinite(value), key
     assert np.asarray(metrics["train/loss"]).dtype == np.float32
-    moved = [not np.array_equal(a, b) for (_, a), (_, b) in zip(_float_leaves(before["batch_stats"]),
-                                                                  _float_leaves(after["batch_stats"]))]
+    moved = [not np.array_equal(a, b) for (_, a), (_, b) in zip(_float_leaves(before.batch_stats),
+                                                                  _float_leaves(after.batch_stats))]
     assert all(moved)  # the running statistics were updated, in float32
-    assert not np.array_equal(before["params"]["encoder"]["stem_conv"]["kernel"],
-                              after["params"]["encoder"]["stem_conv"]["kernel"])
+    assert not np.array_equal(before.params["encoder"]["stem_conv"]["kernel"],
+                              after.params["encoder"]["stem_conv"]["kernel"])
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_bf16_loss_at_init_matches_float32(steps):
     metric 4e-4, prototype 1e-4 relative; the tolerance is 5e-3."""
     _, before32, _, metrics32, _ = steps["float32"]
     _, before16, _, metrics16, _ = steps["bfloat16"]
-    jax.tree.map(np.testing.assert_array_equal, before32["params"], before16["params"])
+    jax.tree.map(np.testing.assert_array_equal, before32.params, before16.params)
     for key in ("train/loss", "train/loss_contrastive", "train/loss_prototype", "train/loss_metric"):
         np.testing.assert_allclose(metrics16[key], metrics32[key], rtol=5e-3, err_msg=key)
 
@@ -95,7 +95,7 @@ def test_convolutions_run_in_the_compute_dtype_and_the_loss_math_in_float32(step
     loss_fn = objective.make_loss_fn(setup.parts.objective, METHODS["spcl"], setup.graphdef, setup.classifier_graphdef,
                                      setup.parts.augment, setup.specs)
     jaxpr = jax.make_jaxpr(jax.grad(lambda *a: loss_fn(*a)[0]))(
-        before["params"], before["classifier_params"], before["batch_stats"], batch)
+        before.params, before.classifier_params, before.batch_stats, batch)
     equations = list(_equations(jaxpr.jaxpr))
     convolutions = [e for e in equations if e.primitive.name == "conv_general_dilated"]
     assert len(convolutions) > 40  # 4 views x 20 convolutions forward, and their backward

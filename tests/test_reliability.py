@@ -424,11 +424,11 @@ def uninterrupted(tmp_path_factory):
     previous = stop_handlers()
     state, _ = train.train_and_evaluate(config_of(TINY + RUN), str(tmp_path_factory.mktemp("uninterrupted")))
     assert stop_handlers() == previous
-    return jax.device_get({k: state[k] for k in STATE_KEYS})
+    return jax.device_get({k: getattr(state, k) for k in STATE_KEYS})
 
 
 def assert_same_run(state, reference):
-    got = jax.device_get({k: state[k] for k in STATE_KEYS})
+    got = jax.device_get({k: getattr(state, k) for k in STATE_KEYS})
     assert int(got["step"]) == 8
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(reference)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
@@ -481,7 +481,7 @@ def test_three_sigterm_resume_cycles_end_with_the_uninterrupted_parameters(tmp_p
 
         def step(state, batch):
             state, metrics = built[0](state, batch)
-            if stops and int(state["step"]) == stops[0]:
+            if stops and int(state.step) == stops[0]:
                 os.kill(os.getpid(), signal.SIGTERM)
             return state, metrics
         return step
@@ -541,7 +541,7 @@ def test_overwriting_another_run_moves_it_aside_whole_and_never_mixes_steps(one_
     assert [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r] == [1, 2]
     # The same command again resumes the new run: nothing more is moved aside.
     state, _ = train.train_and_evaluate(command, str(tmp_path))
-    assert int(state["step"]) == 2 and len(glob.glob(str(tmp_path / "replaced-*"))) == 1
+    assert int(state.step) == 2 and len(glob.glob(str(tmp_path / "replaced-*"))) == 1
 
 
 def test_resuming_on_other_data_is_refused_naming_what_changed(one_epoch, tmp_path, monkeypatch, own_signals):
@@ -573,7 +573,7 @@ def test_a_changed_step_count_per_epoch_is_refused_and_other_changes_are_logged(
     assert snapshot(tmp_path) == before
     state, _ = train.train_and_evaluate(config_of(ONE_EPOCH + ["--config.n_epochs=2", "--config.learning_rate=0.5"]),
                                         str(tmp_path))
-    assert int(state["step"]) == 4
+    assert int(state.step) == 4
     assert checkpoint_warnings == ["resuming with a changed learning_rate: 1.0 -> 0.5",
                                    "resuming with a changed n_epochs: 1 -> 2"]
 
@@ -708,7 +708,7 @@ def test_a_finite_explosion_stops_and_the_newest_healthy_checkpoint_is_kept(tmp_
     assert finished_steps(tmp_path) == [4] and os.path.isdir(tmp_path / "checkpoints" / "5.diverged")
     # What the message says works: the same run with a sane learning rate resumes from step 4 and finishes.
     state, _ = train.train_and_evaluate(config_of(run + ["--config.n_epochs=3"]), str(tmp_path))
-    assert int(state["step"]) == 12
+    assert int(state.step) == 12
     assert all(np.isfinite(r["train/loss"]) for r in read_metrics(tmp_path) if r["step"] > 6 and "train/loss" in r)
 
 
@@ -749,7 +749,7 @@ def test_a_full_disk_for_metrics_mid_run_saves_a_checkpoint_and_says_how_to_resu
     monkeypatch.undo()
     assert finished_steps(tmp_path) == [3]
     state, _ = train.train_and_evaluate(config_of(run), str(tmp_path))
-    assert int(state["step"]) == 4 and trained_steps(tmp_path) == [1, 2, 4]
+    assert int(state.step) == 4 and trained_steps(tmp_path) == [1, 2, 4]
 
 
 def test_a_train_split_too_small_for_the_original_linear_protocol_is_refused_before_pretraining(tmp_path, monkeypatch):

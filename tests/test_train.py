@@ -150,8 +150,8 @@ def test_three_steps_on_one_device_equal_eight_devices():
         plan = epoch_batches.epoch_plan(setup, 0, pseudo)
         for step in range(3):
             state, metrics = setup.train_step(state, epoch_batches.load_batch(setup, 0, plan, step, pseudo))
-        assert len(state["params"]["encoder"]["stem_conv"]["kernel"].sharding.device_set) == devices
-        results.append(jax.device_get((state["params"], state["batch_stats"], state["classifier_params"],
+        assert len(state.params["encoder"]["stem_conv"]["kernel"].sharding.device_set) == devices
+        results.append(jax.device_get((state.params, state.batch_stats, state.classifier_params,
                                        metrics)))
     one, eight = (jax.tree_util.tree_leaves_with_path(r) for r in results)
     assert len(one) == len(eight) > 10

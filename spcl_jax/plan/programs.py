@@ -66,7 +66,7 @@ def build(parts, sizes, mesh, names=None):
             calls=run.steps_per_epoch * n_epochs),
         "feature_pass": lambda: Program(
             "feature_pass", f"frozen encoder over the pretrain set, {batch} images a call",
-            run.encode.lower(state["params"], state["batch_stats"], _feature_batch(run, mesh, batch)),
+            run.encode.lower(state.params, state.batch_stats, _feature_batch(run, mesh, batch)),
             calls=clusterings * bank_rows // batch, resident=state_bytes + bank_bytes),
         "pca_statistics": lambda: Program(
             "pca_statistics", f"mean and covariance of the {bank_rows:,} x {dim} feature bank (PCA-whitening; the "
@@ -124,7 +124,7 @@ def _linear_eval_step(parts, run, sizes, mesh, state, dim):
     if original:
         evaluator = evaluate.Evaluator(parts, run.splits, run.graphdef, mesh)
         step = evaluate.make_head_step(graphdef, tx, evaluator.augmented_embed)
-        encoder = (state["params"], state["batch_stats"])
+        encoder = (state.params, state.batch_stats)
         inputs, what = _feature_batch(run, mesh, batch), "through the frozen encoder (linear_eval_protocol=original)"
     else:
         step = evaluate.make_head_step(graphdef, tx, evaluate.cached_features)
