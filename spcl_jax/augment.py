@@ -24,9 +24,11 @@ box's pixels only. Deliberate differences from the torchvision/PIL pipeline:
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from spcl_jax.data.crops import FLIP_DRAW, JITTER_DRAWS
 
@@ -64,45 +66,45 @@ class AugmentParams:
 # ---------------------------------------------------------------- pixel ops on one (H, W, 3) image in [0, 1]
 
 
-def to_unit(images):
+def to_unit(images: jax.Array) -> jax.Array:
     """uint8 (or float in [0, 255]) pixels to float32 in [0, 1]."""
     return images.astype(jnp.float32) / 255.0
 
 
-def normalise(x, mean, std):
+def normalise(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def luma(x):
+def luma(x: jax.Array) -> jax.Array:
     """(H, W) grey level of an RGB image."""
     return x @ jnp.asarray(GREY_WEIGHTS, jnp.float32)
 
 
-def grayscale(x):
+def grayscale(x: jax.Array) -> jax.Array:
     return jnp.repeat(luma(x)[..., None], 3, axis=-1)
 
 
-def adjust_brightness(x, factor):
+def adjust_brightness(x: jax.Array, factor: ArrayLike) -> jax.Array:
     return jnp.clip(x * factor, 0.0, 1.0)
 
 
-def adjust_contrast(x, factor, grey_mean=None):
+def adjust_contrast(x: jax.Array, factor: ArrayLike, grey_mean: ArrayLike | None = None) -> jax.Array:
     """Blend with the mean grey level of the whole image (given, or over all of x), as torchvision."""
     grey_mean = jnp.mean(luma(x)) if grey_mean is None else grey_mean
     return jnp.clip(factor * x + (1.0 - factor) * grey_mean, 0.0, 1.0)
 
 
-def adjust_saturation(x, factor):
+def adjust_saturation(x: jax.Array, factor: ArrayLike) -> jax.Array:
     return jnp.clip(factor * x + (1.0 - factor) * luma(x)[..., None], 0.0, 1.0)
 
 
-def wrap_unit(x):
+def wrap_unit(x: jax.Array) -> jax.Array:
     """x mod 1 as x - floor(x): bit for bit jnp.mod(x, 1.0) (a float's fractional part is exact, and both round
     x + n once), without the scalar fmodf call per element that XLA:CPU makes for jnp.mod (2% of the digits step)."""
     return x - jnp.floor(x)
 
 
-def rgb_to_hsv(x):
+def rgb_to_hsv(x: jax.Array) -> jax.Array:
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     maxc = jnp.max(x, axis=-1)
     minc = jnp.min(x, axis=-1)
@@ -116,7 +118,7 @@ def rgb_to_hsv(x):
     return jnp.stack([h, s, maxc], axis=-1)
 
 
-def hsv_to_rgb(x):
+def hsv_to_rgb(x: jax.Array) -> jax.Array:
     """Closed form: channel n in (5, 3, 1) is v - v s clip(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, for hues h in
     [0, 1) (as rgb_to_hsv gives), where n + 6h < 12 and the mod is one exact subtraction."""
     h, s, v = x[..., 0:1], x[..., 1:2], x[..., 2:3]
@@ -125,13 +127,14 @@ def hsv_to_rgb(x):
     return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def adjust_hue(x, shift):
+def adjust_hue(x: jax.Array, shift: ArrayLike) -> jax.Array:
     """Rotate the hue by `shift` turns (torchvision's hue_factor)."""
     hsv = rgb_to_hsv(x)
     return hsv_to_rgb(hsv.at[..., 0].set(wrap_unit(hsv[..., 0] + shift)))
 
 
-def color_jitter(u, x, strengths, valid):
+def color_jitter(u: jax.Array, x: jax.Array, strengths: tuple[float, float, float, float],
+                 valid: jax.Array) -> jax.Array:
     """torchvision ColorJitter from JITTER_DRAWS uniforms: one factor per op, the ops in a random order.
 
     `valid` = (h, w): the image is x[:h, :w] (the rest is canvas padding, left out of the contrast mean).
@@ -151,7 +154,7 @@ def color_jitter(u, x, strengths, valid):
     return jax.lax.fori_loop(0, 4, lambda i, y: jax.lax.switch(order[i], ops, y), x)
 
 
-def masked_mean(grey, valid):
+def masked_mean(grey: jax.Array, valid: jax.Array) -> jax.Array:
     """Mean of grey[:h, :w] for a traced `valid` = (h, w)."""
     inside = (jnp.arange(grey.shape[0])[:, None] < valid[0]) & (jnp.arange(grey.shape[1])[None, :] < valid[1])
     return jnp.sum(jnp.where(inside, grey, 0.0)) / jnp.maximum(valid[0] * valid[1], 1.0)
@@ -180,7 +183,7 @@ def _blur_axis(x, axis, weights, length):
     return out
 
 
-def gaussian_blur(x, sigma, radius, valid=None):
+def gaussian_blur(x: jax.Array, sigma: ArrayLike, radius: int, valid: jax.Array | None = None) -> jax.Array:
     """Separable Gaussian blur of the image x[:h, :w] (valid = (h, w), default all of x), traced sigma,
     static radius, edge padding."""
     valid = x.shape[:2] if valid is None else valid
@@ -189,7 +192,7 @@ def gaussian_blur(x, sigma, radius, valid=None):
     return _blur_axis(_blur_axis(x, 0, weights, valid[0]), 1, weights, valid[1])
 
 
-def resample_weights(start, length, out_size, in_size):
+def resample_weights(start: ArrayLike, length: ArrayLike, out_size: int, in_size: int) -> jax.Array:
     """(out_size, in_size) weights of PIL's bilinear resize of pixels [start, start + length) to out_size.
 
     Output pixel i samples at start + (i + 0.5) * scale with a triangle filter whose support widens
@@ -204,7 +207,7 @@ def resample_weights(start, length, out_size, in_size):
     return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-12)
 
 
-def resized_crop(x, box, size):
+def resized_crop(x: jax.Array, box: jax.Array, size: int) -> jax.Array:
     """The box (top, left, h, w) of x (H, W, C) resampled to (size, size, C)."""
     rows = resample_weights(box[0], box[2], size, x.shape[0])
     cols = resample_weights(box[1], box[3], size, x.shape[1])
@@ -212,7 +215,7 @@ def resized_crop(x, box, size):
     return jnp.einsum("tw,swc->stc", cols, x, precision=_HIGHEST)
 
 
-def hflip(x, flip):
+def hflip(x: jax.Array, flip: ArrayLike) -> jax.Array:
     return jnp.where(flip, x[:, ::-1], x)
 
 
@@ -231,7 +234,8 @@ def _photometric(u, x, valid, sigma_scale, params):
     return x
 
 
-def view(pixels, frame, box, u, params, kind):
+def view(pixels: jax.Array, frame: jax.Array, box: jax.Array, u: jax.Array, params: AugmentParams,
+         kind: str) -> jax.Array:
     """One normalised (S, S, 3) view of the image in `pixels` (a uint8 canvas) described by `frame`.
 
     `box` (top, left, h, w) is in canvas pixels; `u` holds the view's VIEW_DRAWS uniforms (unused by
@@ -255,7 +259,7 @@ def view(pixels, frame, box, u, params, kind):
 # ---------------------------------------------------------------- batches
 
 
-def views(batch, specs, params):
+def views(batch: Mapping[str, jax.Array], specs: Sequence[tuple[str, str]], params: AugmentParams) -> jax.Array:
     """(V, n, S, S, 3) views of a host batch (`spcl_jax.data.pipeline`): view v of every image of set
     specs[v][0] ("a" or "b") with recipe specs[v][1]. Views of one recipe are computed in one vmap."""
     out = [None] * len(specs)

@@ -6,6 +6,10 @@ resolved config. Orbax writes each step to a temporary directory and renames it 
 crash during a save never damages the previous checkpoint; a save that fails (disk full, directory not
 writable) or a step that cannot be read ends the run with one CheckpointError line saying which step is
 intact.
+
+Over 400 lines on purpose: saving, resuming (with the checks that refuse another run's checkpoint), setting steps
+aside, diagnosing unreadable ones and the read-only restores of evaluation and export all read or write one orbax
+layout, which is defined here once.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import json
 import os
 import signal
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jax
 import numpy as np
@@ -28,6 +32,8 @@ from spcl_jax.errors import SAME_COMMAND, CheckpointError, WorkdirError
 from spcl_jax.models.param_groups import key_name
 
 if TYPE_CHECKING:  # for the hints only: importing them here would make a circle
+    from types import FrameType
+
     from ml_collections import ConfigDict
 
     from spcl_jax.data.datasets import Splits
@@ -47,7 +53,7 @@ class Preempted(Exception):
     """SIGTERM or a first Ctrl-C arrived; a checkpoint was saved and the run stopped cleanly (`evaluating`: after
     pretraining was complete, before or during its evaluation)."""
 
-    def __init__(self, signum, step, *, evaluating=False):
+    def __init__(self, signum: int, step: int, *, evaluating: bool = False):
         name = signal.Signals(signum).name
         super().__init__(
             f"stopped by {name} at the evaluation after pretraining; pretraining is complete (checkpoint of step "
@@ -59,7 +65,7 @@ class Preempted(Exception):
 @contextlib.contextmanager
 def stop_at_once_on_sigterm(step: int) -> Iterator[None]:
     """During the evaluation after pretraining, SIGTERM stops at once with a `Preempted` saying so."""
-    def stop(signum, frame):
+    def stop(signum: int, frame: FrameType | None) -> NoReturn:
         raise Preempted(signum, step, evaluating=True)
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -191,7 +197,7 @@ class Manager:
     `facts` (see `run_facts`) are saved with every step; a resume refuses different ones.
     """
 
-    def __init__(self, workdir, config, method, facts=None):
+    def __init__(self, workdir: str, config: ConfigDict, method: Method, facts: dict | None = None):
         self.config, self.method, self.facts = config, method, facts
         self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
@@ -425,7 +431,7 @@ def fill(template: Any, raw: dict, *, what: str) -> Any:
     """`template` (an nnx State or any pytree) with its leaves taken from `raw`, the nested dicts a
     target-less orbax restore returns (string keys, Variables as {'value': array})."""
 
-    def lookup(path, leaf):
+    def lookup(path: jax.tree_util.KeyPath, leaf: Any) -> np.ndarray:
         node = raw
         for key in path:
             name = str(key_name(key))

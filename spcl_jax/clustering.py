@@ -4,14 +4,19 @@ labels) and the fresh prototype classifier.
 Everything takes the `train.Run` (its parts, method, splits, mesh and encode program) and the state; nothing here
 steps the network.
 """
+from __future__ import annotations
+
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from spcl_jax import features, kmeans, models, progress, prototypes, sharding, storage, streams, visual
+
+if TYPE_CHECKING:
+    from spcl_jax.train_state import TrainState
 
 VISUAL_POINTS = 5000  # examples in the `visual_cls` figure: a fixed random subset (datasets may be sorted by class)
 
@@ -49,14 +54,15 @@ def classifier_params(dim: int, width: int, key: Any) -> Any:
     return nnx.split(classifier_module(dim, width, key))[1]
 
 
-def new_classifier(run, key: Any) -> tuple[Any, Any]:
+def new_classifier(run: Any, key: Any) -> tuple[Any, Any]:  # train.Run
     """A fresh prototype classifier (N(0, 0.01²) kernel, zero bias) and a fresh SGD state (DIFFERENCES.md,
     prototype classifier)."""
     params = classifier_params(run.parts.architecture.features_dim, run.parts.clustering.classifier_width, key)
     return params, run.classifier_tx.init(params)
 
 
-def cluster(run, state, epoch, key, *, projection=False):
+def cluster(run: Any, state: TrainState, epoch: int, key: jax.Array, *,  # train.Run
+            projection: bool = False) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
     """Feature pass -> PCA-whitening -> k-means; returns pseudo labels in dataset order, statistics and,
     if asked, the first two whitened components of every example (for the `visual_cls` figure)."""
     parts, c = run.parts, run.parts.clustering
@@ -97,7 +103,7 @@ def cluster(run, state, epoch, key, *, projection=False):
     return pseudo, stats, points
 
 
-def recluster(loop, state, epoch):
+def recluster(loop: Any, state: TrainState, epoch: int) -> np.ndarray:  # train.Loop
     """`cluster`, announced and timed: its statistics to the metrics and, every `visual_freq` epochs with
     `visual_cls`, the figure of the first two whitened components (`figs/prototypes_epoch_<n>.png`)."""
     run, writer = loop.run, loop.writer

@@ -4,9 +4,12 @@ Every problem becomes a `ConfigError` whose single line names the key, the bad v
 would be valid (big_vision's explicit contracts). Once the data is listed, `fit_to_data` fits an
 `infer_from_data` config to it and checks it again, with the checks that need the data.
 """
+from __future__ import annotations
+
 import copy
 import functools
 import math
+from typing import TYPE_CHECKING
 
 from absl import logging
 
@@ -15,19 +18,23 @@ from spcl_jax import method as methods
 from spcl_jax.data import datasets, imagefolder, splits
 from spcl_jax.errors import ConfigError
 
-def method_of(config):
+if TYPE_CHECKING:
+    import ml_collections
+
+
+def method_of(config: ml_collections.ConfigDict) -> methods.Method:
     """The config's `Method`: the original's flags (clustering_use, metric_learn, supervised) choose it when any is
     set, else `method` (`method.resolve`)."""
     return methods.resolve(config.method, config.clustering_use, config.metric_learn, config.supervised)
 
 
-def pretrains(config):
+def pretrains(config: ml_collections.ConfigDict) -> bool:
     """Whether the config pretrains (`method.pretrains`), else it evaluates a saved encoder."""
     return methods.pretrains(config.mode, config.finetune, config.eval_disent)
 
 
 @functools.cache
-def choices():
+def choices() -> dict[str, tuple[str, ...]]:
     """{config key: its valid values}, each tuple owned by the module that acts on the key."""
     return {
         "mode": methods.MODES, "method": methods.NAMES, "dataset": datasets.DATASETS,
@@ -77,7 +84,7 @@ def _fail(key, value, valid):
     raise ConfigError(f"invalid config: {key}={value!r}; valid: {valid}")
 
 
-def check_schema(config, reference):
+def check_schema(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
     """Same keys and value types as `configs/default.py` (ints are accepted where floats are)."""
     for key in config.keys():
         if key not in reference:
@@ -107,7 +114,7 @@ def _same_type(want, got):
     return isinstance(got, type(want))
 
 
-def check_values(config, device_count):
+def check_values(config: ml_collections.ConfigDict, device_count: int) -> methods.Method:
     for key, value in config.items():
         numbers = value if isinstance(value, (tuple, list)) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
@@ -188,7 +195,7 @@ def check_values(config, device_count):
     return method
 
 
-def check_image_size(config):
+def check_image_size(config: ml_collections.ConfigDict) -> None:
     """Crops at least as big as the network's downsampling, so the last stage sees image, not padding."""
     stride = models.total_stride(config.stem, config.image_size)
     if config.image_size < stride:
@@ -196,7 +203,7 @@ def check_image_size(config):
               f"an integer >= {stride} (the network with stem={config.stem} downsamples by {stride})")
 
 
-def check_pretrain_size(config, num_pretrain):
+def check_pretrain_size(config: ml_collections.ConfigDict, num_pretrain: int) -> None:
     """K prototypes need at least K examples, and K < N when training on pairs from the prototypes: with one
     image per prototype there is no same-prototype pair (checked once the dataset size is known)."""
     method = method_of(config)
@@ -211,7 +218,7 @@ def check_pretrain_size(config, num_pretrain):
               "two images of one prototype)")
 
 
-def check_eval_size(config, num_train, device_count):
+def check_eval_size(config: ml_collections.ConfigDict, num_train: int, device_count: int) -> None:
     """The original linear protocol shards its batches over the devices, so it needs a train split of at least
     one image per device (checked once the data is known, before pretraining spends its time)."""
     linear = config.finetune_epochs > 0 and config.mode != "knn_eval" and not config.eval_disent and (
@@ -224,7 +231,8 @@ def check_eval_size(config, num_train, device_count):
 MIN_IMAGES_PER_PROTOTYPE = 39  # faiss's min_points_per_centroid: below it k-means warns of poorly fitted centroids
 
 
-def fit_to_data(config, splits, device_count):
+def fit_to_data(config: ml_collections.ConfigDict, splits: datasets.Splits,
+                device_count: int) -> ml_collections.ConfigDict:
     """The config to run on `splits`: with `infer_from_data`, a copy fitted to the data (a config file cannot see
     it), logged in one line and validated again; otherwise `config` itself. The same data gives the same values,
     so a resume with the same command finds the checkpoint's config."""
@@ -268,7 +276,7 @@ def _fitted_values(config, splits, device_count):
     return fitted
 
 
-def check_labels(config, splits):
+def check_labels(config: ml_collections.ConfigDict, splits: datasets.Splits) -> None:
     """Unlabeled data (an image folder without class folders) is for pretraining only: the first option that needs
     ground-truth labels is refused in one line."""
     if splits.num_classes:
@@ -291,7 +299,8 @@ def check_labels(config, splits):
                               f"class folders; {fix}")
 
 
-def validate(config, reference, device_count):
+def validate(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+             device_count: int) -> methods.Method:
     """Schema and value checks; returns the resolved `Method`."""
     check_schema(config, reference)
     return check_values(config, device_count)

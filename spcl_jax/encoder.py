@@ -6,10 +6,15 @@
 The network is rebuilt from the config saved with the checkpoint, so nothing about the run needs to be
 passed; BatchNorm is in eval mode (running statistics), as in evaluation.
 """
+import os
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.typing import ArrayLike
 
 from spcl_jax import augment, checkpoint, network, startup
 from spcl_jax import config_validation
@@ -17,7 +22,7 @@ from spcl_jax.data import datasets
 from spcl_jax.errors import UserError
 
 
-def load_encoder(checkpoint_dir, step=None):
+def load_encoder(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Callable[[ArrayLike], jax.Array]:
     """encode(images) -> (n, D) features of the encoder saved at `step` (None = newest) in `checkpoint_dir`
     (a run's <workdir>/checkpoints, relative or absolute).
 
@@ -34,7 +39,7 @@ def load_encoder(checkpoint_dir, step=None):
     mean, std = datasets.normalisation(config.dataset, config.image_size)
 
     @jax.jit
-    def encode(params, batch_stats, images):
+    def encode(params: Any, batch_stats: Any, images: jax.Array) -> jax.Array:
         net = nnx.merge(graphdef, params, batch_stats, copy=True)
         net.encoder.eval()
         if images.dtype == jnp.uint8:

@@ -2,6 +2,8 @@
 spcl/metric, a permutation for the other methods), this host's pass over its columns of it, and each step's global
 batch sharded by rows.
 """
+from typing import Any
+
 import jax
 import numpy as np
 
@@ -10,7 +12,7 @@ from spcl_jax.data import pipeline
 from spcl_jax.errors import SAME_COMMAND, DivergedError
 
 
-def epoch_plan(run, epoch, pseudo):
+def epoch_plan(run: Any, epoch: int, pseudo: np.ndarray | None) -> dict[str, np.ndarray]:  # train.Run
     """Global index batches of one epoch: {images_a, [images_b, similarity]} index arrays (steps, B)."""
     parts, c, source = run.parts, run.parts.clustering, run.source
     steps, batch = run.steps_per_epoch, parts.training.batch_size
@@ -32,14 +34,15 @@ def epoch_plan(run, epoch, pseudo):
     return {"a": order.reshape(steps, batch)}
 
 
-def epoch_pass(run, epoch, plan):
+def epoch_pass(run: Any, epoch: int, plan: dict[str, np.ndarray]) -> pipeline.BatchMaker:  # train.Run
     """This host's `BatchMaker` of an epoch's training steps (its columns of the global plan)."""
     sets = {name: plan[name] for name in ("a", "b") if name in plan}
     return pipeline.make_pass(run.source, sets, run.specs, run.parts.recipe,
                               streams.train_views(run.parts.seed, epoch), jax.process_index(), jax.process_count())
 
 
-def make_batch(run, plan, maker, step_in_epoch, host_batch, pseudo):
+def make_batch(run: Any, plan: dict[str, np.ndarray], maker: pipeline.BatchMaker, step_in_epoch: int,  # train.Run
+               host_batch: dict[str, np.ndarray], pseudo: np.ndarray | None) -> dict[str, jax.Array]:
     """Global arrays sharded by rows from this host's loaded batch and the labels of one step."""
     labels = pseudo if run.method.clustering else run.source.labels
     batch = dict(host_batch)
@@ -51,7 +54,8 @@ def make_batch(run, plan, maker, step_in_epoch, host_batch, pseudo):
     return sharding.to_global(batch, sharding.batch_sharding(run.mesh))
 
 
-def load_batch(run, epoch, plan, step_in_epoch, pseudo):
+def load_batch(run: Any, epoch: int, plan: dict[str, np.ndarray], step_in_epoch: int,  # train.Run
+               pseudo: np.ndarray | None) -> dict[str, jax.Array]:
     """One step's batch, loaded synchronously (tests and tools; the trainer loads ahead)."""
     maker = epoch_pass(run, epoch, plan)
     return make_batch(run, plan, maker, step_in_epoch, maker(step_in_epoch), pseudo)

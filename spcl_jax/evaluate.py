@@ -6,12 +6,16 @@ passes random-resized-crop + flip views through the frozen encoder every epoch. 
 the head is also scored on it after every epoch and the best-valid epoch's head is reported beside the
 last one. `Evaluator.knn_monitor` is the cheap kNN-only check run during pretraining (`knn_every_epochs`).
 """
+from __future__ import annotations
+
 import json
 import os
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -25,6 +29,10 @@ from spcl_jax.metrics import MetricWriter, read_metrics
 from spcl_jax.storage import write_atomic
 from spcl_jax.workdir import claim_workdir
 
+if TYPE_CHECKING:
+    from spcl_jax.data.datasets import Splits
+    from spcl_jax.train_state import TrainState
+
 
 def _head_optimiser(evaluation, steps_per_epoch, params):
     schedule = optim.finetune_lr_schedule(base_lr=evaluation.learning_rate, batch_size=evaluation.batch_size,
@@ -34,7 +42,8 @@ def _head_optimiser(evaluation, steps_per_epoch, params):
                                  momentum=evaluation.momentum)
 
 
-def epoch_orders(evaluation, seed, num_examples, granularity=1):
+def epoch_orders(evaluation: probes.Evaluation, seed: int, num_examples: int,
+                 granularity: int = 1) -> tuple[int, Iterator[np.ndarray]]:
     """The linear head's global batch size and, per epoch, its (steps, batch) plan of a fresh permutation.
 
     The batch is `finetune_batch_size`, or the largest multiple of `granularity` that fits a smaller set.
@@ -46,15 +55,16 @@ def epoch_orders(evaluation, seed, num_examples, granularity=1):
                    for _ in range(evaluation.epochs))
 
 
-def make_head_step(graphdef, tx, embed):
+def make_head_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                   embed: Callable[[Any, Any], jax.Array]) -> jax.stages.Wrapped:
     """jit((params, opt_state, encoder, inputs, labels) -> (params, opt_state)): one step of the linear head on
     `embed(encoder, inputs)` (cached features, or image batches through the frozen encoder `encoder`)."""
 
     @jax.jit
-    def step(params, opt_state, encoder, inputs, y):
+    def step(params: Any, opt_state: Any, encoder: Any, inputs: Any, y: jax.Array) -> tuple[Any, Any]:
         feats = embed(encoder, inputs)
 
-        def loss_fn(p):
+        def loss_fn(p: Any) -> jax.Array:
             logits = nnx.merge(graphdef, p)(feats)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
@@ -65,13 +75,17 @@ def make_head_step(graphdef, tx, embed):
     return step
 
 
-def linear_head(evaluation, steps_per_epoch, dim, num_classes, key):
+def linear_head(evaluation: probes.Evaluation, steps_per_epoch: int, dim: int, num_classes: int,
+                key: jax.Array) -> tuple[nnx.GraphDef, nnx.State, optax.GradientTransformation]:
     """(graphdef, params, optimiser) of a fresh Linear D->C head and its SGD/LARS with the cosine schedule."""
     graphdef, params = nnx.split(models.LinearHead(dim, num_classes, rngs=nnx.Rngs(key)))
     return graphdef, params, _head_optimiser(evaluation, steps_per_epoch, params)
 
 
-def linear_head_epochs(evaluation, embed, epoch_batches, steps_per_epoch, dim, num_classes, key, encoder=None):
+def linear_head_epochs(evaluation: probes.Evaluation, embed: Callable[[Any, Any], jax.Array],
+                       epoch_batches: Iterable[Iterable[tuple[Any, Any]]], steps_per_epoch: int, dim: int,
+                       num_classes: int, key: jax.Array,
+                       encoder: tuple[Any, Any] | None = None) -> Iterator[models.LinearHead]:
     """SGD/LARS on a Linear D->C head, `finetune_epochs` epochs, cosine per epoch; yields the head
     after every epoch (nothing when finetune_epochs=0).
 
@@ -87,7 +101,7 @@ def linear_head_epochs(evaluation, embed, epoch_batches, steps_per_epoch, dim, n
         yield nnx.merge(graphdef, params)
 
 
-def cached_features(encoder, features):
+def cached_features(encoder: Any, features: jax.Array) -> jax.Array:
     """The fast protocol's embedding: the features were computed once, before the head's epochs."""
     return features
 
@@ -100,7 +114,7 @@ class HeadChoice(NamedTuple):
     scores: list
 
 
-def choose_heads(heads, score=None):
+def choose_heads(heads: Iterable[Any], score: Callable[[Any], float] | None = None) -> HeadChoice:
     """The last of `heads` and, given `score(head) -> float`, the first one of the highest score."""
     last, best, best_epoch, scores = None, None, -1, []
     for epoch, head in enumerate(heads):
@@ -117,14 +131,14 @@ def _logits(head, x):
     return head(x)
 
 
-def top1_scorer(x, labels, batch_size=None):
+def top1_scorer(x: np.ndarray, labels: np.ndarray, batch_size: int | None = None) -> Callable[[nnx.Module], float]:
     """score(head) -> top-1 of `head` on fixed features `x` (put on the device once), weighted as
     `accuracies` and from the same jitted logits, so that the best-scoring head reports that score."""
     x, labels = jnp.asarray(x), np.asarray(labels)
     return lambda head: probes.weighted_mean(np.argmax(np.asarray(_logits(head, x)), axis=1) == labels, batch_size)
 
 
-def eval_sets(splits):
+def eval_sets(splits: Splits) -> list[tuple[str, Any]]:
     """(name, source) of the non-empty evaluation splits: valid (if any), then test."""
     return [(name, source) for name, source in (("valid", splits.valid), ("test", splits.test))
             if source is not None and len(source)]
@@ -133,7 +147,7 @@ def eval_sets(splits):
 class Evaluator:
     """Frozen-encoder features of every evaluation split, and the linear/kNN classifiers on them."""
 
-    def __init__(self, parts, splits, graphdef, mesh):
+    def __init__(self, parts: startup.Parts, splits: Splits, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
         """`parts`: the run's `startup.Parts` (its evaluation settings, augmentation, crops, seed and workers)."""
         self.parts, self.evaluation, self.splits, self.mesh = parts, parts.evaluation, splits, mesh
         self.encode = features.make_encode(graphdef, parts.augment, mesh, "eval")
@@ -141,7 +155,7 @@ class Evaluator:
         # As written (B-17) accuracies are means of per-batch means, over loaders of `batch_size` each.
         self.per_batch = parts.training.batch_size if self.evaluation.metric_weighting == "batch" else None
 
-    def features(self, params, batch_stats, source):
+    def features(self, params: Any, batch_stats: Any, source: Any) -> np.ndarray:
         fn = lambda batch: self.encode(params, batch_stats, batch)  # noqa: E731
         return features.features_in_order(fn, source, self.evaluation.batch_size, self.mesh, self.parts.recipe,
                                           self.parts.num_workers)
@@ -151,7 +165,7 @@ class Evaluator:
                                     self.evaluation.knn_k, self.evaluation.knn_temperature, mesh=self.mesh)
         return probes.accuracies(scores, labels, k, self.per_batch)
 
-    def run(self, params, batch_stats, prefix="", linear=True):
+    def run(self, params: Any, batch_stats: Any, prefix: str = "", linear: bool = True) -> dict[str, float]:
         """{'linear_eval/<split>_top1', ..._top<k>, 'knn/<split>_top1', ...} for valid and test.
 
         With a valid split the head is scored on valid after every finetune epoch and the head of the
@@ -197,7 +211,7 @@ class Evaluator:
         valid = [top1_scorer(x, labels, self.per_batch) for name, x, labels in sets if name == "valid"]
         return choose_heads(heads, valid[0] if valid else None)
 
-    def knn_monitor(self, params, batch_stats):
+    def knn_monitor(self, params: Any, batch_stats: Any) -> dict[str, float]:
         """{'knn_monitor/<split>_top1'}: kNN top-1 of the current encoder on valid (test without one)."""
         params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
         name, source = eval_sets(self.splits)[0]
@@ -205,7 +219,7 @@ class Evaluator:
                             self.features(params, batch_stats, source), source.labels, 1)
         return {f"knn_monitor/{name}_top1": top1}
 
-    def augmented_embed(self, encoder, batch):
+    def augmented_embed(self, encoder: tuple[Any, Any], batch: dict[str, jax.Array]) -> jax.Array:
         """Features of the frozen encoder (params, batch_stats) on a batch's train views (original protocol)."""
         net = nnx.merge(self.graphdef, *encoder, copy=True)
         net.encoder.eval()
@@ -223,7 +237,8 @@ class Evaluator:
                        for host_batch, indices in zip(loader, maker.sets["a"]))
 
 
-def disentanglement_probe(config, train_x, train_y, sets, runs=10):
+def disentanglement_probe(config: ml_collections.ConfigDict, train_x: np.ndarray, train_y: np.ndarray,
+                          sets: dict[str, tuple[np.ndarray, np.ndarray]], runs: int = 10) -> dict[str, float]:
     """The original's `eval_disent` (DIFFERENCES.md, eval_disent) with aligned labels (B-19, D-6): StandardScaler + RBF SVC on
     a random contiguous half of the feature dimensions, 10 runs; mean accuracy per split (and the last)."""
     from sklearn.pipeline import make_pipeline
@@ -245,7 +260,8 @@ def disentanglement_probe(config, train_x, train_y, sets, runs=10):
     return results
 
 
-def report(results, writer, step, epoch, evaluation):
+def report(results: dict[str, float], writer: MetricWriter, step: int, epoch: int,
+           evaluation: probes.Evaluation) -> None:
     writer.write(step, epoch, results)
     if jax.process_index() == 0 and results:
         width = max(len(k) for k in results)
@@ -257,7 +273,7 @@ def report(results, writer, step, epoch, evaluation):
         progress.show("\n".join(lines))
 
 
-def protocols(evaluation):
+def protocols(evaluation: probes.Evaluation) -> dict[str, str]:
     """{metric family: how its numbers were measured}, so that every reported accuracy names its protocol."""
     weighting = "per batch" if evaluation.metric_weighting == "batch" else "per sample"
     epochs = f"{evaluation.epochs} epoch{'' if evaluation.epochs == 1 else 's'}"
@@ -270,7 +286,8 @@ def protocols(evaluation):
                       "frozen features, mean accuracy of 10 runs"}
 
 
-def results_summary(results, config, method, step):
+def results_summary(results: dict[str, float], config: ml_collections.ConfigDict, method: str,
+                    step: int) -> dict[str, Any]:
     """The final results as saved in results.json: the run (dataset, method, model, step), the protocols,
     {metric: value} as `report` prints them (fractions, epochs as ints) and the resolved config."""
     return {"dataset": config.dataset, "method": method, "model": config.model, "step": int(step),
@@ -280,7 +297,8 @@ def results_summary(results, config, method, step):
             "config": checkpoint.resolved_config(config, methods.METHODS[method])}
 
 
-def finished_results(workdir, config, method, step):
+def finished_results(workdir: str, config: ml_collections.ConfigDict, method: methods.Method,
+                     step: int) -> dict[str, Any] | None:
     """The summary in `<workdir>/results.json` if it is of this step and this config (a finished command run
     again), else None."""
     try:
@@ -291,20 +309,20 @@ def finished_results(workdir, config, method, step):
     return summary if same else None
 
 
-def show_results(summary, workdir):
+def show_results(summary: dict[str, Any], workdir: str) -> None:
     """The results table of a finished evaluation (as results.md holds it) and where it is."""
     progress.show(results_markdown(summary).rstrip("\n") + f"\n(in {storage.join(workdir, 'results.md')}; delete "
                   "results.json there to evaluate again)")
 
 
-def default_workdir(config):
+def default_workdir(config: ml_collections.ConfigDict) -> str:
     """Where an evaluation of a saved encoder writes by default: next to the run it evaluates,
     `<run workdir>/eval/<linear_eval|knn_eval|finetune|eval_disent>`."""
     kind = "eval_disent" if config.eval_disent else "finetune" if config.finetune else config.mode
     return storage.join(storage.parent(config.load_checkpoint_dir.rstrip(os.sep)), "eval", kind)
 
 
-def results_markdown(summary):
+def results_markdown(summary: dict[str, Any]) -> str:
     """results.md: one table row per metric with its value (accuracies in %), encoder and protocol."""
     lines = [f"# {summary['method']} on {summary['dataset']} ({summary['model']}): results at step {summary['step']} "
              f"(epoch {summary['epochs']})", "", "| metric | value | encoder | protocol |", "|---|---:|---|---|"]
@@ -315,7 +333,8 @@ def results_markdown(summary):
     return "\n".join(lines) + "\n"
 
 
-def write_results(workdir, results, config, method, step):
+def write_results(workdir: str, results: dict[str, float], config: ml_collections.ConfigDict, method: str,
+                  step: int) -> None:
     """`<workdir>/results.json` and `results.md` of the final evaluation, each written atomically."""
     summary = results_summary(results, config, method, step)
     write_atomic(storage.join(workdir, "results.json"),
@@ -323,7 +342,8 @@ def write_results(workdir, results, config, method, step):
     write_atomic(storage.join(workdir, "results.md"), lambda f: f.write(results_markdown(summary).encode()))
 
 
-def write_summary(workdir, results, config, method, step):
+def write_summary(workdir: str, results: dict[str, float], config: ml_collections.ConfigDict, method: str,
+                  step: int) -> None:
     """`figs/losses.png` from metrics.jsonl and, after an evaluation, `results.json` and `results.md`."""
     storage.makedirs(storage.join(workdir, "figs"))
     visual.save_png(visual.losses_figure(read_metrics(workdir)), storage.join(workdir, "figs", "losses.png"))
@@ -331,7 +351,7 @@ def write_summary(workdir, results, config, method, step):
         write_results(workdir, results, config, method, step)
 
 
-def after_pretraining(run, state, writer):
+def after_pretraining(run: Any, state: TrainState, writer: MetricWriter) -> dict[str, float]:  # train.Run
     """Linear + kNN evaluation of the trained encoder (and, if configured, of its random init)."""
     parts = run.parts
     evaluator = Evaluator(parts, run.splits, run.graphdef, run.mesh)
@@ -343,7 +363,7 @@ def after_pretraining(run, state, writer):
     return results
 
 
-def evaluate_checkpoint(config, workdir):
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """`mode=linear_eval|knn_eval` (or the original's `finetune`): evaluate a saved encoder."""
     config, method, splits = startup.prepare(config, jax.device_count(), pretrain=False)
     parts = startup.parts(config, method, splits)

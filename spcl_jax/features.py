@@ -7,6 +7,8 @@ donated (batches, B, D) buffer sharded along B, which is then viewed as rows wit
 so the row order is a known permutation of the visiting order.
 """
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +51,8 @@ def _rows_of_buffer(num_batches, batch_size, num_devices):
     return grid.transpose(1, 0, 2).reshape(-1)
 
 
-def feature_pass(source, order, batch_size, kind, recipe, seed):
+def feature_pass(source: Any, order: np.ndarray, batch_size: int, kind: str, recipe: pipeline.Recipe,
+                 seed: Sequence[int]) -> pipeline.BatchMaker:
     """This host's `BatchMaker` of one view (`kind`) of `source[order]` in global batches of `batch_size`,
     the last one padded with order[0]; each image's view is keyed by its index in `source`."""
     order = np.asarray(order)
@@ -59,7 +62,8 @@ def feature_pass(source, order, batch_size, kind, recipe, seed):
                               jax.process_index(), jax.process_count(), key_by="index")
 
 
-def extract_features(encode, maker, mesh, num_workers=0):
+def extract_features(encode: Callable[[dict[str, jax.Array]], jax.Array], maker: pipeline.BatchMaker,
+                     mesh: jax.sharding.Mesh, num_workers: int = 0) -> tuple[jax.Array, np.ndarray]:
     """Runs `encode(batch) -> (b, D)` over every step of the feature pass `maker`.
 
     Returns (features (R, D) sharded P('data'), position (R,) int64 numpy): row r holds the encoding
@@ -79,11 +83,12 @@ def extract_features(encode, maker, mesh, num_workers=0):
     return _buffer_as_rows(buffer, mesh), _rows_of_buffer(num_batches, batch_size, num_devices)
 
 
-def make_encode(graphdef, aug, mesh, kind="eval"):
+def make_encode(graphdef: nnx.GraphDef, aug: augment.AugmentParams, mesh: jax.sharding.Mesh,
+                kind: str = "eval") -> jax.stages.Wrapped:
     """Jitted frozen-encoder features (BatchNorm in eval mode) of one view of a host batch: the clean eval
     view or, as the original's SPCL clusters (DIFFERENCES.md, B-8: the default), a pretraining view: (params, batch_stats, batch) -> (b, D)."""
 
-    def encode(params, batch_stats, batch):
+    def encode(params: Any, batch_stats: Any, batch: dict[str, jax.Array]) -> jax.Array:
         net = nnx.merge(graphdef, params, batch_stats, copy=True)
         net.encoder.eval()
         return net.encoder(augment.views(batch, (("a", kind),), aug)[0])
@@ -93,7 +98,8 @@ def make_encode(graphdef, aug, mesh, kind="eval"):
                    out_shardings=sharding.batch_sharding(mesh))
 
 
-def features_in_order(encode, source, batch_size, mesh, recipe, num_workers=0):
+def features_in_order(encode: Callable[[dict[str, jax.Array]], jax.Array], source: Any, batch_size: int,
+                      mesh: jax.sharding.Mesh, recipe: pipeline.Recipe, num_workers: int = 0) -> np.ndarray:
     """(N, D) numpy features of the eval view of `source` in dataset order on every host (evaluation sets)."""
     maker = feature_pass(source, np.arange(len(source)), batch_size, "eval", recipe, seed=(0,))
     feats, position = extract_features(encode, maker, mesh, num_workers)

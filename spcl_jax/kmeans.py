@@ -11,6 +11,10 @@ O(chunk_size x K) and the N x K distance matrix is never built.
 Padded rows: the feature pass pads N up to a multiple of the device count; pass ``valid`` (N,) bool
 and the padded rows count nowhere (sizes, sums, inertia, initial centroids, PCA statistics). They get
 assignment -1 and all-zero preprocessed features.
+
+Over 400 lines on purpose: k-means and the PCA-whitening before it share the placement of rows on the mesh, the
+padding masks and the shard_map plumbing (`_place_rows`, `_shard_call`, `_psum`); apart, those private helpers
+would become a third module's public API for two callers.
 """
 import functools
 from typing import Any, NamedTuple

@@ -2,12 +2,23 @@
 the steps wait for data, a metrics write that fails (the state saved first) and the start-up and epoch logs.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
 from absl import logging
 
 from spcl_jax.data import pipeline
 from spcl_jax.errors import SAME_COMMAND, DivergedError, UserError, WorkdirError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from spcl_jax.checkpoint import Manager
+    from spcl_jax.startup import Training
+    from spcl_jax.train_state import TrainState
 
 WAIT_WARNING = 0.1  # warn once when the steps wait for the loader more than this share of the time
 
@@ -22,14 +33,15 @@ class DivergenceGuard:
     aside (`<step>.diverged`), so the newest checkpoint left, and resumed from, is a healthy one.
     """
 
-    def __init__(self, factor, facts):
+    def __init__(self, factor: float, facts: dict | None):
         self.factor, self.facts = factor, {} if facts is None else facts
 
-    def first_step(self, metrics):
+    def first_step(self, metrics: dict[str, jax.Array]) -> None:
         """Call with the metrics of the run's very first step."""
         self.facts["first_step_loss"] = float(metrics["train/loss"])
 
-    def check(self, state, means, step, checked_before, manager):
+    def check(self, state: TrainState, means: dict[str, float], step: int, checked_before: int,
+              manager: Manager) -> None:
         """`means` of the steps after `checked_before` (the step of the previous check) up to `step` (0-based)."""
         bad = int(state.first_nonfinite_step)
         reference = self.facts.get("first_step_loss")
@@ -57,11 +69,12 @@ class Patience:
     def __init__(self):
         self.best, self.count = float("inf"), 0
 
-    def update(self, loss):
+    def update(self, loss: float) -> None:
         self.best, self.count = (loss, 0) if loss < self.best else (self.best, self.count + 1)
 
 
-def write_or_save(loop, state, pseudo, step, epoch, scalars):
+def write_or_save(loop: Any, state: TrainState, pseudo: np.ndarray | None, step: int, epoch: int,  # train.Loop
+                  scalars: dict[str, float]) -> None:
     """`writer.write`; when that fails (disk full), the state is saved if it can be and the run stops."""
     try:
         loop.writer.write(step, epoch, scalars)
@@ -76,7 +89,7 @@ def write_or_save(loop, state, pseudo, step, epoch, scalars):
                            f"to resume, run {SAME_COMMAND}") from e
 
 
-def warn_if_waiting(loop, wait_fraction):
+def warn_if_waiting(loop: Any, wait_fraction: float) -> None:  # train.Loop
     """Once per run, when the steps spend more than WAIT_WARNING of their time waiting for data."""
     if wait_fraction <= WAIT_WARNING or loop.warned_waiting:
         return
@@ -90,7 +103,7 @@ def warn_if_waiting(loop, wait_fraction):
     logging.warning("the training steps waited for input data %.0f%% of the time: %s", 100 * wait_fraction, advice)
 
 
-def log_start(run, workdir):
+def log_start(run: Any, workdir: str) -> None:  # train.Run
     """What runs where: processes and devices, the method and data (how many images pretraining uses and why),
     the batch split, the input, the lr."""
     parts, training = run.parts, run.parts.training
@@ -111,7 +124,8 @@ def log_start(run, workdir):
                  training.n_epochs, warmup, parts.optimisation.classifier_learning_rate(training.batch_size))
 
 
-def log_epoch(epoch, training, epoch_means, summary, seconds, patience, eta):
+def log_epoch(epoch: int, training: Training, epoch_means: dict[str, float], summary: dict[str, float], seconds: float,
+              patience: Patience, eta: str) -> None:
     """One line per epoch: its mean loss and terms, lr, time, patience, the kNN monitor's accuracies and the ETA."""
     logging.info("epoch %d/%d: loss %.4f (%s), lr %.4g, %.1f s, %d epochs without improvement (patience %d)%s, ETA %s",
                  epoch + 1, training.n_epochs, epoch_means["train/loss"],

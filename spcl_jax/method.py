@@ -28,17 +28,17 @@ class Method:
     first_view_clean_as_written: bool = False
 
     @property
-    def contrastive(self):
+    def contrastive(self) -> bool:
         """Trains with NT-Xent on two views of each image."""
         return not self.supervised
 
     @property
-    def image_sets(self):
+    def image_sets(self) -> tuple[str, ...]:
         """The image sets of an item: ("a", "b") for pairs, ("a",) otherwise."""
         return ("a", "b") if self.pairs else ("a",)
 
     @property
-    def source_split(self):
+    def source_split(self) -> str:
         """The split it trains on: the labelled train split when supervised, the pretrain split otherwise."""
         return "train" if self.supervised else "pretrain"
 

@@ -4,7 +4,9 @@ cross-entropy.
 """
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
+import jax
 from flax import nnx
 
 from spcl_jax import augment, losses
@@ -37,7 +39,8 @@ def view_specs(method: Method, asymmetric_first_view: bool) -> tuple[tuple[str, 
     return tuple(view for name in method.image_sets for view in ((name, first), (name, "pretrain")))
 
 
-def encode_views(graphdef, params, batch_stats, views, *, project, frozen_bn):
+def encode_views(graphdef: nnx.GraphDef, params: Any, batch_stats: Any, views: jax.Array, *, project: bool,
+                 frozen_bn: bool) -> tuple[nnx.State, tuple[list[jax.Array], list[jax.Array]]]:
     """Encoder (+ projection) on each view in turn, each its own BatchNorm batch, running statistics
     updated view after view exactly like the original's separate calls.
 
@@ -58,7 +61,8 @@ def make_loss_fn(objective: Objective, method: Method, graphdef: nnx.GraphDef, c
     the views of the batch through the network, then `losses.spcl_objective` with the objective's weights for
     the terms of `method` (or, supervised, the cross-entropy of its linear head on the labels)."""
 
-    def loss_fn(params, classifier_params, batch_stats, batch):
+    def loss_fn(params: Any, classifier_params: Any, batch_stats: Any, batch: dict[str, jax.Array]
+                ) -> tuple[jax.Array, tuple[dict[str, jax.Array], nnx.State, dict[str, jax.Array]]]:
         views = augment.views(batch, specs, aug)
         batch_stats, (h, z) = encode_views(graphdef, params, batch_stats, views, project=method.contrastive,
                                            frozen_bn=objective.encoder_bn_mode == "frozen_init_stats")

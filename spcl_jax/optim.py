@@ -25,7 +25,7 @@ def _names(path):
     return names[:-1] if names and names[-1] == "value" else names
 
 
-def decayed_as_written(path):
+def decayed_as_written(path: jax.tree_util.KeyPath) -> bool:
     """The original's filter: decay unless the torch name contains 'bn' or 'bias' (case-sensitive).
 
     Only the residual blocks' `bn1/bn2/bn3` carry a lowercase 'bn' in torch; the stem, downsample and
@@ -35,15 +35,15 @@ def decayed_as_written(path):
     return not (names[-1] == "bias" or any(isinstance(n, str) and _TORCH_BLOCK_BN.match(n) for n in names))
 
 
-def path_mask(params, predicate):
+def path_mask(params: Any, predicate: Callable[[jax.tree_util.KeyPath], bool]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: bool(predicate(path)), params)
 
 
-def scale_by_trust_ratio_as_written(trust_coefficient):
+def scale_by_trust_ratio_as_written(trust_coefficient: float) -> optax.GradientTransformation:
     """eta*|w|/|g| for every tensor with no zero guard (|w|=0 -> 0, |g|=0 -> nan), as the original."""
 
-    def update_fn(updates, state, params):
-        def scale(u, p):
+    def update_fn(updates: Any, state: optax.EmptyState, params: Any) -> tuple[Any, optax.EmptyState]:
+        def scale(u: jax.Array, p: jax.Array) -> jax.Array:
             ratio = trust_coefficient * jnp.linalg.norm(p) / jnp.linalg.norm(u)
             return u * ratio
 
@@ -52,7 +52,8 @@ def scale_by_trust_ratio_as_written(trust_coefficient):
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def lars(learning_rate, *, weight_decay, trust_coefficient, momentum, mode, params):
+def lars(learning_rate: float | optax.Schedule, *, weight_decay: float, trust_coefficient: float, momentum: float,
+         mode: str, params: Any) -> optax.GradientTransformation:
     """LARS with Nesterov momentum and the lr inside the momentum buffer (torch's classic momentum)."""
     if mode == "simclr":
         mask = path_mask(params, lambda p: not is_norm_or_bias(p))
@@ -73,8 +74,9 @@ LR_STEPPINGS = ("epoch", "step")
 NO_WARMUP_PEAKS = ("unscaled", "scaled")
 
 
-def build_optimiser(name, learning_rate, *, weight_decay, params, lars_mode="simclr", lars_eta=1e-3,
-                    momentum=0.9):
+def build_optimiser(name: str, learning_rate: float | optax.Schedule, *, weight_decay: float, params: Any,
+                    lars_mode: str = "simclr", lars_eta: float = 1e-3,
+                    momentum: float = 0.9) -> optax.GradientTransformation:
     """`lars` | `sgd` (Nesterov, torch-style L2 weight decay) | `adam` (L2 weight decay)."""
     if name == "lars":
         return lars(learning_rate, weight_decay=weight_decay, trust_coefficient=lars_eta,
@@ -87,8 +89,9 @@ def build_optimiser(name, learning_rate, *, weight_decay, params, lars_mode="sim
     raise ValueError(f"unknown optimiser {name!r}")
 
 
-def pretrain_lr_schedule(*, base_lr, batch_size, n_epochs, warmup_epochs, steps_per_epoch,
-                         stepping="epoch", epoch0_zero_lr=False, no_warmup_peak="unscaled"):
+def pretrain_lr_schedule(*, base_lr: float, batch_size: int, n_epochs: int, warmup_epochs: int, steps_per_epoch: int,
+                         stepping: str = "epoch", epoch0_zero_lr: bool = False,
+                         no_warmup_peak: str = "unscaled") -> Callable[[jax.Array], jax.Array]:
     """lr(step) of DIFFERENCES.md, learning-rate schedule: linear warmup to the unscaled peak, then cosine that never reaches 0.
 
     Epoch k (0-indexed), T = E - W:
@@ -100,10 +103,10 @@ def pretrain_lr_schedule(*, base_lr, batch_size, n_epochs, warmup_epochs, steps_
     """
     total = max(n_epochs - warmup_epochs, 1)
 
-    def cosine(epoch):
+    def cosine(epoch: jax.Array) -> jax.Array:
         return base_lr * 0.5 * (1 + jnp.cos(math.pi * (epoch - warmup_epochs) / total))
 
-    def schedule(step):
+    def schedule(step: jax.Array) -> jax.Array:
         if warmup_epochs == 0:
             epoch = step // steps_per_epoch if stepping == "epoch" else step / steps_per_epoch
             peak = base_lr * batch_size / 256 if no_warmup_peak == "scaled" else base_lr
@@ -120,11 +123,12 @@ def pretrain_lr_schedule(*, base_lr, batch_size, n_epochs, warmup_epochs, steps_
     return schedule
 
 
-def finetune_lr_schedule(*, base_lr, batch_size, epochs, steps_per_epoch):
+def finetune_lr_schedule(*, base_lr: float, batch_size: int, epochs: int,
+                         steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
     """Linear-eval lr: lr0*(1 + cos(pi*epoch/F))/2 per epoch with lr0 = finetune_lr*B/256 (DIFFERENCES.md, linear evaluation)."""
     lr0 = base_lr * batch_size / 256
 
-    def schedule(step):
+    def schedule(step: jax.Array) -> jax.Array:
         epoch = (step // steps_per_epoch).astype(jnp.float32)
         return lr0 * 0.5 * (1 + jnp.cos(math.pi * epoch / epochs))
 

@@ -1,20 +1,27 @@
 """launch.py's `--print_config` and `--dry_run`: what a run would use, shown before spending hours on it.
 Neither trains, and neither writes anything in the workdir."""
+from __future__ import annotations
+
 import json
+from typing import TYPE_CHECKING
 
 import jax
+import ml_collections
 
 from spcl_jax import checkpoint, sharding, startup, storage, train
 from spcl_jax import config_validation
 
+if TYPE_CHECKING:
+    from spcl_jax.train_state import TrainState
 
-def print_config(config):
+
+def print_config(config: ml_collections.ConfigDict) -> None:
     """Every option after the overrides, with `method` resolved from the original's flags: config.json's
     content, less the facts that only loading the data gives."""
     print(json.dumps(checkpoint.resolved_config(config, config_validation.method_of(config)), indent=2, sort_keys=True))
 
 
-def dry_run(config, workdir):
+def dry_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Loads the data (image folders are listed and checked), builds the network, its optimiser and the mesh
     as the run would, so that their errors show now, and prints what they are."""
     config, method, splits = startup.prepare(config, jax.device_count())
@@ -26,7 +33,7 @@ def _count(tree):
     return sum(leaf.size for leaf in jax.tree.leaves(tree))
 
 
-def summary(config, run, state, workdir):
+def summary(config: ml_collections.ConfigDict, run: train.Run, state: TrainState, workdir: str) -> list[str]:
     """The lines `dry_run` prints."""
     splits, method = run.splits, run.method
     devices = jax.device_count()

@@ -3,7 +3,7 @@ method resolved once, the data loaded, the config fitted to it and the sizes che
 resolved into the typed `Parts` that everything below train.py and evaluate.py takes instead of the ConfigDict.
 """
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 from absl import logging
@@ -126,7 +126,8 @@ def evaluation(config: ml_collections.ConfigDict) -> probes.Evaluation:
         "random_init_baseline": "eval_random_init_baseline"})
 
 
-def augment_params(config: ml_collections.ConfigDict, mean, std) -> augment.AugmentParams:
+def augment_params(config: ml_collections.ConfigDict, mean: Sequence[float],
+                   std: Sequence[float]) -> augment.AugmentParams:
     """The dataset's augmentation (DIFFERENCES.md, augmentation recipes): jitter strengths (0.8d, 0.8d, 0.8d, 0.2d)."""
     d = float(config.jitter_d)
     return augment.AugmentParams(

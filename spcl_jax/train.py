@@ -8,9 +8,11 @@ finally linear and kNN evaluation, `figs/losses.png` and the results table in `r
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -49,7 +51,7 @@ class Run:
     encode: Callable  # (params, batch_stats, batch) -> features of the clustering view
 
     @property
-    def source(self):
+    def source(self) -> Any:
         """The split the method trains on."""
         return getattr(self.splits, self.method.source_split)
 
@@ -74,12 +76,14 @@ class Loop:
                                                               if clusters and epoch % reassign == 0])
 
 
-def make_train_step(parts, graphdef, classifier_graphdef, tx, classifier_tx, specs, mesh):
+def make_train_step(parts: startup.Parts, graphdef: nnx.GraphDef, classifier_graphdef: nnx.GraphDef | None,
+                    tx: optax.GradientTransformation, classifier_tx: optax.GradientTransformation,
+                    specs: tuple[tuple[str, str], ...], mesh: jax.sharding.Mesh) -> jax.stages.Wrapped:
     """One jitted, donated step: state (replicated) x batch (sharded by rows) -> state, metrics."""
     loss_fn = make_loss_fn(parts.objective, parts.method, graphdef, classifier_graphdef, parts.augment, specs)
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
-    def step(state, batch):
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         (total, (terms, batch_stats, diagnostics)), (grads, classifier_grads) = grad_fn(
             state.params, state.classifier_params, state.batch_stats, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -105,7 +109,7 @@ def make_train_step(parts, graphdef, classifier_graphdef, tx, classifier_tx, spe
                    donate_argnums=0)
 
 
-def make_run(parts, splits, mesh):
+def make_run(parts: startup.Parts, splits: data.Splits, mesh: jax.sharding.Mesh) -> Run:
     """The `Run` of `parts` on `splits` and `mesh`: networks as graphs, optimisers, jitted steps. Computes and places
     nothing, so the same run is built for this machine's mesh or for a mesh of devices elsewhere (`spcl_jax.plan`);
     the state comes from `initial_state` or, as shapes, `abstract_state`."""
@@ -135,7 +139,7 @@ def make_run(parts, splits, mesh):
                encode=features.make_encode(graphdef, parts.augment, mesh, view))
 
 
-def initial_state(run):
+def initial_state(run: Run) -> TrainState:
     """The state at step 0 from the seed, not yet placed on the mesh."""
     parts = run.parts
     _, params, batch_stats = network.create(parts.architecture, run.method, run.splits.num_classes, parts.seed)
@@ -149,7 +153,7 @@ def initial_state(run):
                       first_nonfinite_step=jnp.int32(-1))
 
 
-def abstract_state(run):
+def abstract_state(run: Run) -> TrainState:
     """`initial_state` as shapes, replicated on the run's mesh: the train step's first argument, computed by
     nothing."""
     replicated = sharding.replicated(run.mesh)
@@ -157,7 +161,7 @@ def abstract_state(run):
                         jax.eval_shape(lambda: initial_state(run)))
 
 
-def batch_spec(run, batch_size):
+def batch_spec(run: Run, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The train step's second argument as shapes, sharded by rows: the host batch of `pipeline.batch_spec` and
     the step's labels (and the pairs' similarity)."""
     spec = pipeline.batch_spec(run.method.image_sets, len(run.specs), run.source.canvas_shape, batch_size)
@@ -168,14 +172,15 @@ def batch_spec(run, batch_size):
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()}
 
 
-def build(config, method, splits, mesh):
+def build(config: ml_collections.ConfigDict, method: methods.Method, splits: data.Splits,
+          mesh: jax.sharding.Mesh) -> tuple[Run, TrainState]:
     """The `Run` of `config` (fitted to the data) and its initial state on the mesh (nothing here touches the
     workdir)."""
     run = make_run(startup.parts(config, method, splits), splits, mesh)
     return run, jax.device_put(initial_state(run), sharding.replicated(mesh))
 
 
-def check_step_fits(config, method, mesh):
+def check_step_fits(config: ml_collections.ConfigDict, method: methods.Method, mesh: jax.sharding.Mesh) -> None:
     """Raises ConfigError (`fit.check_memory`: the bytes needed and available, the remedies) when the training step
     of `config` on `mesh`, compiled from shapes alone before the data is loaded, cannot fit a device's memory.
     CPUs skip it. The compiled step lands in the compilation cache: the run does not compile it twice."""
@@ -191,7 +196,7 @@ def check_step_fits(config, method, mesh):
                      mesh.devices.size)
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict[str, float]]:
     """Pretrain with the config's method, then (unless switched off) linear and kNN evaluation."""
     check_outputs(workdir)
     mesh = sharding.data_mesh()
@@ -254,7 +259,8 @@ def train_and_evaluate(config, workdir):
     return state, results
 
 
-def start_epoch(loop, state, pseudo, epoch):
+def start_epoch(loop: Loop, state: TrainState, pseudo: np.ndarray | None,
+                epoch: int) -> tuple[TrainState, np.ndarray | None]:
     """Re-clustering (every `reassign` epochs) and classifier re-initialisation (every `classifier_init_freq`)."""
     run, c = loop.run, loop.run.parts.clustering
     if run.method.clustering and (epoch % c.reassign == 0 or pseudo is None):
@@ -267,7 +273,7 @@ def start_epoch(loop, state, pseudo, epoch):
     return state, pseudo
 
 
-def train_step(loop, state, batch):
+def train_step(loop: Loop, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     """`run.train_step`. This process's first call compiles it: announced and timed, waiting for its result."""
     if loop.pace.started:
         return loop.run.train_step(state, batch)
@@ -279,7 +285,8 @@ def train_step(loop, state, batch):
     return state, metrics
 
 
-def run_epoch(loop, state, pseudo, epoch, first_step):
+def run_epoch(loop: Loop, state: TrainState, pseudo: np.ndarray | None, epoch: int,
+              first_step: int) -> tuple[TrainState, dict[str, float]]:
     """The steps of `epoch` from `first_step` on; (state, the epoch's mean metrics)."""
     run, manager = loop.run, loop.manager
     training = run.parts.training
@@ -331,7 +338,7 @@ def run_epoch(loop, state, pseudo, epoch, first_step):
     return state, epoch_means
 
 
-def run_mode(config, workdir):
+def run_mode(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict[str, float]] | dict[str, float]:
     """What `launch.py` calls: pretraining or, for `mode=linear_eval|knn_eval`, evaluation of a checkpoint."""
     if config_validation.pretrains(config):
         return train_and_evaluate(config, workdir)

@@ -1,5 +1,6 @@
 """The import graph of spcl_jax/ has no circle, imports inside functions included (they only hide one): the
-floors stay floors, and the validation of a config imports no module that runs a training or an evaluation."""
+floors stay floors, and the validation of a config imports no module that runs a training or an evaluation. The
+ConfigDict stops at the edge, and public functions carry type hints."""
 import ast
 import pathlib
 
@@ -101,3 +102,23 @@ def test_the_config_dict_stops_at_the_edge():
     assert "spcl_jax.train" in takers  # the parser sees them
     assert takers <= {"spcl_jax.config_validation", "spcl_jax.startup", "spcl_jax.preflight", "spcl_jax.train",
                       "spcl_jax.evaluate", "spcl_jax.checkpoint"}, takers
+
+
+def unhinted(path):
+    """Names of the public functions and methods in `path` (and __init__, __call__) missing a parameter or return
+    annotation."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                not node.name.startswith("_") or node.name in ("__init__", "__call__")):
+            arguments = [a for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                         if a.arg not in ("self", "cls")] + [a for a in (node.args.vararg, node.args.kwarg) if a]
+            if any(a.annotation is None for a in arguments) or (node.returns is None and node.name != "__init__"):
+                found.append(node.name)
+    return found
+
+
+def test_public_functions_have_type_hints():
+    missing = {name: found for name, path in module_names().items() if (found := unhinted(path))}
+    assert unhinted(ROOT / "tests" / "test_imports.py")  # the finder sees a function without hints
+    assert missing == {}

@@ -10,6 +10,7 @@ The names below are imported on first use, so that the input pipeline's worker p
 unpickle `pipeline` and `sources`, import neither JAX nor the dataset readers.
 """
 import importlib
+from typing import Any
 
 _EXPORTS = {
     "DATASETS": "datasets", "Splits": "datasets", "load_splits": "datasets", "nominal_pool": "datasets",
@@ -19,7 +20,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

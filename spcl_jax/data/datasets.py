@@ -171,7 +171,7 @@ def _imagenet_tfds(spec):
     remap[[names.index(c) for c in classes]] = np.arange(len(classes))
     size = load_size(spec.image_size)
 
-    def source(split):
+    def source(split: str) -> TfdsSource:
         labels = remap[tfds_source.record_labels(spec.dataset, split, spec.data_dir)]
         keep = np.flatnonzero(labels >= 0)
         data = tfds_source.open_split(spec.dataset, split, spec.data_dir, encoded_images=True)

@@ -15,13 +15,22 @@ background thread of this process. In-memory datasets are only gathered, which w
 speed up, so they always load in-process. `Loader.wait_seconds` is the time the consumer spent
 waiting for a batch.
 """
+from __future__ import annotations
+
 import dataclasses
 import os
 import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spcl_jax.data import crops
+
+if TYPE_CHECKING:  # for the hints only: the workers import no more at run time
+    import numpy.typing as npt
+
+    from spcl_jax.data.sources import ArraySource, DecodingSource, Images, ShapeSource
 
 VIEW_COLUMNS = crops.CROP_DRAWS + crops.VIEW_DRAWS  # uniforms drawn per view: its box, then its flip and colours
 
@@ -57,7 +66,7 @@ class BatchMaker:
     key_by: str = "position"
     shared_memory: bool = False
 
-    def __call__(self, step):
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
         batch, images = {}, {}
         for name, plan in self.sets.items():
             images[name] = self.source.load(plan[step], self._pixels())
@@ -79,11 +88,11 @@ class BatchMaker:
         return step * self.global_batch + self.column + np.arange(self.batch_size)
 
     @property
-    def batch_size(self):
+    def batch_size(self) -> int:
         return next(iter(self.sets.values())).shape[1]
 
     @property
-    def num_steps(self):
+    def num_steps(self) -> int:
         return next(iter(self.sets.values())).shape[0]
 
     def _pixels(self):
@@ -95,7 +104,8 @@ class BatchMaker:
         return SharedMemoryArray((self.batch_size, *self.source.canvas_shape, 3), np.uint8)
 
 
-def batch_spec(set_names, num_views, canvas_shape, batch_size):
+def batch_spec(set_names: Iterable[str], num_views: int, canvas_shape: Sequence[int],
+               batch_size: int) -> dict[str, tuple[tuple[int, ...], type[np.generic]]]:
     """{key: (shape, dtype)} of the global batches a `BatchMaker` makes (its docstring), for compiling the programs
     that take them without loading any."""
     spec = {}
@@ -107,14 +117,14 @@ def batch_spec(set_names, num_views, canvas_shape, batch_size):
     return spec
 
 
-def frame(images):
+def frame(images: Images) -> np.ndarray:
     """float32 (n, 4) frames (valid h, valid w in the canvas, transposed, stored / original size)."""
     size = np.where(images.transposed[:, None], images.size[:, ::-1], images.size)
     scale = images.size.min(axis=1) / np.maximum(images.raw_size.min(axis=1), 1)
     return np.column_stack([size, images.transposed, scale]).astype(np.float32)
 
 
-def view_boxes(images, kind, uniforms, recipe):
+def view_boxes(images: Images, kind: str, uniforms: np.ndarray, recipe: Recipe) -> np.ndarray:
     """(n, 4) boxes in canvas pixels: random resized crops ("pretrain", "train") or centre crops ("eval")."""
     if kind == "eval":
         boxes = crops.center_crop_boxes(images.size[:, 0], images.size[:, 1], images.raw_size[:, 0],
@@ -125,12 +135,12 @@ def view_boxes(images, kind, uniforms, recipe):
     return np.where(images.transposed[:, None], boxes[:, [1, 0, 3, 2]], boxes)
 
 
-def default_workers():
+def default_workers() -> int:
     """The host's usable cores minus one for the main process (at least 0)."""
     return max(len(os.sched_getaffinity(0)) - 1, 0)
 
 
-def worker_count(num_workers, source):
+def worker_count(num_workers: int, source: ArraySource | DecodingSource | ShapeSource) -> int:
     """Worker processes a pass over `source` gets: none for in-memory data, else `num_workers` (-1: one per
     usable core but the main process's)."""
     if source.in_memory:
@@ -138,7 +148,7 @@ def worker_count(num_workers, source):
     return default_workers() if num_workers < 0 else int(num_workers)
 
 
-def describe_workers(num_workers, source):
+def describe_workers(num_workers: int, source: ArraySource | DecodingSource | ShapeSource) -> str:
     """The start-up log's words for how `source` is loaded."""
     if source.in_memory:
         return "in-memory data, loaded in the main process"
@@ -150,7 +160,7 @@ def describe_workers(num_workers, source):
 class Loader:
     """Iterates `maker(step)` for step = start, start + 1, ..., maker.num_steps - 1, loaded ahead by grain."""
 
-    def __init__(self, maker, *, num_workers=0, start=0, prefetch=2):
+    def __init__(self, maker: BatchMaker, *, num_workers: int = 0, start: int = 0, prefetch: int = 2):
         import grain
 
         workers = worker_count(num_workers, maker.source)
@@ -168,10 +178,10 @@ class Loader:
         self.steps = maker.num_steps
         self.wait_seconds = 0.0
 
-    def __iter__(self):
+    def __iter__(self) -> Loader:
         return self
 
-    def __next__(self):
+    def __next__(self) -> dict[str, np.ndarray]:
         if self.position >= self.steps:
             raise StopIteration
         began = time.perf_counter()
@@ -180,16 +190,16 @@ class Loader:
         self.position += 1
         return batch
 
-    def close(self):
+    def close(self) -> None:
         """Stops the workers; batches not handed out are dropped."""
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
 
-    def __enter__(self):
+    def __enter__(self) -> Loader:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -202,7 +212,7 @@ def _allow_grain_workers():
         flags.FLAGS.mark_as_parsed()
 
 
-def host_share(array, process_index, process_count, axis=0):
+def host_share(array: npt.ArrayLike, process_index: int, process_count: int, axis: int = 0) -> np.ndarray:
     """This host's contiguous share [p·B/P, (p+1)·B/P) of `array` along its global batch axis `axis`:
     rows of a global batch (axis 0), or the columns of every step of a (steps, B) plan (axis 1). The
     devices of process p hold exactly these rows of a P('data') array of a `jax.make_mesh` mesh."""
@@ -216,7 +226,9 @@ def host_share(array, process_index, process_count, axis=0):
     return np.take(array, np.arange(process_index * width, (process_index + 1) * width), axis=axis)
 
 
-def make_pass(source, global_sets, specs, recipe, seed, process_index=0, process_count=1, key_by="position"):
+def make_pass(source: ArraySource | DecodingSource | ShapeSource, global_sets: Mapping[str, np.ndarray],
+              specs: Iterable[tuple[str, str]], recipe: Recipe, seed: Iterable[int], process_index: int = 0,
+              process_count: int = 1, key_by: str = "position") -> BatchMaker:
     """The `BatchMaker` of this host for global (steps, B) plans `global_sets` ({"a": ..., ["b": ...]})."""
     sets = {name: host_share(plan, process_index, process_count, axis=1) for name, plan in global_sets.items()}
     width = next(iter(sets.values())).shape[1]

@@ -24,7 +24,7 @@ class Sizes:
     nominal: bool  # from NOMINAL_SIZES or --num_examples, not from the data
 
     @classmethod
-    def of(cls, splits, nominal):
+    def of(cls, splits: datasets.Splits, nominal: bool) -> "Sizes":
         return cls(len(splits.pretrain), len(splits.train), len(splits.valid), len(splits.test), splits.num_classes,
                    tuple(splits.mean), tuple(splits.std), tuple(splits.pretrain.canvas_shape),
                    bool(splits.pretrain.in_memory), nominal)
@@ -37,7 +37,7 @@ class Sizes:
         return cls(batch_size, batch_size, 0, 1, max(int(n_classes), 1), half, quarter,
                    datasets.nominal_canvas(dataset, image_size), dataset in datasets.IN_MEMORY, True)
 
-    def splits(self, name):
+    def splits(self, name: str) -> datasets.Splits:
         """Splits of `ShapeSource`s of these sizes (no images), for building the programs."""
         source = lambda n: ShapeSource(np.zeros(n, np.int64), self.canvas, self.in_memory)  # noqa: E731
         return datasets.Splits(source(self.pretrain), source(self.train), source(self.valid), source(self.test),

@@ -6,10 +6,12 @@ dtype; the pooled features are returned in float32 so that the losses never run 
 """
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from spcl_jax.models.batch_norm import BatchNorm
 
@@ -35,7 +37,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(in_channels, out_channels, kernel_size, stride, *, dtype, rngs):
+def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int, *, dtype: DTypeLike,
+         rngs: nnx.Rngs) -> nnx.Conv:
     """Bias-free square convolution with PyTorch's symmetric padding of (k - 1) // 2."""
     pad = (kernel_size - 1) // 2
     return nnx.Conv(
@@ -51,7 +54,7 @@ def conv(in_channels, out_channels, kernel_size, stride, *, dtype, rngs):
     )
 
 
-def relu(x):
+def relu(x: jax.Array) -> jax.Array:
     """max(x, 0), written as a select so that XLA materialises it once.
 
     XLA:CPU recomputes a `maximum` (and the BatchNorm and residual additions before it) inside each layout
@@ -62,12 +65,12 @@ def relu(x):
     return jnp.where(x <= 0, 0, x)
 
 
-def stem_max_pool(x):
+def stem_max_pool(x: jax.Array) -> jax.Array:
     """torch MaxPool2d(3, stride=2, padding=1): symmetric padding with -inf."""
     return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def scaled_width(channels, width_multiplier):
+def scaled_width(channels: int, width_multiplier: float) -> int:
     """Channel count under a width multiplier, never below one channel."""
     return max(1, round(channels * width_multiplier))
 
@@ -75,14 +78,14 @@ def scaled_width(channels, width_multiplier):
 class BasicBlock(nnx.Module):
     """Two 3x3 convolutions with an identity or 1x1-projection shortcut (ResNet-18/34)."""
 
-    def __init__(self, in_channels, planes, stride, *, dtype, rngs):
+    def __init__(self, in_channels: int, planes: int, stride: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
         self.conv1 = conv(in_channels, planes, 3, stride, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(planes, dtype=dtype)
         self.conv2 = conv(planes, planes, 3, 1, dtype=dtype, rngs=rngs)
         self.bn2 = BatchNorm(planes, dtype=dtype)
         self.downsample_conv, self.downsample_bn = _shortcut(in_channels, planes, stride, dtype, rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         y = relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
         return relu(y + _apply_shortcut(self, x))
@@ -91,7 +94,7 @@ class BasicBlock(nnx.Module):
 class Bottleneck(nnx.Module):
     """1x1 reduce, 3x3 (carrying the stride: v1.5), 1x1 expand by 4 (ResNet-50/101/152)."""
 
-    def __init__(self, in_channels, planes, stride, *, dtype, rngs):
+    def __init__(self, in_channels: int, planes: int, stride: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
         out_channels = planes * _EXPANSION["bottleneck"]
         self.conv1 = conv(in_channels, planes, 1, 1, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(planes, dtype=dtype)
@@ -101,7 +104,7 @@ class Bottleneck(nnx.Module):
         self.bn3 = BatchNorm(out_channels, dtype=dtype)
         self.downsample_conv, self.downsample_bn = _shortcut(in_channels, out_channels, stride, dtype, rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         y = relu(self.bn1(self.conv1(x)))
         y = relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
@@ -117,7 +120,7 @@ def _rematerialised_block(block, x):
     transformation (the train step's grad), where nnx.remat cannot update the BatchNorm statistics."""
     graphdef, state = nnx.split(block)
 
-    def run(values, x):
+    def run(values: dict[str, Any], x: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
         inner = nnx.merge(graphdef, state, copy=True)
         nnx.update(inner, values)
         return inner(x), nnx.to_pure_dict(nnx.state(inner))
@@ -129,7 +132,7 @@ def _rematerialised_block(block, x):
 
 
 @jax.custom_vjp
-def gradients_released_together(*args):
+def gradients_released_together(*args: Any) -> tuple[Any, ...]:
     """The identity; in the backward pass its arguments' cotangents leave together, behind one optimisation barrier.
 
     Before a rematerialised block it ties the block's weight gradients to its input's: the backward pass moves on
@@ -179,7 +182,8 @@ class ResNet(nnx.Module):
     in the backward pass instead of keeping them (same results, less memory, about a third more compute).
     """
 
-    def __init__(self, depth, *, stem, width_multiplier=1.0, dtype=jnp.float32, remat="none", rngs):
+    def __init__(self, depth: int, *, stem: str, width_multiplier: float = 1.0, dtype: DTypeLike = jnp.float32,
+                 remat: str = "none", rngs: nnx.Rngs):
         if depth not in ARCHITECTURES:
             raise ValueError(f"ResNet depth {depth} not in {sorted(ARCHITECTURES)}")
         if stem not in STEMS:
@@ -209,7 +213,7 @@ class ResNet(nnx.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.features_dim = in_channels
 
-    def feature_map(self, x):
+    def feature_map(self, x: jax.Array) -> jax.Array:
         """The layer4 output before pooling, (B, H/s, W/s, features_dim) in the compute dtype."""
         x = relu(self.stem_bn(self.stem_conv(x.astype(self.dtype))))
         if self.stem == "imagenet":
@@ -219,7 +223,7 @@ class ResNet(nnx.Module):
                 x = _rematerialised_block(block, x) if self.remat == "block" else block(x)
         return x
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.mean(self.feature_map(x).astype(jnp.float32), axis=(1, 2))
 
 
@@ -234,13 +238,13 @@ def _depth(model_name):
     return int(depth)
 
 
-def feature_dim(model_name, width_multiplier=1.0):
+def feature_dim(model_name: str, width_multiplier: float = 1.0) -> int:
     """Encoder output width D: 512*w for resnet18/34, 2048*w for resnet50/101/152 (w rounded per stage)."""
     kind, _ = ARCHITECTURES[_depth(model_name)]
     return scaled_width(_STAGE_PLANES[-1], width_multiplier) * _EXPANSION[kind]
 
 
-def resolve_stem(stem, image_size):
+def resolve_stem(stem: str, image_size: int) -> str:
     """'auto' picks the CIFAR stem for images of at most 64 px, the ImageNet stem above."""
     if stem == "auto":
         return "cifar" if image_size <= 64 else "imagenet"
@@ -249,7 +253,7 @@ def resolve_stem(stem, image_size):
     return stem
 
 
-def total_stride(stem, image_size):
+def total_stride(stem: str, image_size: int) -> int:
     """Input pixels per side of one pixel of the last feature map: images smaller than this reach the last
     stages as padding."""
     return _STEM_STRIDES[resolve_stem(stem, image_size)] * math.prod(_STAGE_STRIDES)

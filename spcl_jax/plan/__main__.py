@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -68,7 +69,7 @@ def _target():
     return target
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         _die(f"unexpected arguments {argv[1:]}; options are given as --config.<key>=<value>")
     config = _CONFIG.value
@@ -98,7 +99,7 @@ def main(argv):
         print(json.dumps(summary, sort_keys=True))
 
 
-def run():
+def run() -> None:
     """The `spcl-plan` console script."""
     app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, __doc__, NAME))
 

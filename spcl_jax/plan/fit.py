@@ -5,12 +5,19 @@ the largest batch that fits (the planner's search starts from it; the check befo
 stops the run in one line with the bytes and the remedies, instead of an out-of-memory error after the data was
 loaded. CPUs have no such limit and skip the check.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from spcl_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    import jax
 
 GIB = 1 << 30
 
 
-def device_memory(device):
+def device_memory(device: jax.Device) -> int | None:
     """Bytes the device's allocator may use (on GPUs JAX's preallocated share), or None where there is no limit
     (CPUs)."""
     if device.platform == "cpu":
@@ -19,32 +26,34 @@ def device_memory(device):
     return stats.get("bytes_limit")
 
 
-def one_point_line(total, temporaries, arguments, batch):
+def one_point_line(total: int, temporaries: int, arguments: int, batch: int) -> tuple[int, float]:
     """(fixed bytes, bytes per unit of batch) from one compile: its temporaries taken as proportional to the batch,
     less the gradients' share, about half its arguments (the state: parameters and as much optimiser momentum)."""
     fixed = total - temporaries + min(temporaries, arguments // 2)
     return fixed, (total - fixed) / batch
 
 
-def largest_on_line(fixed, slope, usable, granularity):
+def largest_on_line(fixed: float, slope: float, usable: int, granularity: int) -> int | None:
     """The largest multiple of `granularity` whose bytes on the line (fixed, slope) stay within `usable`."""
     if slope <= 0:
         return None
     return max(int((usable - fixed) / slope) // granularity * granularity, granularity)
 
 
-def predict_largest_batch(total, temporaries, arguments, batch, usable, granularity):
+def predict_largest_batch(total: int, temporaries: int, arguments: int, batch: int, usable: int,
+                          granularity: int) -> int | None:
     """The largest multiple of `granularity` that one compile's line (`one_point_line`) says fits in `usable`."""
     return largest_on_line(*one_point_line(total, temporaries, arguments, batch), usable, granularity)
 
 
-def needed_bytes(memory):
+def needed_bytes(memory: Any) -> int:  # memory: XLA's CompiledMemoryStats (no public type)
     """Bytes per device of a compiled program, from XLA's memory analysis."""
     return (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
             + memory.generated_code_size_in_bytes - memory.alias_size_in_bytes)
 
 
-def check_memory(memory, available, batch_size, remat, device, devices):
+def check_memory(memory: Any, available: int, batch_size: int, remat: str, device: jax.Device,
+                 devices: int) -> None:
     """Raises ConfigError, naming the bytes needed and available and the remedies, when the training step whose
     memory analysis is `memory` needs more than `available` bytes of `device`."""
     needed = needed_bytes(memory)

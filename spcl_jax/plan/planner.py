@@ -8,18 +8,25 @@ per setting. The answer is the largest batch seen to fit by a compile, and wheth
 to fit or is only predicted not to. Compiling a large step takes host memory too (15 GB for ResNet-50 at 170 images
 per TPU v5e chip): when a compiler process dies with several at work, what it left is compiled again one at a time.
 """
+from __future__ import annotations
+
 import concurrent.futures
 import concurrent.futures.process
 import dataclasses
 import multiprocessing
 import resource
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from absl import logging
 
 from spcl_jax.errors import UserError
 from spcl_jax.data.sizes import Sizes
 from spcl_jax.plan import analysis, fit, programs, targets
+
+if TYPE_CHECKING:
+    from spcl_jax import startup
 
 MAX_CHECKS = 3
 REMATS = ("none", "block")
@@ -37,7 +44,7 @@ class Task:
     remat: str | None = None
 
 
-def run_task(task):
+def run_task(task: Task) -> list[analysis.Measured]:
     """[Measured] of a task's programs (in a worker process, or in this one)."""
     import jax
 
@@ -69,20 +76,20 @@ class Search:
     steps: dict = dataclasses.field(default_factory=dict)  # batch -> Measured
     checks: int = 0
 
-    def add(self, batch, measured):
+    def add(self, batch: int, measured: analysis.Measured) -> None:
         self.seen[batch], self.steps[batch] = measured.bytes_per_device, measured
 
     @property
-    def largest_fitting(self):
+    def largest_fitting(self) -> int | None:
         fitting = [b for b, used in self.seen.items() if used <= self.usable]
         return max(fitting) if fitting else None
 
     @property
-    def smallest_over(self):
+    def smallest_over(self) -> int | None:
         over = [b for b, used in self.seen.items() if used > self.usable]
         return min(over) if over else None
 
-    def line(self):
+    def line(self) -> tuple[float, float]:
         """(fixed bytes, bytes per unit of batch) through the two compiled batches nearest the limit, or through the
         one compile (`fit.one_point_line`)."""
         points = sorted(self.seen.items(), key=lambda item: abs(item[1] - self.usable))[:2]
@@ -94,7 +101,7 @@ class Search:
         step = self.steps[batch]
         return fit.one_point_line(step.bytes_per_device, step.temporaries, step.arguments, batch)
 
-    def next_batch(self):
+    def next_batch(self) -> int | None:
         """The batch to compile next, or None when the search is done: the line's prediction, below any batch seen
         not to fit and above any seen to fit."""
         low, high = self.largest_fitting, self.smallest_over
@@ -107,7 +114,7 @@ class Search:
             return None
         return None if predicted in self.seen else predicted
 
-    def answer(self):
+    def answer(self) -> dict[str, int | str] | None:
         """{'global_batch', 'bytes_per_device', 'next_over': 'compiled' | 'predicted'} or None when none fits."""
         low = self.largest_fitting
         if low is None:
@@ -128,7 +135,8 @@ class Plan:
     max_batch: dict | None  # remat -> Search.answer(), None when quick
 
 
-def plan(parts, sizes, target, *, quick=False, jobs=2, memory_fraction=None):
+def plan(parts: startup.Parts, sizes: Sizes, target: targets.Target, *, quick: bool = False, jobs: int = 2,
+         memory_fraction: float | None = None) -> Plan:
     """The `Plan` of the run of `parts` (a `startup.Parts`) on `target`."""
     usable = target.usable_memory(memory_fraction)
     rest = tuple(n for n in programs.PROGRAMS if n != "train_step")
@@ -169,7 +177,8 @@ class CompilerCrashed(UserError):
     """A compiler process died (libtpu or the CUDA plugin crashed on a program)."""
 
 
-def completed(pool, tasks):
+def completed(pool: concurrent.futures.Executor,
+              tasks: Iterable[Task]) -> Iterator[tuple[Task, list[analysis.Measured]]]:
     """(task, its results) as each task finishes, logged."""
     futures = {pool.submit(run_task, task): task for task in tasks}
     for future in concurrent.futures.as_completed(futures):
@@ -193,16 +202,16 @@ class Compilers:
     """The compiler processes (`jobs` at a time). When one dies while several are at work (most often the host's
     memory ran out), the tasks it left are compiled again in one process, and so is everything after."""
 
-    def __init__(self, jobs):
+    def __init__(self, jobs: int):
         self.jobs, self.pool = jobs, _executor(jobs)
 
-    def __enter__(self):
+    def __enter__(self) -> Compilers:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.pool.shutdown()
 
-    def run(self, tasks):
+    def run(self, tasks: Sequence[Task]) -> Iterator[tuple[Task, list[analysis.Measured]]]:
         """(task, its results) as each task finishes."""
         finished = []
         try:
@@ -222,7 +231,7 @@ class _InProcess(concurrent.futures.Executor):
     """Runs each task in this process when it is submitted (jobs=1), on a thread with a 1 GiB stack (reserved, not
     used: see `_compiler_processes`)."""
 
-    def submit(self, fn, *args):
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         previous = threading.stack_size(1 << 30)
         try:  # the executor starts its thread at the first submit, with the stack size set now
             with concurrent.futures.ThreadPoolExecutor(1) as thread:

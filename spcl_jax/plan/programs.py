@@ -5,14 +5,22 @@ calls it and what else stays in each device's memory while it runs.
 Built with the run's own builders (`train.make_run`, `train.abstract_state`, `train.batch_spec`,
 `kmeans.lower_kmeans`, `probes.knn_votes_program`, ...), so what is compiled here is what a run compiles.
 """
+from __future__ import annotations
+
 import dataclasses
 import math
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
 from spcl_jax import evaluate, kmeans, probes, sharding, train
 from spcl_jax.data import pipeline
+
+if TYPE_CHECKING:
+    from spcl_jax import startup
+    from spcl_jax.data.sizes import Sizes
 
 KNN_CHUNK = 1024  # query rows per kNN call (probes.knn_predict's chunk)
 
@@ -35,7 +43,7 @@ class Program:
     counted_bytes: float | None = None
 
 
-def tree_bytes(tree):
+def tree_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
@@ -47,7 +55,8 @@ def _replicated(mesh, shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.replicated(mesh))
 
 
-def build(parts, sizes, mesh, names=None):
+def build(parts: startup.Parts, sizes: Sizes, mesh: jax.sharding.Mesh,
+          names: Collection[str] | None = None) -> dict[str, Program]:
     """{name: Program} of the run of `parts` (a `startup.Parts`) on `mesh` (all of PROGRAMS, or `names`)."""
     method, batch, n_epochs, c = parts.method, parts.training.batch_size, parts.training.n_epochs, parts.clustering
     splits = sizes.splits(parts.dataset)

@@ -4,6 +4,13 @@ Times are lower bounds: each program's FLOPs at the chip's peak bfloat16 rate or
 bandwidth, whichever is longer, summed over the calls of a run. They promise nothing: a real step also waits for
 collectives, the host, launch latency and kernels far from peak.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spcl_jax.plan.planner import Plan
+
 GIB = 1 << 30
 # Host CPU to decode one image of the prepared records (both views' boxes and uniforms included): BENCHMARKS.md,
 # input pipeline (python -m bench.input_pipeline, 2026-12-04, Intel Xeon, idle: 0.465 ms in process, 0.686 ms in a
@@ -11,7 +18,7 @@ GIB = 1 << 30
 HOST_MS_PER_IMAGE = 0.686
 
 
-def summary(plan):
+def summary(plan: Plan) -> dict[str, Any]:
     """The plan as a JSON-able dict (the keys README's "Plan before you pay" lists)."""
     target, parts, chip = plan.target, plan.parts, plan.target.chip
     training, architecture = parts.training, parts.architecture
@@ -117,7 +124,7 @@ def _gib(n):
     return "–" if n is None else f"{n / GIB:.2f}"
 
 
-def seconds_text(s):
+def seconds_text(s: float | None) -> str:
     if s is None:
         return "unknown"
     if s < 1:
@@ -136,7 +143,7 @@ def _tflop(f):
 NOMINAL = " (nominal sizes: the data is not on this machine)"
 
 
-def markdown(summary):
+def markdown(summary: dict[str, Any]) -> str:
     """The plan's tables and notes."""
     s = summary
     c = s["config"]
