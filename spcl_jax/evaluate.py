@@ -165,6 +165,10 @@ class Evaluator:
                                     self.evaluation.knn_k, self.evaluation.knn_temperature, mesh=self.mesh)
         return probes.accuracies(scores, labels, k, self.per_batch)
 
+    def on_mesh(self, params: Any, batch_stats: Any) -> tuple[Any, Any]:
+        """The encoder's parameters and statistics replicated on the evaluation's mesh."""
+        return jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
+
     def run(self, params: Any, batch_stats: Any, prefix: str = "", linear: bool = True) -> dict[str, float]:
         """{'linear_eval/<split>_top1', ..._top<k>, 'knn/<split>_top1', ...} for valid and test.
 
@@ -173,7 +177,7 @@ class Evaluator:
         'linear_eval/best_epoch' (1..finetune_epochs); the plain keys are the last epoch's.
         """
         k = probes.top_k(self.splits.num_classes)
-        params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
+        params, batch_stats = self.on_mesh(params, batch_stats)
         train_x = self.features(params, batch_stats, self.splits.train)
         sets = [(name, self.features(params, batch_stats, source), source.labels)
                 for name, source in eval_sets(self.splits)]
@@ -213,7 +217,7 @@ class Evaluator:
 
     def knn_monitor(self, params: Any, batch_stats: Any) -> dict[str, float]:
         """{'knn_monitor/<split>_top1'}: kNN top-1 of the current encoder on valid (test without one)."""
-        params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(self.mesh))
+        params, batch_stats = self.on_mesh(params, batch_stats)
         name, source = eval_sets(self.splits)[0]
         top1, _ = self._knn(self.features(params, batch_stats, self.splits.train),
                             self.features(params, batch_stats, source), source.labels, 1)
@@ -235,29 +239,6 @@ class Evaluator:
             with pipeline.Loader(maker, num_workers=self.parts.num_workers) as loader:
                 yield (sharding.to_global((host_batch, train.labels[indices].astype(np.int32)), batch_sh)
                        for host_batch, indices in zip(loader, maker.sets["a"]))
-
-
-def disentanglement_probe(config: ml_collections.ConfigDict, train_x: np.ndarray, train_y: np.ndarray,
-                          sets: dict[str, tuple[np.ndarray, np.ndarray]], runs: int = 10) -> dict[str, float]:
-    """The original's `eval_disent` (DIFFERENCES.md, eval_disent) with aligned labels (B-19, D-6): StandardScaler + RBF SVC on
-    a random contiguous half of the feature dimensions, 10 runs; mean accuracy per split (and the last)."""
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
-
-    limit = 32 if config.debug else None
-    rng = streams.disentanglement_probe(config.seed)
-    dim = train_x.shape[1]
-    scores = {name: [] for name in sets}
-    for _ in range(runs):
-        start = rng.integers(0, dim // 2)
-        cols = slice(start, start + dim // 2)
-        probe = make_pipeline(StandardScaler(), SVC(gamma="auto")).fit(train_x[:limit, cols], train_y[:limit])
-        for name, (x, y) in sets.items():
-            scores[name].append(probe.score(x[:limit, cols], y[:limit]))
-    results = {f"disent/{name}_mean": float(np.mean(v)) for name, v in scores.items()}
-    results.update({f"disent/{name}_last": v[-1] for name, v in scores.items()})
-    return results
 
 
 def report(results: dict[str, float], writer: MetricWriter, step: int, epoch: int,
@@ -383,11 +364,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     logging.info("evaluating the encoder of step %d from %s; output in %s", step, config.load_checkpoint_dir, workdir)
     evaluator = Evaluator(parts, splits, graphdef, mesh)
     if config.eval_disent:
-        params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
+        params, batch_stats = evaluator.on_mesh(params, batch_stats)
         sets = {name: (evaluator.features(params, batch_stats, source), source.labels)
                 for name, source in eval_sets(splits)}
-        results = disentanglement_probe(config, evaluator.features(params, batch_stats, splits.train),
-                                        splits.train.labels, sets)
+        results = probes.disentanglement_probe(evaluator.features(params, batch_stats, splits.train),
+                                               splits.train.labels, sets, streams.disentanglement_probe(config.seed),
+                                               limit=32 if config.debug else None)
     else:
         results = evaluator.run(params, batch_stats, linear=config.mode != "knn_eval")
     report(results, writer, step, 0, parts.evaluation)

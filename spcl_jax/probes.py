@@ -102,3 +102,25 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, num_cla
     return np.concatenate([np.asarray(votes(train_x, train_y, from_whole(x[i:i + chunk].astype(np.float32), replicated),
                                             np.float32(temperature)))
                            for i in range(0, len(x), chunk)])
+
+
+def disentanglement_probe(train_x: np.ndarray, train_y: np.ndarray, sets: dict[str, tuple[np.ndarray, np.ndarray]],
+                          rng: np.random.Generator, *, limit: int | None = None, runs: int = 10) -> dict[str, float]:
+    """The original's `eval_disent` (DIFFERENCES.md, eval_disent) with aligned labels (B-19, D-6): StandardScaler + RBF
+    SVC on a random contiguous half of the feature dimensions drawn from `rng`, 10 runs; mean accuracy per split (and
+    the last). `limit`: the first examples only (the original's debug switch keeps 32)."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    dim = train_x.shape[1]
+    scores = {name: [] for name in sets}
+    for _ in range(runs):
+        start = rng.integers(0, dim // 2)
+        cols = slice(start, start + dim // 2)
+        probe = make_pipeline(StandardScaler(), SVC(gamma="auto")).fit(train_x[:limit, cols], train_y[:limit])
+        for name, (x, y) in sets.items():
+            scores[name].append(probe.score(x[:limit, cols], y[:limit]))
+    results = {f"disent/{name}_mean": float(np.mean(v)) for name, v in scores.items()}
+    results.update({f"disent/{name}_last": v[-1] for name, v in scores.items()})
+    return results
