@@ -343,9 +343,21 @@ def test_imagefolder_named_pipes_are_bad_files_not_a_hang(tmp_path, caplog):
 
 
 SCAN_THEN_CTRL_C = """
-import threading, time
+import signal, sys, threading, time
 from spcl_jax.data import imagefolder
-imagefolder.header_error = lambda path: threading.Event().wait()  # a file system that never answers
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds a program
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # whatever the test worker that started this does
+
+
+def hung(path):  # a file system that never answers
+    if sys.argv[1] == "scan_thread":  # the kernel can only hand the Ctrl-C to a scan thread
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    threading.Event().wait()
+
+
+imagefolder.header_error = hung
+if sys.argv[1] == "scan_thread":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's; the scan threads inherit it
 print("scanning", flush=True)
 began = time.monotonic()
 try:
@@ -355,10 +367,13 @@ except KeyboardInterrupt:
 """
 
 
-def test_ctrl_c_ends_a_stuck_header_scan_and_the_process_exits():
-    """The KeyboardInterrupt reaches the scanning thread at once, and the process exits although the scan's
-    threads are still stuck (a thread pool would join them: Ctrl-C would do nothing until they return)."""
-    child = subprocess.Popen([sys.executable, "-c", SCAN_THEN_CTRL_C], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("receiver", ["main_thread", "scan_thread"])
+def test_ctrl_c_ends_a_stuck_header_scan_and_the_process_exits(receiver):
+    """The KeyboardInterrupt reaches the scanning thread at once, whichever thread the kernel hands the signal to,
+    and the process exits although the scan's threads are still stuck (a thread pool would join them: Ctrl-C would
+    do nothing until they return)."""
+    child = subprocess.Popen([sys.executable, "-c", SCAN_THEN_CTRL_C, receiver], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
     try:
         assert child.stdout.readline().strip() == "scanning"
         time.sleep(0.5)

@@ -54,6 +54,7 @@ FOLDER_LAYOUT = "DIR/train/<class>/<image> plus DIR/val/<class>/<image> or DIR/t
 UNLABELED_LAYOUT = "DIR/train/<image> (no class folders: unlabeled images, for pretraining only)"
 TINY_LAYOUT = "DIR/train/<wnid>/images/*.JPEG, DIR/val/images/*.JPEG and DIR/val/val_annotations.txt (the tiny-imagenet-200 zip)"
 SCAN_THREADS = 16  # header checks are I/O bound: more threads than cores pay off
+WAKE_SECONDS = 0.2  # how often the waiting main thread wakes to run a pending Ctrl-C (see _next_result)
 
 
 def _visible(names):
@@ -106,7 +107,7 @@ def header_errors(paths: Sequence[str]) -> dict[str, str]:
     errors = {}
     try:
         for _ in paths:
-            path, error = done.get()
+            path, error = _next_result(done)
             if isinstance(error, Exception):
                 raise error
             if error is not None:
@@ -114,6 +115,17 @@ def header_errors(paths: Sequence[str]) -> dict[str, str]:
     finally:
         stop.set()
     return {path: errors[path] for path in paths if path in errors}
+
+
+def _next_result(done):
+    """`done.get()` in slices of WAKE_SECONDS: a Ctrl-C that the kernel hands to one of the scan threads is only
+    raised in this (the main) thread when it next runs, which a wait without a timeout would put off until a
+    result arrives (never, on a hung file system)."""
+    while True:
+        try:
+            return done.get(timeout=WAKE_SECONDS)
+        except queue.Empty:
+            pass
 
 
 def _check_queued(todo, done, stop):
