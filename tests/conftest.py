@@ -56,9 +56,6 @@ def launch(workdir, *overrides, env=None, timeout=600):
                       env=env, timeout=timeout)
 
 
-CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-
 @pytest.fixture
 def in_process_launch(monkeypatch, tmp_path):
     """run(overrides) -> exit status: launch.py's own flag parsing and `main` on configs/digits.py in this
@@ -78,7 +75,7 @@ def in_process_launch(monkeypatch, tmp_path):
     filters, verbosity = list(handler.filters), absl_logging.get_verbosity()
     # launch.py points JAX's compilation cache at the config's compilation_cache_dir (the fuzz test's "inf" too):
     # put it back, or the tests after this one in the process would write their programs there
-    cache = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
+    cache_dir = jax.config.jax_compilation_cache_dir
 
     def forget_flags():
         for name in [n for n in flags.FLAGS if n.startswith("config.")]:
@@ -102,8 +99,7 @@ def in_process_launch(monkeypatch, tmp_path):
     forget_flags()
     handler.filters[:] = filters
     absl_logging.set_verbosity(verbosity)
-    for name, value in cache.items():
-        jax.config.update(name, value)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
 
 
 BUCKET = "spcl-test"
