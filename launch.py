@@ -144,7 +144,8 @@ def main(argv):
     try:
         jax = _start_runtime(config)
         config_validation.validate(config, default.get_config(), jax.device_count())
-        if jax.process_count() > 1 and not _WORKDIR.value and config_validation.pretrains(config):  # each would stamp its own
+        # each process would stamp its own default workdir
+        if jax.process_count() > 1 and not _WORKDIR.value and config_validation.pretrains(config):
             _die("a multi-process run needs --workdir: one directory that every process sees")
         workdir = _WORKDIR.value or _default_workdir(config, flags.FLAGS["config"].config_filename)
         if storage.unsupported_scheme(workdir):

@@ -34,8 +34,9 @@ def load_encoder(checkpoint_dir: str | os.PathLike, step: int | None = None) -> 
     step = -1 if step is None else step
     config, step = checkpoint.restore_config(checkpoint_dir, step)
     config = ml_collections.ConfigDict(config)
-    graphdef, params, batch_stats, _ = network.restore(startup.architecture(config), config_validation.method_of(config),
-                                                       config.n_classes, config.seed, checkpoint_dir, step)
+    method = config_validation.method_of(config)
+    graphdef, params, batch_stats, _ = network.restore(startup.architecture(config), method, config.n_classes,
+                                                       config.seed, checkpoint_dir, step)
     mean, std = datasets.normalisation(config.dataset, config.image_size)
 
     @jax.jit

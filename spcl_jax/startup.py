@@ -40,15 +40,16 @@ def prepare_plan(config: ml_collections.ConfigDict, device_count: int,
                  num_examples: int | None = None) -> tuple[ml_collections.ConfigDict, Method, Sizes]:
     """(config fitted to the data, method, `Sizes`) for planning a run: from the data when it is here (and
     `num_examples` is not given), else from the dataset's nominal sizes (`num_examples` pretraining images)."""
-    splits, nominal = None, True
+    spec, splits, nominal = data_spec(config), None, True
     if num_examples is None:
         try:
-            splits, nominal = data.load_splits(data_spec(config)), False
+            splits, nominal = data.load_splits(spec), False
         except DataError as e:
             logging.info("the data is not here (%s): planning with the dataset's nominal sizes", e)
     if splits is None:
-        splits = data.load_splits(data_spec(config), data.nominal_pool(data_spec(config), num_examples))
-    return _fit(config, splits, device_count, pretrain=True), config_validation.method_of(config), Sizes.of(splits, nominal)
+        splits = data.load_splits(spec, data.nominal_pool(spec, num_examples))
+    fitted = _fit(config, splits, device_count, pretrain=True)
+    return fitted, config_validation.method_of(config), Sizes.of(splits, nominal)
 
 
 def _fit(config, splits, device_count, pretrain):
