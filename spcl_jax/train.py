@@ -37,7 +37,6 @@ class Run:
     """Everything static about a run: its parts, the data, the networks' graphs, optimisers and jitted steps."""
 
     parts: startup.Parts
-    method: methods.Method
     splits: data.Splits
     mesh: jax.sharding.Mesh
     steps_per_epoch: int
@@ -49,6 +48,11 @@ class Run:
     schedule: Callable[[jax.Array], jax.Array]  # step -> learning rate
     train_step: Callable  # (state, batch) -> (state, metrics)
     encode: Callable  # (params, batch_stats, batch) -> features of the clustering view
+
+    @property
+    def method(self) -> methods.Method:
+        """The pretraining method (the parts')."""
+        return self.parts.method
 
     @property
     def source(self) -> Any:
@@ -132,7 +136,7 @@ def make_run(parts: startup.Parts, splits: data.Splits, mesh: jax.sharding.Mesh)
         classifier_graphdef = nnx.split(abstract)[0]
     specs = view_specs(method, parts.objective.asymmetric_first_view)
     view = features.FEATURE_VIEWS[parts.clustering.feature_view]
-    return Run(parts=parts, method=method, splits=splits, mesh=mesh, steps_per_epoch=steps_per_epoch,
+    return Run(parts=parts, splits=splits, mesh=mesh, steps_per_epoch=steps_per_epoch,
                graphdef=graphdef, classifier_graphdef=classifier_graphdef, tx=tx, classifier_tx=classifier_tx,
                specs=specs, schedule=schedule,
                train_step=make_train_step(parts, graphdef, classifier_graphdef, tx, classifier_tx, specs, mesh),
